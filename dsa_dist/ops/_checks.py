@@ -1,0 +1,83 @@
+"""Argument validation shared by the public ops.
+
+Every public op checks its inputs here so that bad input fails loudly with the argument's name and the
+expected form instead of producing a silently wrong result. NaN/inf scans cost a device sync, so they run
+only when debug checks are on (``DSA_DEBUG=1`` or :func:`set_debug_checks`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+_DEBUG = os.environ.get("DSA_DEBUG", "0") not in ("", "0", "false", "False")
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FP8_DTYPES = (torch.float8_e4m3fn,)
+
+
+def set_debug_checks(enabled: bool) -> None:
+    """Turn the NaN/inf input scans on or off (they synchronise the device)."""
+    global _DEBUG
+    _DEBUG = bool(enabled)
+
+
+def debug_checks_enabled() -> bool:
+    return _DEBUG
+
+
+def check_tensor(
+    name: str,
+    x: object,
+    *,
+    ndim: int | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    contiguous_last: bool = False,
+) -> torch.Tensor:
+    """Check that ``x`` is a tensor with the given rank and dtype; raise naming ``name`` otherwise."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(x.dtype).replace('torch.', '')}")
+    if contiguous_last and x.numel() > 0 and x.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim (call .contiguous()), got strides {x.stride()}")
+    if _DEBUG and x.is_floating_point() and x.dtype not in FP8_DTYPES and not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf (debug checks are on)")
+    return x
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    devices = {n: t.device for n, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        desc = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all inputs must be on one device, got {desc}")
+
+
+def check_dim(name: str, x: torch.Tensor, dim: int, expected: int, what: str) -> None:
+    if x.shape[dim] != expected:
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}: dim {dim} ({what}) must be {expected}, got {x.shape[dim]}"
+        )
+
+
+def check_positions(name: str, positions: torch.Tensor | None, length: int, device: torch.device) -> torch.Tensor:
+    """Return int64 positions of shape [length] (default ``arange(length)``)."""
+    if positions is None:
+        return torch.arange(length, device=device)
+    check_tensor(name, positions, ndim=1, dtypes=(torch.int32, torch.int64))
+    if positions.shape[0] != length:
+        raise ValueError(f"{name} must have shape [{length}], got {tuple(positions.shape)}")
+    if positions.device != device:
+        raise ValueError(f"{name} is on {positions.device}, expected {device}")
+    return positions.long()
+
+
+def check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value

@@ -1,0 +1,169 @@
+"""Indexer KL losses (DESIGN.md §1), chunked over queries: no [H, L, L] or [L, L] tensor is ever held.
+
+Dense warm-up:  L_I = Σ_t KL(p[t, :] ‖ softmax(I[t, :])),  p[t, s] = (1/H) Σ_h exp(scale·q_h[t]·k[s] − lse_h[t])
+Sparse stage:   L_I = Σ_t KL(p[t, S_t] ‖ softmax(I[t, S_t])) with p and lse from the *sparse* attention.
+
+The target p is rebuilt per query chunk from the attention's per-head log-sum-exp (exactly as a flash-style
+kernel streams it) and is always detached: the gradient reaches only ``q_index``, ``k_index`` and ``weights``.
+Masked keys contribute nothing; a row with one valid key has zero loss; −inf − (−inf) never happens.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from dsa_dist.ops._checks import (
+    FLOAT_DTYPES,
+    check_dim,
+    check_positions,
+    check_positive_int,
+    check_tensor,
+)
+from dsa_dist.ops.indexer import _check_score_inputs, _scores_block
+from dsa_dist.ops.sparse_attention import _check_inputs as _check_sparse_inputs
+from dsa_dist.ops.sparse_attention import gather_rows
+
+Reduction = Literal["mean", "sum", "none"]
+
+
+def _row_kl(target: torch.Tensor, index_logits: torch.Tensor) -> torch.Tensor:
+    """KL(target ‖ softmax(index_logits)) over the last dim; entries with target 0 contribute 0."""
+    log_q = torch.log_softmax(index_logits, dim=-1)
+    pos = target > 0
+    safe_target = torch.where(pos, target, 1.0)
+    terms = torch.where(pos, target * (torch.log(safe_target) - torch.where(pos, log_q, 0.0)), 0.0)
+    return terms.sum(-1)
+
+
+def _reduce(per_row: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "sum":
+        return per_row.sum()
+    if reduction == "none":
+        return per_row
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _check_attention_lse(lse, q):
+    if lse is None:
+        return
+    check_tensor("attn_lse", lse, ndim=3, dtypes=(torch.float32, torch.float64))
+    if lse.shape != q.shape[:3]:
+        raise ValueError(f"attn_lse must be [B, Lq, H] = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
+
+
+def indexer_kl_loss_dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_index: torch.Tensor,
+    k_index: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    attn_lse: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    q_positions: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
+    chunk_size: int = 128,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Dense warm-up KL between head-averaged causal attention and the indexer distribution.
+
+    Args:
+        q: [B, Lq, H, d] main-attention queries; k: [B, Lk, Hkv, d] keys (both detached here).
+        q_index, k_index, weights, k_scale: indexer inputs as for ``lightning_indexer_scores``.
+        attn_lse: [B, Lq, H] the dense attention's log-sum-exp (recomputed per chunk if None).
+        reduction: over query rows (B·Lq): 'mean' (default), 'sum' or 'none' ([B, Lq]).
+    """
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
+    _check_score_inputs(q_index, k_index, weights, k_scale)
+    check_positive_int("chunk_size", chunk_size)
+    b, lq, h, d = q.shape
+    check_dim("k", k, 3, d, "d_qk, as in q")
+    check_dim("q_index", q_index, 1, lq, "query length, as in q")
+    check_dim("k_index", k_index, 1, k.shape[1], "key length, as in k")
+    if h % k.shape[2]:
+        raise ValueError(f"q heads ({h}) must be a multiple of k heads ({k.shape[2]})")
+    _check_attention_lse(attn_lse, q)
+    q_pos = check_positions("q_positions", q_positions, lq, q.device)
+    k_pos = check_positions("k_positions", k_positions, k.shape[1], q.device)
+    scale = d**-0.5 if softmax_scale is None else float(softmax_scale)
+    compute = torch.float64 if q.dtype == torch.float64 or q_index.dtype == torch.float64 else torch.float32
+    hkv = k.shape[2]
+    k_d = k.detach().to(compute)
+    rows = []
+    for start in range(0, lq, chunk_size):
+        end = min(start + chunk_size, lq)
+        future = k_pos[None, :] > q_pos[start:end, None]  # [c, Lk]
+        with torch.no_grad():
+            qc = q[:, start:end].detach().to(compute).reshape(b, end - start, hkv, h // hkv, d)
+            logits = torch.einsum("bcgjd,bkgd->bcgjk", qc, k_d).flatten(2, 3) * scale  # [B, c, H, Lk]
+            logits = logits.masked_fill(future[None, :, None], float("-inf"))
+            lse = torch.logsumexp(logits, -1) if attn_lse is None else attn_lse[:, start:end].to(compute)
+            target = torch.exp(logits - lse[..., None]).mean(2)  # [B, c, Lk], L1-normalised over heads
+        index_logits = _scores_block(
+            q_index[:, start:end], k_index, weights[:, start:end], k_scale, q_pos[start:end], k_pos, compute
+        )
+        rows.append(_row_kl(target, index_logits))
+    return _reduce(torch.cat(rows, 1), reduction)
+
+
+def indexer_kl_loss_sparse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_index: torch.Tensor,
+    k_index: torch.Tensor,
+    weights: torch.Tensor,
+    topk_indices: torch.Tensor,
+    *,
+    attn_lse: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    chunk_size: int = 256,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Sparse-stage KL on the selected set S_t only (target from the sparse attention's lse).
+
+    ``topk_indices`` [B, Lq, k] (shared by all heads; −1 = empty). ``attn_lse`` [B, Lq, H] from
+    :func:`sparse_attention` (recomputed over S_t if None). Other arguments as in the dense variant.
+    """
+    v_dummy = k[..., :1]
+    _check_sparse_inputs(q, k, v_dummy, topk_indices)
+    if topk_indices.dim() != 3:
+        raise ValueError(f"topk_indices must be [B, Lq, k] for the indexer KL, got {tuple(topk_indices.shape)}")
+    _check_score_inputs(q_index, k_index, weights, k_scale)
+    check_dim("q_index", q_index, 1, q.shape[1], "query length, as in q")
+    check_dim("k_index", k_index, 1, k.shape[1], "key length, as in k")
+    _check_attention_lse(attn_lse, q)
+    check_positive_int("chunk_size", chunk_size)
+    b, lq, h, d = q.shape
+    hkv = k.shape[2]
+    scale = d**-0.5 if softmax_scale is None else float(softmax_scale)
+    compute = torch.float64 if q.dtype == torch.float64 or q_index.dtype == torch.float64 else torch.float32
+    rows = []
+    for start in range(0, lq, chunk_size):
+        end = min(start + chunk_size, lq)
+        idx = topk_indices[:, start:end]  # [B, c, k]
+        valid = idx >= 0
+        with torch.no_grad():
+            qc = q[:, start:end].detach().to(compute).reshape(b, end - start, hkv, h // hkv, d)
+            k_sel = gather_rows(k.detach(), idx).to(compute)  # [B, c, k, Hkv, d]
+            logits = torch.einsum("bcgjd,bckgd->bcgjk", qc, k_sel).flatten(2, 3) * scale  # [B, c, H, k]
+            logits = logits.masked_fill(~valid[:, :, None], float("-inf"))
+            lse = torch.logsumexp(logits, -1) if attn_lse is None else attn_lse[:, start:end].to(compute)
+            lse = torch.where(torch.isfinite(lse), lse, 0.0)
+            target = torch.exp(logits - lse[..., None]).mean(2)  # [B, c, k]
+        k_index_sel = gather_rows(k_index, idx).to(compute)  # [B, c, k, d_I]
+        relu = torch.relu(torch.einsum("bchd,bckd->bchk", q_index[:, start:end].to(compute), k_index_sel))
+        index_logits = torch.einsum("bchk,bch->bck", relu, weights[:, start:end].to(compute))
+        if k_scale is not None:
+            index_logits = index_logits * gather_rows(k_scale, idx).to(compute)
+        index_logits = index_logits.masked_fill(~valid, float("-inf"))
+        # A row with no valid slot has target 0 everywhere; give it finite logits so log_softmax is defined.
+        index_logits = torch.where(valid.any(-1, keepdim=True), index_logits, 0.0)
+        rows.append(_row_kl(target, index_logits))
+    return _reduce(torch.cat(rows, 1), reduction)
