@@ -5,6 +5,7 @@ rows of the key tensor with −1 for an empty slot.
 """
 
 from dsa_dist.ops._checks import set_debug_checks
+from dsa_dist.ops.dense_attention import dense_attention
 from dsa_dist.ops.fp8 import fp8_block_dequant, fp8_block_quant, fp8_fake_quant
 from dsa_dist.ops.indexer import (
     IndexerInputs,
@@ -21,6 +22,7 @@ __all__ = [
     "INVALID_INDEX",
     "IndexerInputs",
     "apply_rope",
+    "dense_attention",
     "fp8_block_dequant",
     "fp8_block_quant",
     "fp8_fake_quant",

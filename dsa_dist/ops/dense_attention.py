@@ -1,0 +1,61 @@
+"""Dense causal attention that also returns the per-head log-sum-exp (stage-1 target, DSA ``dense`` mode).
+
+Causality is on global positions (``q_positions``, ``k_positions``) so a context-parallel shard attends its own
+queries over the all-gathered keys. Chunked over queries: memory O(chunk · H · Lk), never H × L × L.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsa_dist.ops._checks import FLOAT_DTYPES, check_dim, check_positions, check_positive_int, check_tensor
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float | None = None,
+    *,
+    q_positions: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
+    chunk_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal softmax attention: ``q`` [B, Lq, H, d_qk], ``k`` [B, Lk, Hkv, d_qk], ``v`` [B, Lk, Hkv, d_v].
+
+    Returns ``(out [B, Lq, H, d_v] in q's dtype, lse [B, Lq, H] float32)``; key s is visible to query t iff
+    ``k_positions[s] <= q_positions[t]`` (default positions: arange).
+    """
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("v", v, ndim=4, dtypes=FLOAT_DTYPES)
+    check_positive_int("chunk_size", chunk_size)
+    b, lq, h, d = q.shape
+    check_dim("k", k, 0, b, "batch")
+    check_dim("k", k, 3, d, "d_qk, as in q")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must be [B, Lk, Hkv, d_v] with B, Lk, Hkv as k {tuple(k.shape[:3])}, got {tuple(v.shape)}")
+    hkv = k.shape[2]
+    if h % hkv:
+        raise ValueError(f"q heads ({h}) must be a multiple of k heads ({hkv})")
+    q_pos = check_positions("q_positions", q_positions, lq, q.device)
+    k_pos = check_positions("k_positions", k_positions, k.shape[1], q.device)
+    scale = d**-0.5 if softmax_scale is None else float(softmax_scale)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kc, vc = k.to(compute), v.to(compute)
+    outs, lses = [], []
+    for start in range(0, lq, chunk_size):
+        end = min(start + chunk_size, lq)
+        c = end - start
+        qc = q[:, start:end].to(compute).reshape(b, c, hkv, h // hkv, d)
+        logits = torch.einsum("bcgjd,bkgd->bcgjk", qc, kc) * scale  # [B, c, Hkv, G, Lk]
+        visible = k_pos[None, :] <= q_pos[start:end, None]  # [c, Lk]
+        has_any = visible.any(-1)[None, :, None, None, None]
+        mask = visible[None, :, None, None, :]
+        logits = torch.where(mask, logits, torch.where(has_any, float("-inf"), 0.0))
+        lse = torch.logsumexp(logits, -1, keepdim=True)
+        probs = torch.exp(logits - lse) * mask
+        out = torch.einsum("bcgjk,bkgd->bcgjd", probs, vc)
+        outs.append(out.reshape(b, c, h, v.shape[-1]))
+        lses.append(torch.where(has_any, lse, float("-inf")).reshape(b, c, h))
+    return torch.cat(outs, 1).to(q.dtype), torch.cat(lses, 1).float()
