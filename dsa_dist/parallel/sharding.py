@@ -1,0 +1,200 @@
+"""Zigzag sequence sharding and the differentiable sequence all-gather (DESIGN.md §2, CP).
+
+The sequence of ``L`` tokens is cut into ``2·CP`` equal chunks; CP rank ``r`` holds chunks ``r`` and
+``2·CP − 1 − r`` (Megatron-Core's ``get_batch_on_this_cp_rank`` convention). Causal work per query grows with
+its position, so pairing an early chunk with a late one gives every rank the same indexer and dense-attention
+cost. A rank's shard is stored in ascending position order: ``[chunk r, chunk 2CP−1−r]``.
+
+"Global order" is the order of the unsharded sequence; :func:`all_gather_sequence` returns tensors in global
+order, so a global key index is simply a row of the gathered tensor (= the token's position when positions are
+``arange(L)``). Its backward sums every rank's gradient for a row and hands the sum to the row's owner
+(reduce-scatter in fp32, cast back): that is how dKV and d(index keys) reach their owners.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from dsa_dist.parallel._comm import (
+    ReduceScatterMethod,
+    all_gather_stacked,
+    group_size_rank,
+    reduce_scatter_stacked,
+)
+
+
+def check_cp_config(seq_len: int, cp_size: int) -> None:
+    """Raise ``ValueError`` unless a sequence of ``seq_len`` tokens can be zigzag-sharded over ``cp_size`` ranks.
+
+    CP=1 accepts any length; CP>1 needs ``seq_len`` divisible by ``2·cp_size`` (each rank holds two chunks).
+    """
+    if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1:
+        raise ValueError(f"context parallel size cp_size must be a positive int, got {cp_size!r}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    if cp_size > 1 and seq_len % (2 * cp_size):
+        multiple = 2 * cp_size
+        padded = -(-seq_len // multiple) * multiple
+        divisors = [c for c in range(1, cp_size + 1) if seq_len % (2 * c) == 0 or c == 1]
+        raise ValueError(
+            f"seq_len={seq_len} is not divisible by 2*cp={multiple}: zigzag context parallelism splits the "
+            f"sequence into 2*cp equal chunks. Fix: pad the sequence to {padded} tokens, or use a context "
+            f"parallel size cp with seq_len % (2*cp) == 0 (cp <= {cp_size} that fit: {divisors})"
+        )
+
+
+def _check_rank(cp_size: int, cp_rank: int) -> None:
+    if isinstance(cp_rank, bool) or not isinstance(cp_rank, int) or not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank must be an int in [0, {cp_size}), got {cp_rank!r}")
+
+
+def zigzag_positions(
+    seq_len: int, cp_size: int, cp_rank: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Global positions (= global rows) of the tokens rank ``cp_rank`` holds: int64 [seq_len // cp_size], ascending."""
+    check_cp_config(seq_len, cp_size)
+    _check_rank(cp_size, cp_rank)
+    if cp_size == 1:
+        return torch.arange(seq_len, device=device)
+    chunk = seq_len // (2 * cp_size)
+    late = 2 * cp_size - 1 - cp_rank
+    return torch.cat([
+        torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk, device=device),
+        torch.arange(late * chunk, (late + 1) * chunk, device=device),
+    ])
+
+
+def zigzag_split(x: torch.Tensor, seq_dim: int, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """This rank's shard of a full-sequence tensor: chunks ``r`` and ``2CP−1−r`` of dim ``seq_dim``, concatenated.
+
+    Differentiable (an ``index_select``); use it for tokens, labels, loss masks and position ids alike.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    seq_dim = seq_dim % x.dim()
+    check_cp_config(x.shape[seq_dim], cp_size)
+    _check_rank(cp_size, cp_rank)
+    if cp_size == 1:
+        return x
+    chunks = x.unflatten(seq_dim, (2 * cp_size, x.shape[seq_dim] // (2 * cp_size)))
+    pick = torch.tensor([cp_rank, 2 * cp_size - 1 - cp_rank], device=x.device)
+    return chunks.index_select(seq_dim, pick).flatten(seq_dim, seq_dim + 1)
+
+
+def _chunk_permutation(cp_size: int, to_global: bool, device: torch.device) -> torch.Tensor:
+    """Chunk order between rank-major concatenation of shards and global order (2·CP chunks).
+
+    Rank-major slot ``2r`` holds global chunk ``r`` and slot ``2r+1`` holds chunk ``2CP−1−r``.
+    ``to_global``: entry c = the rank-major slot of global chunk c; otherwise entry s = the global chunk of slot s.
+    """
+    slot_of_chunk = [2 * c if c < cp_size else 2 * (2 * cp_size - 1 - c) + 1 for c in range(2 * cp_size)]
+    if to_global:
+        return torch.tensor(slot_of_chunk, device=device)
+    chunk_of_slot = [0] * (2 * cp_size)
+    for c, s in enumerate(slot_of_chunk):
+        chunk_of_slot[s] = c
+    return torch.tensor(chunk_of_slot, device=device)
+
+
+def rank_major_to_global(x: torch.Tensor, seq_dim: int, cp_size: int) -> torch.Tensor:
+    """Reorder the concatenated zigzag shards of all ranks (rank 0's first) along ``seq_dim`` to global order."""
+    if cp_size == 1:
+        return x
+    n = x.shape[seq_dim]
+    chunks = x.unflatten(seq_dim, (2 * cp_size, n // (2 * cp_size)))
+    return chunks.index_select(seq_dim, _chunk_permutation(cp_size, True, x.device)).flatten(seq_dim, seq_dim + 1)
+
+
+def global_to_rank_major(x: torch.Tensor, seq_dim: int, cp_size: int) -> torch.Tensor:
+    """Inverse of :func:`rank_major_to_global`."""
+    if cp_size == 1:
+        return x
+    n = x.shape[seq_dim]
+    chunks = x.unflatten(seq_dim, (2 * cp_size, n // (2 * cp_size)))
+    return chunks.index_select(seq_dim, _chunk_permutation(cp_size, False, x.device)).flatten(seq_dim, seq_dim + 1)
+
+
+def _stacked_to_global(stacked: torch.Tensor, seq_dim: int, cp_size: int) -> torch.Tensor:
+    # stacked: [CP, *shard_shape] -> rank-major along seq_dim -> global order
+    rank_major = stacked.movedim(0, seq_dim).flatten(seq_dim, seq_dim + 1)
+    return rank_major_to_global(rank_major, seq_dim, cp_size).contiguous()
+
+
+class _AllGatherSequence(torch.autograd.Function):
+    """Forward: zigzag shards -> full sequence in global order. Backward: fp32 reduce-scatter to the owners."""
+
+    @staticmethod
+    def forward(ctx, x, seq_dim, group, stacked, rs_method):  # noqa: D102 - see class docstring
+        size, _ = group_size_rank(group)
+        ctx.seq_dim, ctx.group, ctx.size, ctx.dtype, ctx.rs_method = seq_dim, group, size, x.dtype, rs_method
+        if stacked is None:
+            stacked, _ = all_gather_stacked(x, group)
+        return _stacked_to_global(stacked, seq_dim, size)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        seq_dim, size = ctx.seq_dim, ctx.size
+        # Every rank holds a gradient for every row (from its own queries); the owner needs the sum.
+        rank_major = global_to_rank_major(grad.float(), seq_dim, size)
+        stacked = rank_major.unflatten(seq_dim, (size, rank_major.shape[seq_dim] // size)).movedim(seq_dim, 0)
+        local = reduce_scatter_stacked(stacked, ctx.group, method=ctx.rs_method)
+        return local.to(ctx.dtype), None, None, None, None
+
+
+class PendingSequenceGather:
+    """An all-gather in flight (``all_gather_sequence(..., async_op=True)``); :meth:`wait` returns the result.
+
+    Lets the KV all-gather run while the indexer scores (DESIGN.md §2): start it, run the top-k, then wait.
+    """
+
+    def __init__(self, x: torch.Tensor, seq_dim: int, group: dist.ProcessGroup | None,
+                 rs_method: ReduceScatterMethod):
+        self._x, self._seq_dim, self._group, self._rs_method = x, seq_dim, group, rs_method
+        self._stacked, self._work = all_gather_stacked(x.detach(), group, async_op=True)
+        self._result: torch.Tensor | None = None
+
+    def wait(self) -> torch.Tensor:
+        """Block until the gather is done; returns the full sequence in global order (autograd-connected)."""
+        if self._result is None:
+            if self._work is not None:
+                self._work.wait()
+            self._result = _AllGatherSequence.apply(self._x, self._seq_dim, self._group, self._stacked,
+                                                    self._rs_method)
+            self._stacked = None
+        return self._result
+
+
+def all_gather_sequence(
+    x: torch.Tensor,
+    seq_dim: int,
+    group: dist.ProcessGroup | None = None,
+    *,
+    async_op: bool = False,
+    reduce_scatter_method: ReduceScatterMethod = "auto",
+) -> torch.Tensor | PendingSequenceGather:
+    """All-gather the zigzag shards of ``x`` along ``seq_dim`` into the full sequence in global order.
+
+    Args:
+        x: this rank's shard (length ``L / CP`` along ``seq_dim``), any dtype (FP8 travels as bytes).
+        seq_dim: the sequence dim (1 for the batch-first ``[B, L, ...]`` layout of dsa_dist.ops).
+        group: the CP process group (Megatron: ``parallel_state.get_context_parallel_group()``); None = world.
+        async_op: return a :class:`PendingSequenceGather` whose ``wait()`` gives the tensor, so the transfer
+            overlaps whatever runs in between.
+        reduce_scatter_method: backward collective ("auto": reduce-scatter where the backend has it,
+            else all-reduce + slice; the two are interchangeable).
+
+    Returns:
+        ``[..., L, ...]`` in global order. Backward: the gradient of every row is summed over the ranks in
+        fp32 and returned (cast to x's dtype) to the rank that owns the row.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    seq_dim = seq_dim % x.dim()
+    size, _ = group_size_rank(group)
+    check_cp_config(x.shape[seq_dim] * size, size)
+    if async_op:
+        return PendingSequenceGather(x, seq_dim, group, reduce_scatter_method)
+    if size == 1:
+        return x
+    return _AllGatherSequence.apply(x, seq_dim, group, None, reduce_scatter_method)
