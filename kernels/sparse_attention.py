@@ -1,0 +1,490 @@
+"""Triton sparse attention over per-query top-k key sets, forward and backward (DESIGN.md §1, issue 7).
+
+    u_t = softmax_{s ∈ S_t}(scale · q_t·K[s]) V[s]
+
+Same signature and semantics as the reference :func:`dsa_dist.ops.sparse_attention.sparse_attention`.
+Layout of the work (shaped like Triton's fused-attention tutorial):
+
+* One program per (token, KV group, block of ``BLOCK_H`` query heads of that group). The group's heads sit on
+  the MMA M dimension, so one gathered block of ``BLOCK_N`` key rows feeds every head at once: MLA in absorbed
+  (MQA) mode has ``Hkv = 1`` and all 128 heads share the block; GQA puts the ``H / Hkv`` heads of a group on M,
+  padded to 16 rows for ``tl.dot``.
+* ``d_qk`` need not be a power of two: it is split as ``D1 + D2`` (largest power of two + rest), e.g. 576 =
+  512 + 64 (latent + rope), 192 = 128 + 64, and both halves are dotted separately.
+* MLA absorbed mode passes ``v = k[..., :512]`` (a view of the same latent). Then V is read from the K tile
+  already in registers/shared memory (``V_IS_K``), and in backward dV is folded into dK's atomics (one fp32
+  atomic per latent element instead of two); v's own gradient is returned as ``None`` and the sum reaches the
+  shared latent through autograd.
+* Backward: one kernel with ``COMPUTE_DQ`` / ``COMPUTE_DKV`` switches. dQ accumulates in registers (no
+  atomics: a program owns its token's heads); dK/dV go to fp32 buffers with atomics (keys are shared by
+  many queries and there is no cheap transpose of the index lists), then are cast.
+* ``UPCAST`` converts dot operands to fp32 first: Triton's CPU interpreter gets bf16×bf16 ``tl.dot`` wrong
+  (DESIGN.md §4), so bf16 runs there upcast; on GPU bf16 operands go to the tensor cores with fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from dsa_dist.ops._checks import FLOAT_DTYPES
+from dsa_dist.ops.sparse_attention import _check_inputs
+
+_LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _sparse_attn_fwd_kernel(
+    Q, K, V, IDX, OUT, LSE,
+    s_qb, s_ql, s_qh, s_qd,
+    s_kb, s_kl, s_kh, s_kd,
+    s_vb, s_vl, s_vh, s_vd,
+    s_ib, s_il, s_ih, s_ik,
+    s_ob, s_ol, s_oh, s_od,
+    s_lb, s_ll, s_lh,
+    LQ, TOPK, GROUP, HEAD_BLOCKS, qk_scale_log2,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    D1: tl.constexpr, D2: tl.constexpr, D2P: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+    V_IS_K: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    tl.static_assert(BLOCK_H >= 16)
+    tl.static_assert((not V_IS_K) or (DV == D1 and DVP == D1))
+    pid_h = tl.program_id(0)
+    pid_t = tl.program_id(1).to(tl.int64)
+    b = pid_t // LQ
+    t = pid_t % LQ
+    g = pid_h // HEAD_BLOCKS  # KV group
+    hb = pid_h % HEAD_BLOCKS
+    offs_hg = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # head within the group
+    h_mask = offs_hg < GROUP
+    heads = (g * GROUP + offs_hg).to(tl.int64)
+    offs_d1 = tl.arange(0, D1)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q_base = Q + b * s_qb + t * s_ql + heads[:, None] * s_qh
+    q1 = tl.load(q_base + offs_d1[None, :] * s_qd, mask=h_mask[:, None], other=0.0)
+    if UPCAST:
+        q1 = q1.to(tl.float32)
+    if D2 > 0:
+        offs_d2 = D1 + tl.arange(0, D2P)
+        q2 = tl.load(q_base + offs_d2[None, :] * s_qd, mask=h_mask[:, None] & (offs_d2[None, :] < D1 + D2), other=0.0)
+        if UPCAST:
+            q2 = q2.to(tl.float32)
+    offs_dv = tl.arange(0, DVP)
+
+    k_base = K + b * s_kb + g * s_kh
+    v_base = V + b * s_vb + g * s_vh
+    i_base = IDX + b * s_ib + t * s_il + g * s_ih
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, DVP], tl.float32)
+    for start in range(0, TOPK, BLOCK_N):
+        slot = start + offs_n
+        idx = tl.load(i_base + slot * s_ik, mask=slot < TOPK, other=-1)
+        valid = idx >= 0
+        rows = tl.where(valid, idx, 0).to(tl.int64)
+        k1 = tl.load(k_base + rows[:, None] * s_kl + offs_d1[None, :] * s_kd, mask=valid[:, None], other=0.0)
+        if UPCAST:
+            k1 = k1.to(tl.float32)
+        s = tl.dot(q1, tl.trans(k1))
+        if D2 > 0:
+            k2 = tl.load(
+                k_base + rows[:, None] * s_kl + offs_d2[None, :] * s_kd,
+                mask=valid[:, None] & (offs_d2[None, :] < D1 + D2),
+                other=0.0,
+            )
+            if UPCAST:
+                k2 = k2.to(tl.float32)
+            s += tl.dot(q2, tl.trans(k2))
+        s = tl.where(valid[None, :], s * qk_scale_log2, float("-inf"))  # log2 domain
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no valid key yet keeps m = -inf; subtract 0 instead so no -inf - -inf appears.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if V_IS_K:
+            v = k1
+        else:
+            v = tl.load(
+                v_base + rows[:, None] * s_vl + offs_dv[None, :] * s_vd,
+                mask=valid[:, None] & (offs_dv[None, :] < DV),
+                other=0.0,
+            )
+            if UPCAST:
+                v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    has_any = l_i > 0.0
+    out = acc / tl.where(has_any, l_i, 1.0)[:, None]
+    lse = tl.where(has_any, (m_i + tl.log2(tl.where(has_any, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    o_ptr = OUT + b * s_ob + t * s_ol + heads[:, None] * s_oh + offs_dv[None, :] * s_od
+    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=h_mask[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + b * s_lb + t * s_ll + heads * s_lh, lse, mask=h_mask)
+
+
+@triton.jit
+def _sparse_attn_bwd_kernel(
+    Q, K, V, IDX, OUT, DO, LSE, DQ, DK, DV_BUF,
+    s_qb, s_ql, s_qh, s_qd,
+    s_kb, s_kl, s_kh, s_kd,
+    s_vb, s_vl, s_vh, s_vd,
+    s_ib, s_il, s_ih, s_ik,
+    s_ob, s_ol, s_oh, s_od,
+    s_db, s_dl, s_dh, s_dd,
+    s_lb, s_ll, s_lh,
+    s_gb, s_gl, s_gh, s_gd,
+    s_kgb, s_kgl, s_kgh, s_kgd,
+    s_vgb, s_vgl, s_vgh, s_vgd,
+    LQ, TOPK, GROUP, HEAD_BLOCKS, sm_scale, qk_scale_log2,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    D1: tl.constexpr, D2: tl.constexpr, D2P: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+    V_IS_K: tl.constexpr, UPCAST: tl.constexpr,
+    COMPUTE_DQ: tl.constexpr, COMPUTE_DKV: tl.constexpr, COMPUTE_DV: tl.constexpr, FOLD_DV: tl.constexpr,
+):  # fmt: skip
+    """dq = scale·Σ_s dS K, dk[s] += scale·dSᵀ q, dv[s] += Pᵀ dO with dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)).
+
+    With FOLD_DV (v is a view of k) the dv contribution is added into DK's first D1 columns (same latent rows).
+    """
+    tl.static_assert(BLOCK_H >= 16)
+    tl.static_assert((not FOLD_DV) or (V_IS_K and COMPUTE_DKV and COMPUTE_DV))
+    pid_h = tl.program_id(0)
+    pid_t = tl.program_id(1).to(tl.int64)
+    b = pid_t // LQ
+    t = pid_t % LQ
+    g = pid_h // HEAD_BLOCKS
+    hb = pid_h % HEAD_BLOCKS
+    offs_hg = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_hg < GROUP
+    heads = (g * GROUP + offs_hg).to(tl.int64)
+    offs_d1 = tl.arange(0, D1)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dv = tl.arange(0, DVP)
+    dv_mask = offs_dv < DV
+
+    q_base = Q + b * s_qb + t * s_ql + heads[:, None] * s_qh
+    q1 = tl.load(q_base + offs_d1[None, :] * s_qd, mask=h_mask[:, None], other=0.0)
+    if UPCAST:
+        q1 = q1.to(tl.float32)
+    if D2 > 0:
+        offs_d2 = D1 + tl.arange(0, D2P)
+        d2_mask = offs_d2 < D1 + D2
+        q2 = tl.load(q_base + offs_d2[None, :] * s_qd, mask=h_mask[:, None] & d2_mask[None, :], other=0.0)
+        if UPCAST:
+            q2 = q2.to(tl.float32)
+    hd_mask = h_mask[:, None] & dv_mask[None, :]
+    do = tl.load(DO + b * s_db + t * s_dl + heads[:, None] * s_dh + offs_dv[None, :] * s_dd, mask=hd_mask, other=0.0)
+    o = tl.load(OUT + b * s_ob + t * s_ol + heads[:, None] * s_oh + offs_dv[None, :] * s_od, mask=hd_mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO ⊙ O)
+    if UPCAST:
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + b * s_lb + t * s_ll + heads * s_lh, mask=h_mask, other=float("-inf"))
+    # Padded heads and empty rows (lse = -inf) get +inf so that P = exp2(s - inf) = 0 everywhere.
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+    k_base = K + b * s_kb + g * s_kh
+    v_base = V + b * s_vb + g * s_vh
+    i_base = IDX + b * s_ib + t * s_il + g * s_ih
+    dk_base = DK + b * s_kgb + g * s_kgh
+    dv_base = DV_BUF + b * s_vgb + g * s_vgh
+
+    if COMPUTE_DQ:
+        dq1 = tl.zeros([BLOCK_H, D1], tl.float32)
+        if D2 > 0:
+            dq2 = tl.zeros([BLOCK_H, D2P], tl.float32)
+    for start in range(0, TOPK, BLOCK_N):
+        slot = start + offs_n
+        idx = tl.load(i_base + slot * s_ik, mask=slot < TOPK, other=-1)
+        valid = idx >= 0
+        rows = tl.where(valid, idx, 0).to(tl.int64)
+        k1 = tl.load(k_base + rows[:, None] * s_kl + offs_d1[None, :] * s_kd, mask=valid[:, None], other=0.0)
+        if UPCAST:
+            k1 = k1.to(tl.float32)
+        s = tl.dot(q1, tl.trans(k1))
+        if D2 > 0:
+            k2 = tl.load(
+                k_base + rows[:, None] * s_kl + offs_d2[None, :] * s_kd,
+                mask=valid[:, None] & d2_mask[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                k2 = k2.to(tl.float32)
+            s += tl.dot(q2, tl.trans(k2))
+        p = tl.exp2(s * qk_scale_log2 - lse2[:, None])
+        p = tl.where(valid[None, :], p, 0.0)
+        if V_IS_K:
+            v = k1
+        else:
+            v = tl.load(
+                v_base + rows[:, None] * s_vl + offs_dv[None, :] * s_vd,
+                mask=valid[:, None] & dv_mask[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                v = v.to(tl.float32)
+        dp = tl.dot(do, tl.trans(v))
+        ds = (p * (dp - delta[:, None]) * sm_scale).to(k1.dtype)  # d loss / d (q·k), scale folded in
+        if COMPUTE_DQ:
+            dq1 += tl.dot(ds, k1)
+            if D2 > 0:
+                dq2 += tl.dot(ds, k2)
+        if COMPUTE_DKV:
+            dk1 = tl.dot(tl.trans(ds), q1)
+            if FOLD_DV:  # v is k[..., :D1]: its gradient lands on the same latent rows
+                dk1 += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dk_ptr = dk_base + rows[:, None] * s_kgl + offs_d1[None, :] * s_kgd
+            tl.atomic_add(dk_ptr, dk1, mask=valid[:, None], sem="relaxed")
+            if D2 > 0:
+                dk2 = tl.dot(tl.trans(ds), q2)
+                dk2_ptr = dk_base + rows[:, None] * s_kgl + offs_d2[None, :] * s_kgd
+                tl.atomic_add(dk2_ptr, dk2, mask=valid[:, None] & d2_mask[None, :], sem="relaxed")
+        if COMPUTE_DV and not FOLD_DV:
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+            dv_ptr = dv_base + rows[:, None] * s_vgl + offs_dv[None, :] * s_vgd
+            tl.atomic_add(dv_ptr, dv, mask=valid[:, None] & dv_mask[None, :], sem="relaxed")
+
+    if COMPUTE_DQ:
+        dq_base = DQ + b * s_gb + t * s_gl + heads[:, None] * s_gh
+        tl.store(dq_base + offs_d1[None, :] * s_gd, dq1.to(DQ.dtype.element_ty), mask=h_mask[:, None])
+        if D2 > 0:
+            tl.store(
+                dq_base + offs_d2[None, :] * s_gd,
+                dq2.to(DQ.dtype.element_ty),
+                mask=h_mask[:, None] & d2_mask[None, :],
+            )
+
+
+# ----------------------------------------------------------------------------------------------- launch
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch shape of one kernel. ``bwd_split`` runs dQ and dK/dV as two launches."""
+
+    block_h: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    bwd_split: bool = False
+
+
+def _split_dim(d: int) -> tuple[int, int, int]:
+    """``d = D1 + D2`` with D1 the largest power of two ≤ d; D2 padded to a power of two ≥ 16 (D2P, tl.dot's K)."""
+    d1 = 1 << (d.bit_length() - 1)
+    d2 = d - d1
+    return d1, d2, (max(16, triton.next_power_of_2(d2)) if d2 else 0)
+
+
+def _block_h(group: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(group)))
+
+
+def default_config(group: int, d_qk: int, d_v: int, backward: bool) -> KernelConfig:
+    """Tile choice per shape; measured on H100 (benchmarks/NOTES_sparse_attention.md)."""
+    bh = _block_h(group)
+    if _interpreting():
+        return KernelConfig(bh, 16, 4, 1)
+    big = d_qk > 256 or d_v > 256
+    if backward:
+        return KernelConfig(bh, 32 if big else 64, 8 if big else 4, 1, bwd_split=False)
+    return KernelConfig(bh, 32 if big else 64, 8 if big else 4, 2)
+
+
+def _v_is_k(k: torch.Tensor, v: torch.Tensor, d1: int) -> bool:
+    """True when v is k[..., :d1] (MLA absorbed mode): same storage, same start, same row strides."""
+    return (
+        v.shape[-1] == d1
+        and v.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+        and v.data_ptr() == k.data_ptr()
+        and v.stride() == k.stride()
+    )
+
+
+def _prepare(q, k, v, topk_indices, softmax_scale):
+    _check_inputs(q, k, v, topk_indices)
+    if not (q.is_cuda or _interpreting()):
+        raise ValueError("kernels.sparse_attention needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
+    if q.dtype not in FLOAT_DTYPES or q.dtype == torch.float64:
+        raise TypeError(f"q must be float16/bfloat16/float32 for the Triton kernel, got {q.dtype}")
+    d_qk = q.shape[-1]
+    if d_qk < 16 or v.shape[-1] < 16:
+        raise ValueError(f"d_qk and d_v must be >= 16 for tl.dot, got {d_qk} and {v.shape[-1]}")
+    idx = topk_indices if topk_indices.dtype == torch.int32 else topk_indices.to(torch.int32)
+    scale = d_qk**-0.5 if softmax_scale is None else float(softmax_scale)
+    return idx, scale
+
+
+def _idx_strides(idx: torch.Tensor) -> tuple[int, int, int, int]:
+    if idx.dim() == 3:  # shared by all KV groups
+        return idx.stride(0), idx.stride(1), 0, idx.stride(2)
+    return idx.stride(0), idx.stride(1), idx.stride(2), idx.stride(3)
+
+
+def _upcast(x: torch.Tensor) -> bool:
+    # bf16 × bf16 tl.dot is wrong in the interpreter (DESIGN.md §4); fp32/fp16 are fine there.
+    return _interpreting() and x.dtype == torch.bfloat16
+
+
+def sparse_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    scale: float,
+    config: KernelConfig | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel on checked inputs (idx int32). Returns (out, lse), written into the given
+    contiguous buffers when passed (tests poison them to prove every element is written)."""
+    b, lq, h, d_qk = q.shape
+    hkv, d_v = k.shape[2], v.shape[3]
+    group = h // hkv
+    d1, d2, d2p = _split_dim(d_qk)
+    cfg = config or default_config(group, d_qk, d_v, backward=False)
+    v_is_k = _v_is_k(k, v, d1)
+    out = torch.empty((b, lq, h, d_v), device=q.device, dtype=q.dtype) if out is None else out
+    lse = torch.empty((b, lq, h), device=q.device, dtype=torch.float32) if lse is None else lse
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    head_blocks = triton.cdiv(group, cfg.block_h)
+    grid = (hkv * head_blocks, b * lq)
+    _sparse_attn_fwd_kernel[grid](
+        q, k, v, idx, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *_idx_strides(idx), *out.stride(), *lse.stride(),
+        lq, idx.shape[-1], group, head_blocks, scale * _LOG2E,
+        BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, D1=d1, D2=d2, D2P=d2p,
+        DV=d_v, DVP=triton.next_power_of_2(d_v), V_IS_K=v_is_k, UPCAST=_upcast(q),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def sparse_attention_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    scale: float,
+    needs: tuple[bool, bool, bool] = (True, True, True),
+    config: KernelConfig | None = None,
+    dq: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the backward kernel(s). Returns (dq, dk, dv); dv is None when folded into dk (v is k's view)."""
+    b, lq, h, d_qk = q.shape
+    lk, hkv, d_v = k.shape[1], k.shape[2], v.shape[3]
+    group = h // hkv
+    d1, d2, d2p = _split_dim(d_qk)
+    cfg = config or default_config(group, d_qk, d_v, backward=True)
+    need_q, need_k, need_v = needs
+    # Fold dV into dK only when both are wanted: the latent then receives their sum through autograd.
+    fold = _v_is_k(k, v, d1) and need_k and need_v
+    v_is_k = _v_is_k(k, v, d1)
+    if need_q and dq is None:
+        dq = torch.empty_like(q)
+    dk32 = torch.zeros((b, lk, hkv, d_qk), device=q.device, dtype=torch.float32) if need_k else None
+    dv32 = torch.zeros((b, lk, hkv, d_v), device=q.device, dtype=torch.float32) if need_v and not fold else None
+    if q.numel() == 0 or idx.shape[-1] == 0:
+        if dq is not None:
+            dq.zero_()
+    else:
+        head_blocks = triton.cdiv(group, cfg.block_h)
+        grid = (hkv * head_blocks, b * lq)
+        do = grad_out
+        dummy = lse  # stands in for buffers a launch does not touch
+        dq_t = dq if dq is not None else q
+        dk_t = dk32 if dk32 is not None else dummy.new_empty((1, 1, 1, 1))
+        dv_t = dv32 if dv32 is not None else (dk_t if fold else dummy.new_empty((1, 1, 1, 1)))
+        launches = [(need_q, False, False), (False, need_k, need_v)] if cfg.bwd_split else [(need_q, need_k, need_v)]
+        for want_q, want_k, want_v in launches:
+            if not (want_q or want_k or want_v):
+                continue
+            _sparse_attn_bwd_kernel[grid](
+                q, k, v, idx, out, do, lse, dq_t, dk_t, dv_t,
+                *q.stride(), *k.stride(), *v.stride(), *_idx_strides(idx), *out.stride(), *do.stride(),
+                *lse.stride(), *dq_t.stride(), *dk_t.stride(), *dv_t.stride(),
+                lq, idx.shape[-1], group, head_blocks, scale, scale * _LOG2E,
+                BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, D1=d1, D2=d2, D2P=d2p,
+                DV=d_v, DVP=triton.next_power_of_2(d_v), V_IS_K=v_is_k, UPCAST=_upcast(q),
+                COMPUTE_DQ=want_q, COMPUTE_DKV=want_k, COMPUTE_DV=want_v, FOLD_DV=fold and want_k and want_v,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )  # fmt: skip
+    dk = dk32.to(k.dtype) if dk32 is not None else None
+    dv = dv32.to(v.dtype) if dv32 is not None else None
+    return dq, dk, dv
+
+
+class _SparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, idx, scale):
+        out, lse = sparse_attention_fwd(q, k, v, idx, scale)
+        ctx.save_for_backward(q, k, v, idx, out, lse)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, idx, out, lse = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        if not any(needs):
+            return None, None, None, None, None
+        # grad_lse is ignored: lse is marked non-differentiable (callers such as the KL loss detach it).
+        dq, dk, dv = sparse_attention_bwd(q, k, v, idx, out, lse, grad_out, ctx.scale, needs)  # type: ignore[arg-type]
+        return dq, dk, dv, None, None
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    topk_indices: torch.Tensor,
+    softmax_scale: float | None = None,
+    **ignored_kwargs: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query restricted to its selected keys (Triton; same contract as the reference op).
+
+    Args:
+        q: [B, Lq, H, d_qk] fp16/bf16/fp32.
+        k: [B, Lk, Hkv, d_qk], q's dtype; H must be a multiple of Hkv (Hkv = 1: MQA/MLA, else GQA).
+        v: [B, Lk, Hkv, d_v]; may be a view ``k[..., :d_v]`` of the same latent (MLA absorbed, no copy made).
+        topk_indices: [B, Lq, k] shared by all heads, or [B, Lq, Hkv, k] per KV group; int32 (int64 is
+            converted) rows of k/v, −1 for an empty slot.
+        softmax_scale: default ``d_qk ** -0.5``.
+        ignored_kwargs: reference-only options (``chunk_size``), accepted and ignored.
+
+    Returns:
+        ``(out [B, Lq, H, d_v] in q's dtype, lse [B, Lq, H] float32)``: natural-log sum-exp of the scaled
+        logits over the selected keys; a row with no valid key has lse −inf and output 0.
+        Differentiable in q, k, v (lse is not). When v is a view of k, v's gradient is folded into k's.
+    """
+    idx, scale = _prepare(q, k, v, topk_indices, softmax_scale)
+    return _SparseAttention.apply(q, k, v, idx, scale)
+
+
+def sparse_attention_flops(tokens: int, heads: int, topk: int, d_qk: int, d_v: int, backward: bool = False) -> float:
+    """Useful FLOPs: 2·H·k·(d_qk + d_v) per query forward, 2.5× that backward (DESIGN.md §5)."""
+    fwd = 2.0 * tokens * heads * topk * (d_qk + d_v)
+    return 2.5 * fwd if backward else fwd
+
+
+__all__ = ["KernelConfig", "default_config", "sparse_attention", "sparse_attention_bwd", "sparse_attention_fwd"]
