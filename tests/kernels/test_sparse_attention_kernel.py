@@ -54,22 +54,22 @@ def causal_topk_indices(b: int, lq: int, lk: int, topk: int, gen: torch.Generato
 
 
 def _make_case(case, gen, device="cpu"):
-    b, l, h, hkv, d, dv, topk, dtype, v_mode, idx_mode, _ = case
+    b, n, h, hkv, d, dv, topk, dtype, v_mode, idx_mode, _ = case
     dt = getattr(torch, dtype)
-    q = torch.randn(b, l, h, d, generator=gen, device=device).to(dt)
-    k = torch.randn(b, l, hkv, d, generator=gen, device=device).to(dt)
+    q = torch.randn(b, n, h, d, generator=gen, device=device).to(dt)
+    k = torch.randn(b, n, hkv, d, generator=gen, device=device).to(dt)
     if v_mode == "sep":
-        v = torch.randn(b, l, hkv, dv, generator=gen, device=device).to(dt)
+        v = torch.randn(b, n, hkv, dv, generator=gen, device=device).to(dt)
     elif v_mode == "strided":
-        v = torch.randn(b, l, hkv, 2 * dv, generator=gen, device=device).to(dt)[..., ::2]
+        v = torch.randn(b, n, hkv, 2 * dv, generator=gen, device=device).to(dt)[..., ::2]
     else:
         v = None  # view of k, built inside the graph
     if idx_mode == "group":
-        idx = torch.stack([causal_topk_indices(b, l, l, topk, gen, device) for _ in range(hkv)], dim=2)
+        idx = torch.stack([causal_topk_indices(b, n, n, topk, gen, device) for _ in range(hkv)], dim=2)
     else:
-        idx = causal_topk_indices(b, l, l, topk, gen, device)
-        idx[0, l // 2, :] = -1  # one row with no valid key: lse -inf, output 0
-    grad = torch.randn(b, l, h, dv, generator=gen, device=device).to(dt)
+        idx = causal_topk_indices(b, n, n, topk, gen, device)
+        idx[0, n // 2, :] = -1  # one row with no valid key: lse -inf, output 0
+    grad = torch.randn(b, n, h, dv, generator=gen, device=device).to(dt)
     return q, k, v, idx, grad
 
 
