@@ -53,15 +53,17 @@ def _sparse_attn_fwd_kernel(
     s_ib, s_il, s_ih, s_ik,
     s_ob, s_ol, s_oh, s_od,
     s_lb, s_ll, s_lh,
-    LQ, TOPK, GROUP, HEAD_BLOCKS, qk_scale_log2,
+    LQ, TOPK, GROUP, HEAD_BLOCKS, NUM_HB, qk_scale_log2,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, D2P: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
     V_IS_K: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     tl.static_assert(BLOCK_H >= 16)
     tl.static_assert((not V_IS_K) or (DV == D1 and DVP == D1))
-    pid_h = tl.program_id(0)
-    pid_t = tl.program_id(1).to(tl.int64)
+    # 1-D grid, head blocks of one token adjacent: they gather the same KV rows, which then hit in L2.
+    pid = tl.program_id(0).to(tl.int64)
+    pid_t = pid // NUM_HB
+    pid_h = pid % NUM_HB
     b = pid_t // LQ
     t = pid_t % LQ
     g = pid_h // HEAD_BLOCKS  # KV group
@@ -149,7 +151,7 @@ def _sparse_attn_bwd_kernel(
     s_gb, s_gl, s_gh, s_gd,
     s_kgb, s_kgl, s_kgh, s_kgd,
     s_vgb, s_vgl, s_vgh, s_vgd,
-    LQ, TOPK, GROUP, HEAD_BLOCKS, sm_scale, qk_scale_log2,
+    LQ, TOPK, GROUP, HEAD_BLOCKS, NUM_HB, sm_scale, qk_scale_log2,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, D2P: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
     V_IS_K: tl.constexpr, UPCAST: tl.constexpr,
@@ -161,8 +163,10 @@ def _sparse_attn_bwd_kernel(
     """
     tl.static_assert(BLOCK_H >= 16)
     tl.static_assert((not FOLD_DV) or (V_IS_K and COMPUTE_DKV and COMPUTE_DV))
-    pid_h = tl.program_id(0)
-    pid_t = tl.program_id(1).to(tl.int64)
+    # 1-D grid, head blocks of one token adjacent: they gather the same KV rows, which then hit in L2.
+    pid = tl.program_id(0).to(tl.int64)
+    pid_t = pid // NUM_HB
+    pid_h = pid % NUM_HB
     b = pid_t // LQ
     t = pid_t % LQ
     g = pid_h // HEAD_BLOCKS
@@ -364,11 +368,11 @@ def sparse_attention_fwd(
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     head_blocks = triton.cdiv(group, cfg.block_h)
-    grid = (hkv * head_blocks, b * lq)
+    grid = (b * lq * hkv * head_blocks,)
     _sparse_attn_fwd_kernel[grid](
         q, k, v, idx, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *_idx_strides(idx), *out.stride(), *lse.stride(),
-        lq, idx.shape[-1], group, head_blocks, scale * _LOG2E,
+        lq, idx.shape[-1], group, head_blocks, hkv * head_blocks, scale * _LOG2E,
         BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, D1=d1, D2=d2, D2P=d2p,
         DV=d_v, DVP=triton.next_power_of_2(d_v), V_IS_K=v_is_k, UPCAST=_upcast(q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -408,7 +412,7 @@ def sparse_attention_bwd(
             dq.zero_()
     else:
         head_blocks = triton.cdiv(group, cfg.block_h)
-        grid = (hkv * head_blocks, b * lq)
+        grid = (b * lq * hkv * head_blocks,)
         do = grad_out
         dummy = lse  # stands in for buffers a launch does not touch
         dq_t = dq if dq is not None else q
@@ -422,7 +426,7 @@ def sparse_attention_bwd(
                 q, k, v, idx, out, do, lse, dq_t, dk_t, dv_t,
                 *q.stride(), *k.stride(), *v.stride(), *_idx_strides(idx), *out.stride(), *do.stride(),
                 *lse.stride(), *dq_t.stride(), *dk_t.stride(), *dv_t.stride(),
-                lq, idx.shape[-1], group, head_blocks, scale, scale * _LOG2E,
+                lq, idx.shape[-1], group, head_blocks, hkv * head_blocks, scale, scale * _LOG2E,
                 BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, D1=d1, D2=d2, D2P=d2p,
                 DV=d_v, DVP=triton.next_power_of_2(d_v), V_IS_K=v_is_k, UPCAST=_upcast(q),
                 COMPUTE_DQ=want_q, COMPUTE_DKV=want_k, COMPUTE_DV=want_v, FOLD_DV=fold and want_k and want_v,
