@@ -1,0 +1,88 @@
+"""Build a Megatron-Core ``GPTModel`` with DSA attention from a :class:`DSAModelConfig` (DESIGN.md §3).
+
+``parallel_state`` must be initialised first (:func:`dsa_dist.compat.init_parallel`). The model runs on CPU (gloo)
+and CUDA (NCCL): weights are initialised on the host as full master matrices and sliced per TP rank
+(``use_cpu_initialization``), then moved to the rank's device. Position embeddings are off in GPTModel: the DSA
+attention applies rotary embeddings itself at global (zigzag under CP) positions.
+
+Usage::
+
+    init_parallel(tp=2, cp=2)
+    model = build_model(preset("tiny"))
+    tracker = get_indexer_loss_tracker(model)
+    tracker.reset()
+    per_token_loss = model(tokens, None, None, labels=labels)   # [b, s_local] (tokens/labels zigzag-sharded)
+    loss = per_token_loss.mean() + cfg.indexer_loss_coeff * tracker.total()
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from dsa_dist.compat import apply_cpu_shims, default_device
+from dsa_dist.model.attention import _DSAAttentionBase
+from dsa_dist.model.config import DSAModelConfig
+from dsa_dist.model.indexer_loss import IndexerLossTracker
+from dsa_dist.model.specs import dsa_layer_spec
+
+
+def build_model(cfg: DSAModelConfig, *, pre_process: bool = True, post_process: bool = True,
+                tracker: IndexerLossTracker | None = None, vp_stage: int | None = None) -> GPTModel:
+    """A ``GPTModel`` whose every layer uses DSA attention (MLA or GQA per ``cfg.attention``).
+
+    Args:
+        cfg: the model config (validated against the initialised TP/CP sizes).
+        pre_process / post_process: build the embedding / the output layer (pipeline stages).
+        tracker: the :class:`IndexerLossTracker` every layer records its indexer KL in; a new one by default
+            (find it again with :func:`get_indexer_loss_tracker`).
+        vp_stage: virtual pipeline stage, passed to Megatron.
+
+    Returns:
+        The model on this rank's device, in train mode. ``model(input_ids, None, None, labels=labels)`` returns
+        the per-token LM loss ``[b, s_local]``; pass ``attention_mask=None`` (attention is causal by position).
+    """
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError("Megatron parallel_state is not initialised: call dsa_dist.compat.init_parallel(tp, cp) "
+                           "before build_model")
+    apply_cpu_shims()
+    config = cfg.to_transformer_config(None)
+    tracker = tracker if tracker is not None else IndexerLossTracker()
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=dsa_layer_spec(cfg, tracker),
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.seq_len,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.tie_embeddings,
+        position_embedding_type="none",
+        vp_stage=vp_stage,
+    )
+    device = default_device()
+    if device.type != "cpu":
+        model = model.to(device)
+    return model
+
+
+def get_indexer_loss_tracker(model: torch.nn.Module) -> IndexerLossTracker:
+    """The tracker shared by the DSA layers of ``model`` (works through DDP/Float16 wrappers)."""
+    for module in model.modules():
+        if isinstance(module, _DSAAttentionBase) and module.tracker is not None:
+            return module.tracker
+    raise ValueError("model has no DSA attention layer with an IndexerLossTracker")
+
+
+def dsa_attention_layers(model: torch.nn.Module) -> list[_DSAAttentionBase]:
+    """The DSA attention modules of ``model`` in layer order."""
+    return [m for m in model.modules() if isinstance(m, _DSAAttentionBase)]
+
+
+def set_dsa_mode(model: torch.nn.Module, mode: str) -> None:
+    """Switch every DSA layer between 'dense' (stage 1) and 'sparse' (stage 2) attention in place."""
+    if mode not in ("dense", "sparse"):
+        raise ValueError(f"mode must be 'dense' or 'sparse', got {mode!r}")
+    for layer in dsa_attention_layers(model):
+        layer.dsa.dsa_mode = mode

@@ -1,0 +1,127 @@
+"""The lightning indexer as a Megatron module (DESIGN.md §1): its own projections, rope, Hadamard and FP8.
+
+    q_I[t] = W_qI c_q[t]  → [H_I, d_I]    (c_q: MLA query latent q_norm(W_qa h); GQA: h)
+    k_I[s] = LayerNorm(W_kI h_s) → [d_I]  (one key per token, shared by all indexer heads)
+    w[t]   = W_w h_t · (H_I·d_I)^-1/2     → [H_I]
+
+This module only projects and prepares; scoring, top-k and the KL run in :mod:`dsa_dist.model.dsa_core`, which
+also decides how the work is split over TP and CP ranks.
+
+Tensor parallelism — the indexer's parameters are replicated on every TP rank, and each TP rank scores a
+disjoint strided subset of the query rows (rows ``r::tp``) and the top-k indices are all-gathered, rather than
+every rank scoring every row. Why (measured by ``tests/model/bench_tp_indexer.py``, see the final report and
+``TP_INDEXER_NOTE`` below): the score is O(L²·H_I·d_I) and is split tp ways, while the all-gather moves only
+the [L, k] int32 indices, which every rank needs for its heads' sparse attention anyway; peak memory is the
+same [L, k] index tensor either way (scores are chunked, never [L, L]). The KL target needs the attention
+probabilities of *all* heads, which TP splits, so the KL is computed on the same query subset after an
+all-to-all of the (detached) queries from head-split to row-split — a replicated indexer could not avoid that
+exchange either. Because each rank's KL covers only its rows, the indexer parameters carry
+``average_gradients_across_tp_domain = True``: Megatron's ``finalize_model_grads`` averages them over TP
+(:func:`sync_indexer_grads` does the same without Megatron's DDP), which equals the gradient of the mean KL.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from dsa_dist.model.config import DSAModelConfig
+from dsa_dist.ops import IndexerInputs, fp8_fake_quant, prepare_indexer_qk
+
+TP_INDEXER_NOTE = (
+    "Query-split over TP: each rank scores L/tp strided rows and all-gathers [L/tp, k] int32 indices. "
+    "Measured on CPU (tests/model/bench_tp_indexer.py) and reasoned for 128K in the module docstring."
+)
+
+# Attribute read by Megatron's finalize_model_grads (_allreduce_non_tensor_model_parallel_grads): AVG over TP.
+TP_AVG_ATTR = "average_gradients_across_tp_domain"
+
+
+class LightningIndexer(MegatronModule):
+    """Indexer projections (replicated over TP) and their preparation for scoring and for the KL.
+
+    Args:
+        config: Megatron ``TransformerConfig`` (hidden size, init, eps).
+        dsa: the model config (``dsa.indexer`` shapes and options, ``dsa.rope_base``).
+        q_in_dim: width of the query input ``c_q`` (MLA: q_lora_rank; GQA: hidden size).
+    """
+
+    def __init__(self, config: TransformerConfig, dsa: DSAModelConfig, q_in_dim: int) -> None:
+        super().__init__(config=config)
+        ix = dsa.indexer
+        self.heads, self.head_dim = ix.heads, ix.head_dim
+        self.rope_dim, self.rope_base = ix.rope_dim, dsa.rope_base
+        self.hadamard, self.fp8, self.ue8m0 = ix.hadamard, ix.fp8, ix.ue8m0
+        self.weight_scale = (ix.heads * ix.head_dim) ** -0.5
+        dtype = config.params_dtype
+        self.wq = torch.nn.Linear(q_in_dim, ix.heads * ix.head_dim, bias=False, dtype=dtype)
+        self.wk = torch.nn.Linear(config.hidden_size, ix.head_dim, bias=False, dtype=dtype)
+        self.k_norm = torch.nn.LayerNorm(ix.head_dim, eps=config.layernorm_epsilon, dtype=dtype)
+        self.ww = torch.nn.Linear(config.hidden_size, ix.heads, bias=False, dtype=dtype)
+        with torch.no_grad():
+            for lin in (self.wq, self.wk, self.ww):
+                config.init_method(lin.weight)
+        for p in self.parameters():
+            setattr(p, TP_AVG_ATTR, True)
+
+    def project_queries(self, c_q: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``c_q`` [B, Lq, q_in], ``h`` [B, Lq, hidden] → (q_I [B, Lq, H_I, d_I], w [B, Lq, H_I] scaled)."""
+        q = self.wq(c_q).unflatten(-1, (self.heads, self.head_dim))
+        w = self.ww(h) * self.weight_scale
+        return q, w
+
+    def project_keys(self, h: torch.Tensor) -> torch.Tensor:
+        """``h`` [B, L, hidden] → k_I [B, L, d_I] (after the key LayerNorm)."""
+        return self.k_norm(self.wk(h))
+
+    def prepare_for_topk(self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, q_positions: torch.Tensor,
+                         k_positions: torch.Tensor) -> IndexerInputs:
+        """Rope + Hadamard + FP8 (when enabled) for scoring; no gradient (top-k is not differentiable)."""
+        with torch.no_grad():
+            return prepare_indexer_qk(
+                q, k, w, q_positions=q_positions, k_positions=k_positions, rope_dim=self.rope_dim,
+                rope_base=self.rope_base, hadamard=self.hadamard, fp8=self.fp8, ue8m0=self.ue8m0,
+            )
+
+    def prepare_for_kl(self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, q_positions: torch.Tensor,
+                       k_positions: torch.Tensor) -> IndexerInputs:
+        """Differentiable counterpart of :meth:`prepare_for_topk`: with FP8, q/k are fake-quantised with the
+        same per-vector scales (straight-through gradient), so the KL sees the scores the top-k ranked."""
+        inp = prepare_indexer_qk(
+            q, k, w, q_positions=q_positions, k_positions=k_positions, rope_dim=self.rope_dim,
+            rope_base=self.rope_base, hadamard=self.hadamard, fp8=False,
+        )
+        if not self.fp8:
+            return inp
+        return IndexerInputs(
+            fp8_fake_quant(inp.q_index, self.head_dim, ue8m0=self.ue8m0),
+            fp8_fake_quant(inp.k_index, self.head_dim, ue8m0=self.ue8m0),
+            inp.weights,
+            None,
+        )
+
+
+def sync_indexer_grads(model: torch.nn.Module, group=None) -> None:
+    """Average ``.grad`` of TP-replicated parameters marked ``average_gradients_across_tp_domain`` over TP.
+
+    For training without Megatron's DDP wrapper (tests, simple loops); with DDP, Megatron's
+    ``finalize_model_grads`` does this. Averaging already-equal gradients is harmless, so calling both is safe.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    group = group if group is not None else ps.get_tensor_model_parallel_group()
+    size = dist.get_world_size(group)
+    if size == 1:
+        return
+    grads = [p.grad for p in model.parameters() if getattr(p, TP_AVG_ATTR, False) and p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
