@@ -23,8 +23,8 @@ def dense_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal softmax attention: ``q`` [B, Lq, H, d_qk], ``k`` [B, Lk, Hkv, d_qk], ``v`` [B, Lk, Hkv, d_v].
 
-    Returns ``(out [B, Lq, H, d_v] in q's dtype, lse [B, Lq, H] float32)``; key s is visible to query t iff
-    ``k_positions[s] <= q_positions[t]`` (default positions: arange).
+    Returns ``(out [B, Lq, H, d_v] in q's dtype, lse [B, Lq, H] float32 — float64 for float64 inputs)``;
+    key s is visible to query t iff ``k_positions[s] <= q_positions[t]`` (default positions: arange).
     """
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
@@ -58,4 +58,4 @@ def dense_attention(
         out = torch.einsum("bcgjk,bkgd->bcgjd", probs, vc)
         outs.append(out.reshape(b, c, h, v.shape[-1]))
         lses.append(torch.where(has_any, lse, float("-inf")).reshape(b, c, h))
-    return torch.cat(outs, 1).to(q.dtype), torch.cat(lses, 1).float()
+    return torch.cat(outs, 1).to(q.dtype), torch.cat(lses, 1).to(compute)

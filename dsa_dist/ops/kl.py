@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from dsa_dist.ops._checks import (
     FLOAT_DTYPES,
@@ -95,9 +96,7 @@ def indexer_kl_loss_dense(
     compute = torch.float64 if q.dtype == torch.float64 or q_index.dtype == torch.float64 else torch.float32
     hkv = k.shape[2]
     k_d = k.detach().to(compute)
-    rows = []
-    for start in range(0, lq, chunk_size):
-        end = min(start + chunk_size, lq)
+    def chunk_kl(start: int, end: int, q_index_c, k_index_, weights_c, k_scale_):
         future = k_pos[None, :] > q_pos[start:end, None]  # [c, Lk]
         with torch.no_grad():
             qc = q[:, start:end].detach().to(compute).reshape(b, end - start, hkv, h // hkv, d)
@@ -105,10 +104,16 @@ def indexer_kl_loss_dense(
             logits = logits.masked_fill(future[None, :, None], float("-inf"))
             lse = torch.logsumexp(logits, -1) if attn_lse is None else attn_lse[:, start:end].to(compute)
             target = torch.exp(logits - lse[..., None]).mean(2)  # [B, c, Lk], L1-normalised over heads
-        index_logits = _scores_block(
-            q_index[:, start:end], k_index, weights[:, start:end], k_scale, q_pos[start:end], k_pos, compute
-        )
-        rows.append(_row_kl(target, index_logits))
+        index_logits = _scores_block(q_index_c, k_index_, weights_c, k_scale_, q_pos[start:end], k_pos, compute)
+        return _row_kl(target, index_logits)
+
+    rows = []
+    for start in range(0, lq, chunk_size):
+        end = min(start + chunk_size, lq)
+        # Recompute each chunk in backward: otherwise autograd would keep every chunk's [c, H_I, Lk]
+        # intermediates alive at once, i.e. O(H_I · L²) memory after all.
+        rows.append(checkpoint(chunk_kl, start, end, q_index[:, start:end], k_index, weights[:, start:end],
+                               k_scale, use_reentrant=False))
     return _reduce(torch.cat(rows, 1), reduction)
 
 
@@ -144,26 +149,32 @@ def indexer_kl_loss_sparse(
     hkv = k.shape[2]
     scale = d**-0.5 if softmax_scale is None else float(softmax_scale)
     compute = torch.float64 if q.dtype == torch.float64 or q_index.dtype == torch.float64 else torch.float32
-    rows = []
-    for start in range(0, lq, chunk_size):
-        end = min(start + chunk_size, lq)
+    k_d = k.detach()
+
+    def chunk_kl(start: int, end: int, q_index_c, k_index_, weights_c, k_scale_):
         idx = topk_indices[:, start:end]  # [B, c, k]
         valid = idx >= 0
         with torch.no_grad():
             qc = q[:, start:end].detach().to(compute).reshape(b, end - start, hkv, h // hkv, d)
-            k_sel = gather_rows(k.detach(), idx).to(compute)  # [B, c, k, Hkv, d]
+            k_sel = gather_rows(k_d, idx).to(compute)  # [B, c, k, Hkv, d]
             logits = torch.einsum("bcgjd,bckgd->bcgjk", qc, k_sel).flatten(2, 3) * scale  # [B, c, H, k]
             logits = logits.masked_fill(~valid[:, :, None], float("-inf"))
             lse = torch.logsumexp(logits, -1) if attn_lse is None else attn_lse[:, start:end].to(compute)
             lse = torch.where(torch.isfinite(lse), lse, 0.0)
             target = torch.exp(logits - lse[..., None]).mean(2)  # [B, c, k]
-        k_index_sel = gather_rows(k_index, idx).to(compute)  # [B, c, k, d_I]
-        relu = torch.relu(torch.einsum("bchd,bckd->bchk", q_index[:, start:end].to(compute), k_index_sel))
-        index_logits = torch.einsum("bchk,bch->bck", relu, weights[:, start:end].to(compute))
-        if k_scale is not None:
-            index_logits = index_logits * gather_rows(k_scale, idx).to(compute)
+        k_index_sel = gather_rows(k_index_, idx).to(compute)  # [B, c, k, d_I]
+        relu = torch.relu(torch.einsum("bchd,bckd->bchk", q_index_c.to(compute), k_index_sel))
+        index_logits = torch.einsum("bchk,bch->bck", relu, weights_c.to(compute))
+        if k_scale_ is not None:
+            index_logits = index_logits * gather_rows(k_scale_, idx).to(compute)
         index_logits = index_logits.masked_fill(~valid, float("-inf"))
         # A row with no valid slot has target 0 everywhere; give it finite logits so log_softmax is defined.
         index_logits = torch.where(valid.any(-1, keepdim=True), index_logits, 0.0)
-        rows.append(_row_kl(target, index_logits))
+        return _row_kl(target, index_logits)
+
+    rows = []
+    for start in range(0, lq, chunk_size):
+        end = min(start + chunk_size, lq)
+        rows.append(checkpoint(chunk_kl, start, end, q_index[:, start:end], k_index, weights[:, start:end],
+                               k_scale, use_reentrant=False))
     return _reduce(torch.cat(rows, 1), reduction)

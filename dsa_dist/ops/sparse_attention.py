@@ -66,8 +66,8 @@ def sparse_attention(
         softmax_scale: default ``d_qk ** -0.5``.
 
     Returns:
-        ``(out [B, Lq, H, d_v] in q's dtype, lse [B, Lq, H] float32)`` — natural-log sum-exp of the scaled
-        logits over the selected keys (−inf for a row with no valid key, whose output is 0).
+        ``(out [B, Lq, H, d_v] in q's dtype, lse [B, Lq, H] float32 — float64 for float64 inputs)`` —
+        natural-log sum-exp of the scaled logits over the selected keys (−inf for a row with no valid key, whose output is 0).
     """
     _check_inputs(q, k, v, topk_indices)
     check_positive_int("chunk_size", chunk_size)
@@ -106,7 +106,7 @@ def sparse_attention(
         out = torch.einsum("bcgjk,bckgd->bcgjd", probs, v_sel)
         outs.append(out.reshape(b, c, h, dv))
         lses.append(torch.where(has_any, lse, float("-inf")).reshape(b, c, h))
-    return torch.cat(outs, 1).to(q.dtype), torch.cat(lses, 1).float()
+    return torch.cat(outs, 1).to(q.dtype), torch.cat(lses, 1).to(compute)
 
 
 def sparse_attention_flops(tokens: int, heads: int, topk: int, d_qk: int, d_v: int) -> float:

@@ -30,6 +30,7 @@ def topk_from_scores(
     check_tensor("scores", scores)
     check_positive_int("topk", topk)
     n = scores.shape[-1]
+    monotone = key_indices is None
     if key_indices is None:
         key_indices = torch.arange(n, device=scores.device).expand(scores.shape)
     elif key_indices.shape != scores.shape:
@@ -38,19 +39,42 @@ def topk_from_scores(
     invalid = (key_indices < 0) | torch.isneginf(scores)
     scores = scores.masked_fill(invalid, float("-inf"))
     k_eff = min(topk, n)
-    # Rank by (score desc, key index asc): sort by key index first, then a *stable* sort by score keeps
-    # equal scores in ascending key order. Both sorts are over one chunk of rows only.
-    by_index = torch.sort(key_indices.masked_fill(invalid, torch.iinfo(torch.int64).max), dim=-1, stable=True)
-    scores_by_index = scores.gather(-1, by_index.indices)
-    order = torch.sort(scores_by_index, dim=-1, descending=True, stable=True).indices[..., :k_eff]
-    values = scores_by_index.gather(-1, order)
-    indices = by_index.values.gather(-1, order)
+    if monotone:
+        values, indices = _topk_ascending_columns(scores, k_eff)
+        indices = key_indices.gather(-1, indices)
+    else:
+        # Candidate lists are in no particular key order: sort by key index first, then a *stable* sort by
+        # score keeps equal scores in ascending key order. N is small here (CP · k candidates).
+        by_index = torch.sort(key_indices.masked_fill(invalid, torch.iinfo(torch.int64).max), dim=-1, stable=True)
+        scores_by_index = scores.gather(-1, by_index.indices)
+        order = torch.sort(scores_by_index, dim=-1, descending=True, stable=True).indices[..., :k_eff]
+        values = scores_by_index.gather(-1, order)
+        indices = by_index.values.gather(-1, order)
     indices = indices.masked_fill(torch.isneginf(values), INVALID_INDEX)
     if k_eff < topk:
         pad = topk - k_eff
         values = torch.nn.functional.pad(values, (0, pad), value=float("-inf"))
         indices = torch.nn.functional.pad(indices, (0, pad), value=INVALID_INDEX)
     return values, indices.to(torch.int32)
+
+
+def _topk_ascending_columns(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k when column order is key order, in O(N) extra memory per row (no full sort).
+
+    ``torch.topk`` does not promise which of several equal scores it keeps, so it only supplies the k-th value:
+    every score above it is taken, and of those equal to it the lowest columns fill the remaining slots.
+    """
+    kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+    above = scores > kth
+    at_kth = scores == kth
+    need = k - above.sum(-1, keepdim=True)
+    selected = above | (at_kth & (at_kth.cumsum(-1) <= need))  # exactly k per row
+    columns = torch.arange(scores.shape[-1], device=scores.device).expand(scores.shape)
+    picked = torch.where(selected, columns, scores.shape[-1]).topk(k, dim=-1, largest=False, sorted=True).values
+    values = scores.gather(-1, picked)
+    # picked is in ascending column order, so a stable descending sort gives (score desc, index asc)
+    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
+    return values.gather(-1, order), picked.gather(-1, order)
 
 
 def lightning_indexer_topk(
