@@ -67,7 +67,8 @@ def sparse_attention(
 
     Returns:
         ``(out [B, Lq, H, d_v] in q's dtype, lse [B, Lq, H] float32 — float64 for float64 inputs)`` —
-        natural-log sum-exp of the scaled logits over the selected keys (−inf for a row with no valid key, whose output is 0).
+        natural-log sum-exp of the scaled logits over the selected keys (−inf for a row with no valid key,
+        whose output is 0).
     """
     _check_inputs(q, k, v, topk_indices)
     check_positive_int("chunk_size", chunk_size)
