@@ -56,12 +56,16 @@ def all_gather_stacked(
     """
     size, _ = group_size_rank(group)
     wire = to_wire(x)
-    out = torch.empty((size, *wire.shape), dtype=wire.dtype, device=wire.device)
+    if wire.dim() == 0:
+        wire = wire.reshape(1)
+    # gloo wants the output as [size · n, ...] (concatenated along dim 0); view it as [size, n, ...] afterwards.
+    flat = torch.empty((size * wire.shape[0], *wire.shape[1:]), dtype=wire.dtype, device=wire.device)
     if size == 1:
-        out[0].copy_(wire)
+        flat.copy_(wire)
         work = None
     else:
-        work = _all_gather_into(out, wire, group=group, async_op=async_op)
+        work = _all_gather_into(flat, wire, group=group, async_op=async_op)
+    out = flat.view(size, *x.shape)
     return (out.view(x.dtype) if x.dtype in FP8_DTYPES else out), work
 
 
@@ -88,10 +92,13 @@ def reduce_scatter_stacked(
     if method == "auto":
         method = "reduce_scatter" if _reduce_scatter_supported(backend) else "all_reduce"
     if method == "reduce_scatter":
-        out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
+        # gloo wants the input concatenated along dim 0: [size · n, ...] -> [n, ...]
+        rows = x.reshape(size, -1) if x.dim() == 1 else x
+        flat_in = rows.reshape(size * rows.shape[1], *rows.shape[2:])
+        out = torch.empty(rows.shape[1:], dtype=x.dtype, device=x.device)
         try:
-            _reduce_scatter_into(out, x, group=group)
-            return out
+            _reduce_scatter_into(out, flat_in, group=group)
+            return out.view(x.shape[1:])
         except RuntimeError as err:
             # A backend without reduce-scatter refuses locally, before any byte moves, on every rank alike,
             # so falling back here cannot desynchronise the group.

@@ -101,6 +101,7 @@ def rank_major_to_global(x: torch.Tensor, seq_dim: int, cp_size: int) -> torch.T
     """Reorder the concatenated zigzag shards of all ranks (rank 0's first) along ``seq_dim`` to global order."""
     if cp_size == 1:
         return x
+    seq_dim = seq_dim % x.dim()
     n = x.shape[seq_dim]
     chunks = x.unflatten(seq_dim, (2 * cp_size, n // (2 * cp_size)))
     return chunks.index_select(seq_dim, _chunk_permutation(cp_size, True, x.device)).flatten(seq_dim, seq_dim + 1)
@@ -110,6 +111,7 @@ def global_to_rank_major(x: torch.Tensor, seq_dim: int, cp_size: int) -> torch.T
     """Inverse of :func:`rank_major_to_global`."""
     if cp_size == 1:
         return x
+    seq_dim = seq_dim % x.dim()
     n = x.shape[seq_dim]
     chunks = x.unflatten(seq_dim, (2 * cp_size, n // (2 * cp_size)))
     return chunks.index_select(seq_dim, _chunk_permutation(cp_size, False, x.device)).flatten(seq_dim, seq_dim + 1)
@@ -135,8 +137,10 @@ class _AllGatherSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         seq_dim, size = ctx.seq_dim, ctx.size
-        # Every rank holds a gradient for every row (from its own queries); the owner needs the sum.
-        rank_major = global_to_rank_major(grad.float(), seq_dim, size)
+        # Every rank holds a gradient for every row (from its own queries); the owner needs the sum, accumulated
+        # in fp32 (or wider, for float64 tests) and cast back to the shard's dtype afterwards.
+        acc = torch.promote_types(grad.dtype, torch.float32)
+        rank_major = global_to_rank_major(grad.to(acc), seq_dim, size)
         stacked = rank_major.unflatten(seq_dim, (size, rank_major.shape[seq_dim] // size)).movedim(seq_dim, 0)
         local = reduce_scatter_stacked(stacked, ctx.group, method=ctx.rs_method)
         return local.to(ctx.dtype), None, None, None, None
