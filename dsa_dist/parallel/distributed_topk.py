@@ -114,7 +114,8 @@ def distributed_indexer_topk(
     Args:
         q_index: [B, Lq, H_I, d_I] this rank's indexer queries (e4m3 with the q scale in ``weights``, or float).
         weights: [B, Lq, H_I] per-head weights.
-        k_index_local: [B, Lk, d_I] this rank's index keys (e4m3 or float); Lq == Lk == L / CP.
+        k_index_local: [B, Lk, d_I] this rank's index keys (e4m3 or float), Lk = L / CP. The queries may be a
+            subset of this rank's tokens (e.g. the rows one TP rank scores) when ``q_positions`` is given.
         k_scale_local: [B, Lk] fp32 per-key scale, or None.
         topk: k. Rows with fewer than k causal keys are padded with (−inf, −1).
         q_positions / k_positions_local: [Lq] / [Lk] positions for the causal rule; default (None) is the zigzag
@@ -134,13 +135,13 @@ def distributed_indexer_topk(
     size, rank = group_size_rank(group)
     b, lq = q_index.shape[:2]
     lk = k_index_local.shape[1]
-    if lq != lk:
-        raise ValueError(f"q_index and k_index_local must hold the same zigzag shard: Lq={lq} != Lk={lk}")
+    if q_positions is None and lq != lk:
+        raise ValueError(f"q_positions is required when the queries are not this rank's whole shard (Lq={lq}, Lk={lk})")
     check_cp_config(lk * size, size)
     device = q_index.device
     # rows[j]: global rows of rank j's shard, which is also its default positions.
     rows = [zigzag_positions(lk * size, size, j, device=device) for j in range(size)]
-    q_pos = _positions("q_positions", q_positions, rows[rank])
+    q_pos = _positions("q_positions", q_positions, rows[rank] if lq == lk else torch.empty(lq, device=device))
     k_pos_local = _positions("k_positions_local", k_positions_local, rows[rank])
     if size == 1:
         return _local_topk(q_index, k_index_local, weights, topk, k_scale_local,

@@ -158,6 +158,17 @@ def _topk_worker(rank: int, ws: int) -> dict:
             else:
                 _exact(got_s, shard(ref_s), f"{name}/{mode} scores")
 
+    # Queries that are a subset of the shard (the rows one of 2 TP ranks scores), with explicit positions.
+    q, w, k, s, _ = cases["fp8_integer_ties"]
+    ref_s, ref_i = lightning_indexer_topk(q, k, w, topk, s)
+    for mode in TOPK_MODES:
+        for tp_rank in range(2):
+            rows = lambda x, j=tp_rank: shard(x)[:, j::2]  # noqa: E731
+            got_s, got_i = distributed_indexer_topk(rows(q), rows(w), shard(k), shard(s), topk, group=group,
+                                                    mode=mode, q_positions=rows(torch.arange(L)[None])[0])
+            _exact(got_i, rows(ref_i), f"TP-row subset/{mode} indices")
+            _exact(got_s, rows(ref_s), f"TP-row subset/{mode} scores")
+
     # candidate_topk: same queries everywhere, contiguous key shards of unequal length (rank r holds 2 + r keys).
     sizes = [2 + r for r in range(ws)]
     n = sum(sizes)
