@@ -107,6 +107,7 @@ class DSAMLASelfAttention(_DSAAttentionBase):
         self.linear_q_up = build_module(
             submodules.column_parallel_linear, m.q_lora_rank, heads * (m.qk_nope_dim + m.qk_rope_dim),
             config=config, init_method=config.init_method, bias=False, gather_output=False,
+            tp_group=self.groups.tp_group,
         )
         self.linear_kv_down = _replicated_linear(config, hidden, m.kv_lora_rank + m.qk_rope_dim)
         self.kv_norm = build_module(submodules.norm, config=config, hidden_size=m.kv_lora_rank, eps=dsa.norm_eps)
@@ -114,10 +115,12 @@ class DSAMLASelfAttention(_DSAAttentionBase):
         self.linear_kv_up = build_module(
             submodules.column_parallel_linear, m.kv_lora_rank, heads * (m.qk_nope_dim + m.v_head_dim),
             config=config, init_method=config.init_method, bias=False, gather_output=False,
+            tp_group=self.groups.tp_group,
         )
         self.linear_proj = build_module(
             submodules.row_parallel_linear, heads * m.v_head_dim, hidden, config=config,
             init_method=config.output_layer_init_method, bias=False, input_is_parallel=True, skip_bias_add=True,
+            tp_group=self.groups.tp_group,
         )
         self.indexer = LightningIndexer(config, dsa, q_in_dim=m.q_lora_rank)
 
@@ -141,7 +144,7 @@ class DSAMLASelfAttention(_DSAAttentionBase):
         latent = torch.cat([c_kv[:, :, None], k_rope], -1)  # [b, s, 1, kv_lora + rope]
         # This rank's heads give only part of d(latent): sum it over TP in backward (identity forward), so the
         # replicated W_kva / kv_norm see the full gradient on every rank.
-        latent = tensor_parallel.copy_to_tensor_model_parallel_region(latent)
+        latent = tensor_parallel.copy_to_tensor_model_parallel_region(latent, group=self.groups.tp_group)
         o_lat = self._core(q_abs, latent, None, v_dim=self.kv_lora, indexer_h=x, indexer_cq=c_q,
                            positions=positions)  # [b, s, H/tp, kv_lora]
         o = torch.einsum("bshc,hvc->bshv", o_lat, w_uv).reshape(b, s, self.local_heads * self.v_dim)
@@ -163,10 +166,12 @@ class DSAGQASelfAttention(_DSAAttentionBase):
         self.linear_qkv = build_module(
             submodules.column_parallel_linear, hidden, g.num_kv_heads * (self.group + 2) * g.head_dim,
             config=config, init_method=config.init_method, bias=False, gather_output=False,
+            tp_group=self.groups.tp_group,
         )
         self.linear_proj = build_module(
             submodules.row_parallel_linear, dsa.num_heads * g.head_dim, hidden, config=config,
             init_method=config.output_layer_init_method, bias=False, input_is_parallel=True, skip_bias_add=True,
+            tp_group=self.groups.tp_group,
         )
         self.indexer = LightningIndexer(config, dsa, q_in_dim=hidden)
 

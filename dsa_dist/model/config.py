@@ -131,6 +131,25 @@ class DSAModelConfig:
         d = self.mla.qk_nope_dim + self.mla.qk_rope_dim if self.attention == "mla" else self.gqa.head_dim
         return d**-0.5
 
+    def num_parameters(self) -> int:
+        """Exact parameter count of the model :func:`dsa_dist.model.build_model` builds (TP=1)."""
+        h, f, heads = self.hidden_size, self.ffn_hidden_size, self.num_heads
+        ix = self.indexer
+        if self.attention == "mla":
+            m = self.mla
+            q_in = m.q_lora_rank
+            attn = (h * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * heads * (m.qk_nope_dim + m.qk_rope_dim)
+                    + h * (m.kv_lora_rank + m.qk_rope_dim) + m.kv_lora_rank
+                    + m.kv_lora_rank * heads * (m.qk_nope_dim + m.v_head_dim) + heads * m.v_head_dim * h)
+        else:
+            g = self.gqa
+            q_in = h
+            attn = h * (heads + 2 * g.num_kv_heads) * g.head_dim + heads * g.head_dim * h
+        indexer = q_in * ix.heads * ix.head_dim + h * ix.head_dim + 2 * ix.head_dim + h * ix.heads
+        layer = 2 * h + attn + indexer + h * 2 * f + f * h
+        embeddings = self.vocab_size * h * (1 if self.tie_embeddings else 2)
+        return embeddings + h + self.num_layers * layer
+
     # ------------------------------------------------------------------ checks
     def validate(self, tp: int = 1, cp: int = 1) -> DSAModelConfig:
         """Raise ``ValueError`` naming the field, the value and the fix; returns self for chaining."""

@@ -180,10 +180,13 @@ def dsa_core(
     k_i = indexer.project_keys(h_d)  # [B, Ll, d_I]
     sparse = dsa.dsa_mode == "sparse"
     want_recall = compute_kl and tracker is not None and tracker.compute_recall
+    want_topk = tracker is not None and tracker.keep_topk
     topk_rows = None
-    if sparse or want_recall:
+    if sparse or want_recall or want_topk:
         prepared = indexer.prepare_for_topk(q_i, k_i, w_i, q_positions=q_pos, k_positions=positions)
         topk_rows = _topk(prepared, dsa.indexer.topk, q_pos, positions, groups, dsa.indexer.cp_topk_mode)
+        if tracker is not None:
+            tracker.record_topk(layer, q_pos, topk_rows)
     if sparse:
         topk_all = _rows_to_all(topk_rows, groups)  # [B, Ll, k] global key indices, same on every TP rank
         out, lse = dispatch.sparse_attention(q, k_full, v_full, topk_all, softmax_scale)

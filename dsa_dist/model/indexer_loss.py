@@ -33,18 +33,24 @@ class IndexerLossTracker:
             so turn it on only on logging steps.
         attach_coeff: None (default): the training loop adds ``coeff * total()``. A float: layers attach the KL
             to their output with this coefficient (for pipeline parallelism), see the module docstring.
+        keep_topk: keep each layer's top-k indices (with the global positions of their query rows) for
+            inspection — debugging and the parallel-equivalence tests.
     """
 
-    def __init__(self, compute_recall: bool = False, attach_coeff: float | None = None) -> None:
+    def __init__(self, compute_recall: bool = False, attach_coeff: float | None = None,
+                 keep_topk: bool = False) -> None:
         self.compute_recall = compute_recall
         self.attach_coeff = attach_coeff
+        self.keep_topk = keep_topk
         self._losses: dict[int, torch.Tensor] = {}
         self._recall: dict[int, torch.Tensor] = {}
+        self._topk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def reset(self) -> None:
         """Forget all recorded values (call before each forward of a micro-batch)."""
         self._losses.clear()
         self._recall.clear()
+        self._topk.clear()
 
     def record(self, layer: int, loss: torch.Tensor) -> None:
         """Store the live KL of ``layer`` (a scalar). A layer recorded twice (e.g. recompute) keeps the latest."""
@@ -55,6 +61,15 @@ class IndexerLossTracker:
     def record_recall(self, layer: int, recall: torch.Tensor) -> None:
         """Store the (detached) indexer recall of ``layer``."""
         self._recall[layer] = recall.detach().float()
+
+    def record_topk(self, layer: int, positions: torch.Tensor, indices: torch.Tensor) -> None:
+        """Keep ``indices`` [B, n, k] (global key indices) of the query rows at global ``positions`` [n]."""
+        if self.keep_topk:
+            self._topk[layer] = (positions.detach().cpu(), indices.detach().cpu())
+
+    def topk(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer: (query positions [n], top-k indices [B, n, k]) as kept with ``keep_topk=True``."""
+        return dict(self._topk)
 
     @property
     def layers(self) -> list[int]:

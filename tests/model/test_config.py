@@ -1,0 +1,74 @@
+"""DSAModelConfig presets, validation errors, OmegaConf compatibility, and init_parallel's early size checks."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from dsa_dist.compat import init_parallel, validate_parallel_sizes
+from dsa_dist.model.config import PRESET_NAMES, DSAModelConfig, preset
+
+
+def test_presets_validate_and_shapes():
+    for name in PRESET_NAMES:
+        preset(name).validate()
+    v32 = preset("v32-layer")
+    assert (v32.num_heads, v32.mla.q_lora_rank, v32.mla.kv_lora_rank, v32.mla.qk_rope_dim) == (128, 1536, 512, 64)
+    assert (v32.core_qk_dim, v32.core_v_dim, v32.kv_heads) == (576, 512, 1)
+    assert (v32.indexer.heads, v32.indexer.head_dim, v32.indexer.topk) == (64, 128, 2048)
+    assert v32.softmax_scale == pytest.approx((128 + 64) ** -0.5)
+    for name in ("small", "small-gqa"):
+        assert 100e6 <= preset(name).num_parameters() <= 300e6
+    assert preset("tiny").attention == "mla" and preset("tiny-gqa").attention == "gqa"
+
+
+def test_preset_overrides():
+    cfg = preset("tiny", dsa_mode="sparse", indexer={"topk": 8})
+    assert cfg.dsa_mode == "sparse" and cfg.indexer.topk == 8
+    assert preset("tiny").indexer.topk == 16  # presets are copied, not mutated
+    with pytest.raises(ValueError, match="unknown model preset"):
+        preset("huge")
+    with pytest.raises(ValueError, match="unknown DSAModelConfig field 'layers'"):
+        preset("tiny", layers=3)
+    with pytest.raises(ValueError, match="indexer.top_k"):
+        preset("tiny", indexer={"top_k": 3})
+
+
+@pytest.mark.parametrize(
+    "kwargs, tp, cp, match",
+    [
+        ({"num_heads": 6}, 4, 1, "num_heads=6 is not divisible by tensor-parallel size 4"),
+        ({"gqa": {"num_kv_heads": 1}}, 2, 1, "gqa.num_kv_heads=1 is not divisible by tensor-parallel size 2"),
+        ({"indexer": {"topk": 0}}, 1, 1, "indexer.topk must be a positive int"),
+        ({"indexer": {"topk": 65}}, 1, 1, "indexer.topk=65 is larger than seq_len=64"),
+        ({"seq_len": 36}, 1, 4, r"seq_len=36 is not divisible by 2\*cp=8.*pad"),
+        ({"indexer": {"head_dim": 48}}, 1, 1, "power-of-two"),
+        ({"indexer": {"rope_dim": 7}}, 1, 1, "indexer.rope_dim=7"),
+        ({"attention": "mha"}, 1, 1, "attention must be one of"),
+        ({"dsa_mode": "topk"}, 1, 1, "dsa_mode must be one of"),
+        ({"seq_len": 36, "indexer": {"topk": 8}}, 4, 2, r"seq_len/cp=18 is not divisible by tp=4"),
+    ],
+)
+def test_validate_errors_name_the_field(kwargs, tp, cp, match):
+    name = "tiny-gqa" if "gqa" in kwargs else "tiny"
+    with pytest.raises(ValueError, match=match):
+        preset(name, **kwargs).validate(tp=tp, cp=cp)
+
+
+def test_omegaconf_structured_roundtrip():
+    schema = OmegaConf.structured(DSAModelConfig)
+    merged = OmegaConf.merge(schema, {"attention": "gqa", "indexer": {"topk": 32}, "gqa": {"num_kv_heads": 4}})
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, DSAModelConfig) and cfg.indexer.topk == 32 and cfg.gqa.num_kv_heads == 4
+    with pytest.raises(Exception, match="dsa_mode"):
+        OmegaConf.merge(schema, {"dsa_mode": "topk"})
+
+
+def test_parallel_size_errors_before_any_collective(monkeypatch):
+    assert validate_parallel_sizes(8, 2, 2) == 2
+    with pytest.raises(ValueError, match=r"world size 6 is not divisible by tp\*cp\*pp = 2\*2\*1 = 4"):
+        validate_parallel_sizes(6, 2, 2)
+    with pytest.raises(ValueError, match="tp must be a positive int"):
+        validate_parallel_sizes(4, 0, 1)
+    # No process group exists and no rendezvous is attempted: the bad size fails first, instantly.
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="world size 3 is not divisible"):
+        init_parallel(tp=2, cp=1)
