@@ -133,8 +133,7 @@ def distributed_indexer_topk(
     if mode not in TOPK_MODES:
         raise ValueError(f"mode must be one of {TOPK_MODES}, got {mode!r}")
     size, rank = group_size_rank(group)
-    b, lq = q_index.shape[:2]
-    lk = k_index_local.shape[1]
+    lq, lk = q_index.shape[1], k_index_local.shape[1]
     if q_positions is None and lq != lk:
         raise ValueError(f"q_positions is required when the queries are not this rank's whole shard (Lq={lq}, Lk={lk})")
     check_cp_config(lk * size, size)
@@ -144,8 +143,8 @@ def distributed_indexer_topk(
     q_pos = _positions("q_positions", q_positions, rows[rank] if lq == lk else torch.empty(lq, device=device))
     k_pos_local = _positions("k_positions_local", k_positions_local, rows[rank])
     if size == 1:
-        return _local_topk(q_index, k_index_local, weights, topk, k_scale_local,
-                                               q_positions=q_pos, k_positions=k_pos_local, chunk_size=chunk_size)
+        return _local_topk(q_index, k_index_local, weights, topk, k_scale_local, q_positions=q_pos,
+                           k_positions=k_pos_local, chunk_size=chunk_size)
     if k_positions_local is None:
         k_pos = rows
     else:
@@ -158,18 +157,17 @@ def distributed_indexer_topk(
         return _ring_topk(q_index, weights, k_index_local, k_scale_local, topk, q_pos, k_pos, rows, group,
                           size, rank, chunk_size)
     return _candidates_topk(q_index, weights, k_index_local, k_scale_local, topk, q_pos, k_pos_local,
-                            rows[rank], group, size, rank, chunk_size)
+                            rows[rank], group, size, chunk_size)
 
 
 def _allgather_topk(q, w, k_local, s_local, topk, q_pos, k_pos, group, size, chunk_size):
-    b, lk, d = k_local.shape
+    d = k_local.shape[-1]
     stacked, _ = all_gather_stacked(_pack_keys(k_local, s_local), group)  # [CP, B, Lk, bytes]
     full = rank_major_to_global(stacked.movedim(0, 1).flatten(1, 2), 1, size)  # [B, L, bytes], global order
     k_full, s_full = _unpack_keys(full, k_local.dtype, d, s_local is not None)
     pos_full = rank_major_to_global(torch.cat(k_pos), 0, size)
     # Keys are in global order, so the local rows of this top-k are the global indices.
-    return _local_topk(q, k_full, w, topk, s_full, q_positions=q_pos, k_positions=pos_full,
-                                           chunk_size=chunk_size)
+    return _local_topk(q, k_full, w, topk, s_full, q_positions=q_pos, k_positions=pos_full, chunk_size=chunk_size)
 
 
 def _ring_topk(q, w, k_local, s_local, topk, q_pos, k_pos, rows, group, size, rank, chunk_size):
@@ -189,8 +187,8 @@ def _ring_topk(q, w, k_local, s_local, topk, q_pos, k_pos, rows, group, size, ra
                 dist.P2POp(dist.irecv, nxt, recv_from, group),
             ])
         k, s = _unpack_keys(cur, k_local.dtype, d, s_local is not None)
-        scores, local_idx = _local_topk(q, k, w, topk, s, q_positions=q_pos,
-                                                            k_positions=k_pos[src], chunk_size=chunk_size)
+        scores, local_idx = _local_topk(q, k, w, topk, s, q_positions=q_pos, k_positions=k_pos[src],
+                                        chunk_size=chunk_size)
         best = _merge(best, (scores, _to_global(local_idx, rows[src])), topk)
         for req in reqs:
             req.wait()
@@ -198,17 +196,15 @@ def _ring_topk(q, w, k_local, s_local, topk, q_pos, k_pos, rows, group, size, ra
     return best
 
 
-def _candidates_topk(q, w, k_local, s_local, topk, q_pos, k_pos_local, rows_local, group, size, rank, chunk_size):
-    b, lq = q.shape[:2]
+def _candidates_topk(q, w, k_local, s_local, topk, q_pos, k_pos_local, rows_local, group, size, chunk_size):
+    lq = q.shape[1]
     # Gather every rank's queries (rank-major: [B, CP·Lq, ...]); no reorder needed, results go back to owners.
     q_all = all_gather_stacked(q, group)[0].movedim(0, 1).flatten(1, 2)
     w_all = all_gather_stacked(w.float(), group)[0].movedim(0, 1).flatten(1, 2)
     q_pos_all = all_gather_stacked(q_pos, group)[0].flatten()
-    scores, local_idx = _local_topk(q_all, k_local, w_all, topk, s_local,
-                                                        q_positions=q_pos_all, k_positions=k_pos_local,
-                                                        chunk_size=chunk_size)
-    return _exchange_and_merge(scores, _to_global(local_idx, rows_local), topk, group, size, b, lq,
-                               all_to_all=True)
+    scores, local_idx = _local_topk(q_all, k_local, w_all, topk, s_local, q_positions=q_pos_all,
+                                    k_positions=k_pos_local, chunk_size=chunk_size)
+    return _exchange_and_merge(scores, _to_global(local_idx, rows_local), topk, group, size, lq, all_to_all=True)
 
 
 def _pack_candidates(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -216,7 +212,7 @@ def _pack_candidates(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tenso
     return torch.stack([scores.float().contiguous().view(torch.int32), indices.to(torch.int32)], -1)
 
 
-def _exchange_and_merge(scores, gidx, topk, group, size, b, lq, *, all_to_all):
+def _exchange_and_merge(scores, gidx, topk, group, size, lq, *, all_to_all):
     packed = _pack_candidates(scores, gidx)  # [B, CP·Lq or Lq, k, 2]
     if all_to_all:
         # Slice j (rank j's queries) goes to rank j; we receive our queries' candidates from every rank.
@@ -275,5 +271,4 @@ def candidate_topk(
     size, _ = group_size_rank(group)
     if size == 1:
         return scores, gidx
-    b, lq = q_index.shape[:2]
-    return _exchange_and_merge(scores, gidx, topk, group, size, b, lq, all_to_all=False)
+    return _exchange_and_merge(scores, gidx, topk, group, size, q_index.shape[1], all_to_all=False)
