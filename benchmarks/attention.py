@@ -331,14 +331,15 @@ def table(results: list[dict]) -> str:
 
 
 def sweep(lengths: list[int]) -> list[dict]:
-    """Time tile configs of the sparse kernel on the V3.2 MLA shape (fwd, and bwd fused vs split)."""
+    """Time tile configs of the sparse kernels on the V3.2 MLA shape: forward, dq pass, dk/dv pass."""
     h, (dqk, dv), topk = V32["h"], V32["d_sparse"], V32["topk"]
     C = ksa.KernelConfig
-    fwd_cfgs = [C(64, 32, 8, 2), C(64, 32, 8, 3), C(64, 64, 8, 1), C(64, 64, 8, 2), C(64, 32, 4, 2), C(64, 16, 4, 3)]
-    bwd_cfgs = [C(64, 32, 8, 1), C(64, 32, 8, 2), C(64, 64, 8, 1), C(64, 16, 4, 2), C(64, 32, 8, 1, bwd_split=True)]
+    fwd_cfgs = [C(64, 64, 8, 2), C(64, 32, 8, 2)]
+    dq_cfgs = [C(64, 32, 8, 1), C(64, 64, 8, 1), C(64, 32, 8, 2), C(64, 64, 8, 2)]
+    dkv_cfgs = [C(32, 64, 8, 1), C(16, 64, 8, 1), C(32, 64, 4, 1), C(32, 32, 8, 1), C(32, 64, 8, 2), C(64, 64, 8, 1)]
     rows = []
 
-    def one_length(length: int) -> None:
+    def one_length(length: int, full: bool) -> None:
         q = rand(1, length, h, dqk)
         kv = rand(1, length, 1, dqk)
         v = kv[..., :dv]
@@ -351,20 +352,25 @@ def sweep(lengths: list[int]) -> list[dict]:
         def fwd(cfg):
             return ksa.sparse_attention_fwd(q, kv, v, idx, scale, cfg)
 
-        def bwd(cfg, needs=(True, True, True)):
+        def bwd(needs, cfg=None):
             return ksa.sparse_attention_bwd(q, kv, v, idx, out, lse, g, scale, needs, cfg)
 
-        cases = [("fwd", c, (lambda c=c: fwd(c)), flops) for c in fwd_cfgs]
-        cases += [("bwd", c, (lambda c=c: bwd(c)), 2.5 * flops) for c in bwd_cfgs]
-        base = C(64, 32, 8, 1)
-        cases += [("bwd dq only", base, lambda: bwd(base, (True, False, False)), None)]
-        cases += [("bwd dkv only", base, lambda: bwd(base, (False, True, True)), None)]
+        base = ksa.default_bwd_config(h, dqk, dv)
+        cases = [("bwd default", None, lambda: bwd((True, True, True)), 2.5 * flops)]
+        if full:
+            cases += [("fwd", c, (lambda c=c: fwd(c)), flops) for c in fwd_cfgs]
+            cases += [("bwd dq", c, (lambda c=c: bwd((True, False, False), ksa.BwdConfig(c, base.dkv))), None)
+                      for c in dq_cfgs]  # fmt: skip
+            cases += [("bwd dkv", c, (lambda c=c: bwd((False, True, True), ksa.BwdConfig(base.dq, c))), None)
+                      for c in dkv_cfgs]  # fmt: skip
+        else:
+            cases += [("fwd", fwd_cfgs[0], lambda: fwd(fwd_cfgs[0]), flops)]
         for name, cfg, fn, fl in cases:
             rows.append({"L": length, "pass": name, "cfg": str(cfg), **measure(fn, fl)})
             print(rows[-1], flush=True)
 
-    for length in lengths:
-        one_length(length)
+    for i, length in enumerate(lengths):
+        one_length(length, full=i == 0)
     rows.extend(compiled_kernel_report())
     return rows
 
@@ -372,13 +378,13 @@ def sweep(lengths: list[int]) -> list[dict]:
 def compiled_kernel_report() -> list[dict]:
     """Registers, spills and shared memory of every compiled sparse-attention kernel (compiler's report)."""
     out = []
-    for fn in (ksa._sparse_attn_fwd_kernel, ksa._sparse_attn_bwd_kernel):
+    for fn in (ksa._sparse_attn_fwd_kernel, ksa._sparse_attn_bwd_dq_kernel, ksa._sparse_attn_bwd_dkv_kernel):
         for cache in getattr(fn, "device_caches", {}).values():
             for key, kern in cache[0].items():
                 md = getattr(kern, "metadata", None)
                 row = {
                     "kernel": fn.__name__,
-                    "key": str(key)[-300:],
+                    "key": str(key)[-420:-80],
                     "n_regs": getattr(kern, "n_regs", None),
                     "n_spills": getattr(kern, "n_spills", None),
                     "shared": getattr(md, "shared", None),

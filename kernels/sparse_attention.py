@@ -139,31 +139,46 @@ def _sparse_attn_fwd_kernel(
 
 
 @triton.jit
-def _sparse_attn_bwd_kernel(
-    Q, K, V, IDX, OUT, DO, LSE, DQ, DK, DV_BUF,
+def _sparse_attn_bwd_delta_kernel(
+    OUT, DO, DELTA,
+    s_ob, s_ol, s_oh, s_od,
+    s_db, s_dl, s_dh, s_dd,
+    s_eb, s_el, s_eh,
+    LQ, H,
+    BLOCK_H: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+):  # fmt: skip
+    """delta[b, t, h] = Σ_d dO ⊙ O (fp32): the softmax-backward row term, computed once for both passes."""
+    pid_t = tl.program_id(0).to(tl.int64)
+    b = pid_t // LQ
+    t = pid_t % LQ
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_dv = tl.arange(0, DVP)
+    mask = (heads < H)[:, None] & (offs_dv < DV)[None, :]
+    heads = heads.to(tl.int64)
+    o = tl.load(OUT + b * s_ob + t * s_ol + heads[:, None] * s_oh + offs_dv[None, :] * s_od, mask=mask, other=0.0)
+    do = tl.load(DO + b * s_db + t * s_dl + heads[:, None] * s_dh + offs_dv[None, :] * s_dd, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + b * s_eb + t * s_el + heads * s_eh, delta, mask=heads < H)
+
+
+@triton.jit
+def _sparse_attn_bwd_dq_kernel(
+    Q, K, V, IDX, DO, LSE, DELTA, DQ,
     s_qb, s_ql, s_qh, s_qd,
     s_kb, s_kl, s_kh, s_kd,
     s_vb, s_vl, s_vh, s_vd,
     s_ib, s_il, s_ih, s_ik,
-    s_ob, s_ol, s_oh, s_od,
     s_db, s_dl, s_dh, s_dd,
     s_lb, s_ll, s_lh,
     s_gb, s_gl, s_gh, s_gd,
-    s_kgb, s_kgl, s_kgh, s_kgd,
-    s_vgb, s_vgl, s_vgh, s_vgd,
     LQ, TOPK, GROUP, HEAD_BLOCKS, NUM_HB, sm_scale, qk_scale_log2,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, D2P: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
     V_IS_K: tl.constexpr, UPCAST: tl.constexpr,
-    COMPUTE_DQ: tl.constexpr, COMPUTE_DKV: tl.constexpr, COMPUTE_DV: tl.constexpr, FOLD_DV: tl.constexpr,
 ):  # fmt: skip
-    """dq = scale·Σ_s dS K, dk[s] += scale·dSᵀ q, dv[s] += Pᵀ dO with dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)).
-
-    With FOLD_DV (v is a view of k) the dv contribution is added into DK's first D1 columns (same latent rows).
-    """
+    """dq = scale · Σ_s dS[:, s] K[s] with dS = P ⊙ (dO·Vᵀ − delta); one program per (token, head block),
+    like the forward (heads on M), so dq needs no atomics."""
     tl.static_assert(BLOCK_H >= 16)
-    tl.static_assert((not FOLD_DV) or (V_IS_K and COMPUTE_DKV and COMPUTE_DV))
-    # 1-D grid, head blocks of one token adjacent: they gather the same KV rows, which then hit in L2.
     pid = tl.program_id(0).to(tl.int64)
     pid_t = pid // NUM_HB
     pid_h = pid % NUM_HB
@@ -191,24 +206,20 @@ def _sparse_attn_bwd_kernel(
             q2 = q2.to(tl.float32)
     hd_mask = h_mask[:, None] & dv_mask[None, :]
     do = tl.load(DO + b * s_db + t * s_dl + heads[:, None] * s_dh + offs_dv[None, :] * s_dd, mask=hd_mask, other=0.0)
-    o = tl.load(OUT + b * s_ob + t * s_ol + heads[:, None] * s_oh + offs_dv[None, :] * s_od, mask=hd_mask, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # rowsum(dO ⊙ O)
     if UPCAST:
         do = do.to(tl.float32)
-    lse = tl.load(LSE + b * s_lb + t * s_ll + heads * s_lh, mask=h_mask, other=float("-inf"))
+    row = b * s_lb + t * s_ll + heads * s_lh  # LSE and DELTA share the [B, Lq, H] fp32 layout
+    lse = tl.load(LSE + row, mask=h_mask, other=float("-inf"))
+    delta = tl.load(DELTA + row, mask=h_mask, other=0.0)
     # Padded heads and empty rows (lse = -inf) get +inf so that P = exp2(s - inf) = 0 everywhere.
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
     k_base = K + b * s_kb + g * s_kh
     v_base = V + b * s_vb + g * s_vh
     i_base = IDX + b * s_ib + t * s_il + g * s_ih
-    dk_base = DK + b * s_kgb + g * s_kgh
-    dv_base = DV_BUF + b * s_vgb + g * s_vgh
-
-    if COMPUTE_DQ:
-        dq1 = tl.zeros([BLOCK_H, D1], tl.float32)
-        if D2 > 0:
-            dq2 = tl.zeros([BLOCK_H, D2P], tl.float32)
+    dq1 = tl.zeros([BLOCK_H, D1], tl.float32)
+    if D2 > 0:
+        dq2 = tl.zeros([BLOCK_H, D2P], tl.float32)
     for start in range(0, TOPK, BLOCK_N):
         slot = start + offs_n
         idx = tl.load(i_base + slot * s_ik, mask=slot < TOPK, other=-1)
@@ -241,34 +252,126 @@ def _sparse_attn_bwd_kernel(
                 v = v.to(tl.float32)
         dp = tl.dot(do, tl.trans(v))
         ds = (p * (dp - delta[:, None]) * sm_scale).to(k1.dtype)  # d loss / d (q·k), scale folded in
-        if COMPUTE_DQ:
-            dq1 += tl.dot(ds, k1)
-            if D2 > 0:
-                dq2 += tl.dot(ds, k2)
-        if COMPUTE_DKV:
-            dk1 = tl.dot(tl.trans(ds), q1)
-            if FOLD_DV:  # v is k[..., :D1]: its gradient lands on the same latent rows
-                dk1 += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dk_ptr = dk_base + rows[:, None] * s_kgl + offs_d1[None, :] * s_kgd
-            tl.atomic_add(dk_ptr, dk1, mask=valid[:, None], sem="relaxed")
-            if D2 > 0:
-                dk2 = tl.dot(tl.trans(ds), q2)
-                dk2_ptr = dk_base + rows[:, None] * s_kgl + offs_d2[None, :] * s_kgd
-                tl.atomic_add(dk2_ptr, dk2, mask=valid[:, None] & d2_mask[None, :], sem="relaxed")
-        if COMPUTE_DV and not FOLD_DV:
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do)
-            dv_ptr = dv_base + rows[:, None] * s_vgl + offs_dv[None, :] * s_vgd
-            tl.atomic_add(dv_ptr, dv, mask=valid[:, None] & dv_mask[None, :], sem="relaxed")
-
-    if COMPUTE_DQ:
-        dq_base = DQ + b * s_gb + t * s_gl + heads[:, None] * s_gh
-        tl.store(dq_base + offs_d1[None, :] * s_gd, dq1.to(DQ.dtype.element_ty), mask=h_mask[:, None])
+        dq1 += tl.dot(ds, k1)
         if D2 > 0:
-            tl.store(
-                dq_base + offs_d2[None, :] * s_gd,
-                dq2.to(DQ.dtype.element_ty),
-                mask=h_mask[:, None] & d2_mask[None, :],
+            dq2 += tl.dot(ds, k2)
+
+    dq_base = DQ + b * s_gb + t * s_gl + heads[:, None] * s_gh
+    tl.store(dq_base + offs_d1[None, :] * s_gd, dq1.to(DQ.dtype.element_ty), mask=h_mask[:, None])
+    if D2 > 0:
+        tl.store(
+            dq_base + offs_d2[None, :] * s_gd, dq2.to(DQ.dtype.element_ty), mask=h_mask[:, None] & d2_mask[None, :]
+        )
+
+
+@triton.jit
+def _sparse_attn_bwd_dkv_kernel(
+    Q, K, V, IDX, DO, LSE, DELTA, DK, DV_BUF,
+    s_qb, s_ql, s_qh, s_qd,
+    s_kb, s_kl, s_kh, s_kd,
+    s_vb, s_vl, s_vh, s_vd,
+    s_ib, s_il, s_ih, s_ik,
+    s_db, s_dl, s_dh, s_dd,
+    s_lb, s_ll, s_lh,
+    s_kgb, s_kgl, s_kgh, s_kgd,
+    s_vgb, s_vgl, s_vgh, s_vgd,
+    LQ, TOPK, GROUP, HKV, KEY_BLOCKS, sm_scale, qk_scale_log2,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    D1: tl.constexpr, D2: tl.constexpr, D2P: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+    V_IS_K: tl.constexpr, UPCAST: tl.constexpr,
+    COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, FOLD_DV: tl.constexpr,
+):  # fmt: skip
+    """dk[s] += scale · dSᵀ q, dv[s] += Pᵀ dO for one (token, KV group, block of BLOCK_N selected keys).
+
+    Transposed so the keys sit on M: the gathered block stays in place while the loop walks over the group's
+    heads, and each key row gets ONE fp32 atomic per element per token (not one per head block). With FOLD_DV
+    (v is a view of k) dv is added into DK's first D1 columns (same latent rows).
+    """
+    tl.static_assert(BLOCK_H >= 16)
+    tl.static_assert((not FOLD_DV) or (V_IS_K and COMPUTE_DK and COMPUTE_DV))
+    pid = tl.program_id(0).to(tl.int64)
+    kb = pid % KEY_BLOCKS  # key blocks of one token are adjacent: its q / dO stay hot in L2
+    rest = pid // KEY_BLOCKS
+    g = rest % HKV
+    pid_t = rest // HKV
+    b = pid_t // LQ
+    t = pid_t % LQ
+    offs_d1 = tl.arange(0, D1)
+    offs_dv = tl.arange(0, DVP)
+    dv_mask = offs_dv < DV
+    slot = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    idx = tl.load(IDX + b * s_ib + t * s_il + g * s_ih + slot * s_ik, mask=slot < TOPK, other=-1)
+    valid = idx >= 0
+    rows = tl.where(valid, idx, 0).to(tl.int64)
+    k_rows = K + b * s_kb + g * s_kh + rows[:, None] * s_kl
+    k1 = tl.load(k_rows + offs_d1[None, :] * s_kd, mask=valid[:, None], other=0.0)
+    if UPCAST:
+        k1 = k1.to(tl.float32)
+    if D2 > 0:
+        offs_d2 = D1 + tl.arange(0, D2P)
+        d2_mask = offs_d2 < D1 + D2
+        k2 = tl.load(k_rows + offs_d2[None, :] * s_kd, mask=valid[:, None] & d2_mask[None, :], other=0.0)
+        if UPCAST:
+            k2 = k2.to(tl.float32)
+    if V_IS_K:
+        v = k1
+    else:
+        v_rows = V + b * s_vb + g * s_vh + rows[:, None] * s_vl
+        v = tl.load(v_rows + offs_dv[None, :] * s_vd, mask=valid[:, None] & dv_mask[None, :], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+
+    if COMPUTE_DK:
+        dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
+        if D2 > 0:
+            dk2 = tl.zeros([BLOCK_N, D2P], tl.float32)
+    if COMPUTE_DV and not FOLD_DV:
+        dv = tl.zeros([BLOCK_N, DVP], tl.float32)
+    for h0 in range(0, GROUP, BLOCK_H):
+        offs_hg = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_hg < GROUP
+        heads = (g * GROUP + offs_hg).to(tl.int64)
+        q_base = Q + b * s_qb + t * s_ql + heads[:, None] * s_qh
+        q1 = tl.load(q_base + offs_d1[None, :] * s_qd, mask=h_mask[:, None], other=0.0)
+        if UPCAST:
+            q1 = q1.to(tl.float32)
+        st = tl.dot(k1, tl.trans(q1))  # [BLOCK_N, BLOCK_H] = (q·k)ᵀ
+        if D2 > 0:
+            q2 = tl.load(q_base + offs_d2[None, :] * s_qd, mask=h_mask[:, None] & d2_mask[None, :], other=0.0)
+            if UPCAST:
+                q2 = q2.to(tl.float32)
+            st += tl.dot(k2, tl.trans(q2))
+        do_ptr = DO + b * s_db + t * s_dl + heads[:, None] * s_dh + offs_dv[None, :] * s_dd
+        do = tl.load(do_ptr, mask=h_mask[:, None] & dv_mask[None, :], other=0.0)
+        if UPCAST:
+            do = do.to(tl.float32)
+        row = b * s_lb + t * s_ll + heads * s_lh
+        lse = tl.load(LSE + row, mask=h_mask, other=float("-inf"))
+        delta = tl.load(DELTA + row, mask=h_mask, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        pt = tl.exp2(st * qk_scale_log2 - lse2[None, :])
+        pt = tl.where(valid[:, None], pt, 0.0)
+        if COMPUTE_DK:
+            dpt = tl.dot(v, tl.trans(do))  # (dO·Vᵀ)ᵀ
+            dst = (pt * (dpt - delta[None, :]) * sm_scale).to(q1.dtype)
+            dk1 += tl.dot(dst, q1)
+            if D2 > 0:
+                dk2 += tl.dot(dst, q2)
+            if FOLD_DV:
+                dk1 += tl.dot(pt.to(do.dtype), do)
+        if COMPUTE_DV and not FOLD_DV:
+            dv += tl.dot(pt.to(do.dtype), do)
+
+    if COMPUTE_DK:
+        dk_rows = DK + b * s_kgb + g * s_kgh + rows[:, None] * s_kgl
+        tl.atomic_add(dk_rows + offs_d1[None, :] * s_kgd, dk1, mask=valid[:, None], sem="relaxed")
+        if D2 > 0:
+            tl.atomic_add(
+                dk_rows + offs_d2[None, :] * s_kgd, dk2, mask=valid[:, None] & d2_mask[None, :], sem="relaxed"
             )
+    if COMPUTE_DV and not FOLD_DV:
+        dv_rows = DV_BUF + b * s_vgb + g * s_vgh + rows[:, None] * s_vgl
+        tl.atomic_add(dv_rows + offs_dv[None, :] * s_vgd, dv, mask=valid[:, None] & dv_mask[None, :], sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------------- launch
@@ -276,13 +379,20 @@ def _sparse_attn_bwd_kernel(
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes and launch shape of one kernel. ``bwd_split`` runs dQ and dK/dV as two launches."""
+    """Tile sizes and launch shape of one kernel launch."""
 
     block_h: int
     block_n: int
     num_warps: int
     num_stages: int
-    bwd_split: bool = False
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    """Backward = dq pass (heads on M, like the forward) + dk/dv pass (keys on M, loop over heads)."""
+
+    dq: KernelConfig
+    dkv: KernelConfig
 
 
 def _split_dim(d: int) -> tuple[int, int, int]:
@@ -292,19 +402,27 @@ def _split_dim(d: int) -> tuple[int, int, int]:
     return d1, d2, (max(16, triton.next_power_of_2(d2)) if d2 else 0)
 
 
-def _block_h(group: int) -> int:
-    return min(64, max(16, triton.next_power_of_2(group)))
+def _block_h(group: int, cap: int = 64) -> int:
+    return min(cap, max(16, triton.next_power_of_2(group)))
 
 
-def default_config(group: int, d_qk: int, d_v: int, backward: bool) -> KernelConfig:
-    """Tile choice per shape; measured on H100 (benchmarks/NOTES_sparse_attention.md)."""
-    bh = _block_h(group)
+def default_fwd_config(group: int, d_qk: int, d_v: int) -> KernelConfig:
+    """Forward tiles per shape; measured on H100 (benchmarks/NOTES_sparse_attention.md)."""
     if _interpreting():
-        return KernelConfig(bh, 16, 4, 1)
-    big = d_qk > 256 or d_v > 256
-    if backward:
-        return KernelConfig(bh, 32 if big else 64, 8 if big else 4, 1, bwd_split=False)
-    return KernelConfig(bh, 32 if big else 64, 8 if big else 4, 2)
+        return KernelConfig(_block_h(group), 16, 4, 1)
+    if d_qk > 256 or d_v > 256:  # MLA 576/512: 8 warps hold the [64, 512] fp32 accumulator without spills
+        return KernelConfig(_block_h(group), 64, 8, 2)
+    return KernelConfig(_block_h(group), 64, 4, 2)
+
+
+def default_bwd_config(group: int, d_qk: int, d_v: int) -> BwdConfig:
+    """Backward tiles per shape; the dk/dv pass keeps q and dO tiles of BLOCK_H heads in shared memory twice
+    (two MMA layouts each), so MLA shapes use 32 heads per step there to stay under 227 KB."""
+    if _interpreting():
+        return BwdConfig(KernelConfig(_block_h(group), 16, 4, 1), KernelConfig(_block_h(group, 32), 16, 4, 1))
+    if d_qk > 256 or d_v > 256:
+        return BwdConfig(KernelConfig(_block_h(group), 32, 8, 1), KernelConfig(_block_h(group, 32), 64, 8, 1))
+    return BwdConfig(KernelConfig(_block_h(group), 64, 4, 2), KernelConfig(_block_h(group), 64, 4, 2))
 
 
 def _v_is_k(k: torch.Tensor, v: torch.Tensor, d1: int) -> bool:
@@ -361,7 +479,7 @@ def sparse_attention_fwd(
     hkv, d_v = k.shape[2], v.shape[3]
     group = h // hkv
     d1, d2, d2p = _split_dim(d_qk)
-    cfg = config or default_config(group, d_qk, d_v, backward=False)
+    cfg = config or default_fwd_config(group, d_qk, d_v)
     v_is_k = _v_is_k(k, v, d1)
     out = torch.empty((b, lq, h, d_v), device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty((b, lq, h), device=q.device, dtype=torch.float32) if lse is None else lse
@@ -390,47 +508,61 @@ def sparse_attention_bwd(
     grad_out: torch.Tensor,
     scale: float,
     needs: tuple[bool, bool, bool] = (True, True, True),
-    config: KernelConfig | None = None,
+    config: BwdConfig | None = None,
     dq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Launch the backward kernel(s). Returns (dq, dk, dv); dv is None when folded into dk (v is k's view)."""
+    """Launch the backward kernels (delta, dq, dk/dv). Returns (dq, dk, dv); dv is None when it was folded into
+    dk (v is a view of k and both need grads). ``dq`` may be a preallocated (e.g. poisoned) buffer."""
     b, lq, h, d_qk = q.shape
     lk, hkv, d_v = k.shape[1], k.shape[2], v.shape[3]
     group = h // hkv
     d1, d2, d2p = _split_dim(d_qk)
-    cfg = config or default_config(group, d_qk, d_v, backward=True)
+    dvp = max(16, triton.next_power_of_2(d_v))
+    cfg = config or default_bwd_config(group, d_qk, d_v)
     need_q, need_k, need_v = needs
-    # Fold dV into dK only when both are wanted: the latent then receives their sum through autograd.
-    fold = _v_is_k(k, v, d1) and need_k and need_v
     v_is_k = _v_is_k(k, v, d1)
+    # Fold dV into dK only when both are wanted: the latent then receives their sum through autograd.
+    fold = v_is_k and need_k and need_v
     if need_q and dq is None:
         dq = torch.empty_like(q)
     dk32 = torch.zeros((b, lk, hkv, d_qk), device=q.device, dtype=torch.float32) if need_k else None
     dv32 = torch.zeros((b, lk, hkv, d_v), device=q.device, dtype=torch.float32) if need_v and not fold else None
-    if q.numel() == 0 or idx.shape[-1] == 0:
+    topk = idx.shape[-1]
+    if q.numel() == 0 or topk == 0 or lk == 0:
         if dq is not None:
             dq.zero_()
     else:
-        head_blocks = triton.cdiv(group, cfg.block_h)
-        grid = (b * lq * hkv * head_blocks,)
         do = grad_out
-        dummy = lse  # stands in for buffers a launch does not touch
-        dq_t = dq if dq is not None else q
-        dk_t = dk32 if dk32 is not None else dummy.new_empty((1, 1, 1, 1))
-        dv_t = dv32 if dv32 is not None else (dk_t if fold else dummy.new_empty((1, 1, 1, 1)))
-        launches = [(need_q, False, False), (False, need_k, need_v)] if cfg.bwd_split else [(need_q, need_k, need_v)]
-        for want_q, want_k, want_v in launches:
-            if not (want_q or want_k or want_v):
-                continue
-            _sparse_attn_bwd_kernel[grid](
-                q, k, v, idx, out, do, lse, dq_t, dk_t, dv_t,
-                *q.stride(), *k.stride(), *v.stride(), *_idx_strides(idx), *out.stride(), *do.stride(),
-                *lse.stride(), *dq_t.stride(), *dk_t.stride(), *dv_t.stride(),
-                lq, idx.shape[-1], group, head_blocks, hkv * head_blocks, scale, scale * _LOG2E,
-                BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, D1=d1, D2=d2, D2P=d2p,
-                DV=d_v, DVP=triton.next_power_of_2(d_v), V_IS_K=v_is_k, UPCAST=_upcast(q),
-                COMPUTE_DQ=want_q, COMPUTE_DKV=want_k, COMPUTE_DV=want_v, FOLD_DV=fold and want_k and want_v,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        delta = torch.empty_like(lse)
+        dh = min(64, triton.next_power_of_2(h))
+        _sparse_attn_bwd_delta_kernel[(b * lq, triton.cdiv(h, dh))](
+            out, do, delta, *out.stride(), *do.stride(), *delta.stride(), lq, h,
+            BLOCK_H=dh, DV=d_v, DVP=dvp, num_warps=4,
+        )  # fmt: skip
+        common = dict(D1=d1, D2=d2, D2P=d2p, DV=d_v, DVP=dvp, V_IS_K=v_is_k, UPCAST=_upcast(q))
+        if need_q:
+            head_blocks = triton.cdiv(group, cfg.dq.block_h)
+            _sparse_attn_bwd_dq_kernel[(b * lq * hkv * head_blocks,)](
+                q, k, v, idx, do, lse, delta, dq,
+                *q.stride(), *k.stride(), *v.stride(), *_idx_strides(idx), *do.stride(), *lse.stride(),
+                *dq.stride(),
+                lq, topk, group, head_blocks, hkv * head_blocks, scale, scale * _LOG2E,
+                BLOCK_H=cfg.dq.block_h, BLOCK_N=cfg.dq.block_n, **common,
+                num_warps=cfg.dq.num_warps, num_stages=cfg.dq.num_stages,
+            )  # fmt: skip
+        if need_k or need_v:
+            dummy = lse.new_empty((1, 1, 1, 1))  # stands in for a buffer this launch does not write
+            dk_t = dk32 if dk32 is not None else dummy
+            dv_t = dv32 if dv32 is not None else dummy
+            key_blocks = triton.cdiv(topk, cfg.dkv.block_n)
+            _sparse_attn_bwd_dkv_kernel[(b * lq * hkv * key_blocks,)](
+                q, k, v, idx, do, lse, delta, dk_t, dv_t,
+                *q.stride(), *k.stride(), *v.stride(), *_idx_strides(idx), *do.stride(), *lse.stride(),
+                *dk_t.stride(), *dv_t.stride(),
+                lq, topk, group, hkv, key_blocks, scale, scale * _LOG2E,
+                BLOCK_H=cfg.dkv.block_h, BLOCK_N=cfg.dkv.block_n, **common,
+                COMPUTE_DK=need_k, COMPUTE_DV=need_v, FOLD_DV=fold,
+                num_warps=cfg.dkv.num_warps, num_stages=cfg.dkv.num_stages,
             )  # fmt: skip
     dk = dk32.to(k.dtype) if dk32 is not None else None
     dv = dv32.to(v.dtype) if dv32 is not None else None
@@ -491,4 +623,4 @@ def sparse_attention_flops(tokens: int, heads: int, topk: int, d_qk: int, d_v: i
     return 2.5 * fwd if backward else fwd
 
 
-__all__ = ["KernelConfig", "default_config", "sparse_attention", "sparse_attention_bwd", "sparse_attention_fwd"]
+__all__ = ["BwdConfig", "KernelConfig", "sparse_attention", "sparse_attention_bwd", "sparse_attention_fwd"]

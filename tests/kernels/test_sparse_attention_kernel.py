@@ -25,13 +25,13 @@ ROOT = Path(__file__).resolve().parents[2]
 # name -> (B, L, H, Hkv, d_qk, d_v, topk, dtype, v_mode, idx_mode, config)
 #   v_mode: "view" = v is k[..., :d_v] (MLA absorbed), "sep" = separate tensor, "strided" = non-contiguous v
 #   idx_mode: "shared" [B, L, k] / "group" [B, L, Hkv, k]
-#   config: None (defaults) or (block_h, block_n, bwd_split) forced through the launchers
+#   config: None (defaults) or (block_h, block_n, dkv block_h) forced through the launchers (several head blocks)
 CPU_CASES = {
     "mla_view_fp32": (1, 64, 16, 1, 80, 64, 32, "float32", "view", "shared", None),
     "mqa_sep_bf16_upcast": (1, 64, 16, 1, 64, 32, 32, "bfloat16", "sep", "shared", None),
     "gqa_fp16_group_idx": (2, 48, 16, 4, 32, 32, 32, "float16", "strided", "group", None),
     "gqa_odd_dims_fp32": (1, 40, 12, 3, 48, 24, 32, "float32", "sep", "shared", None),
-    "mla_headblocks_split_bwd": (1, 32, 64, 1, 80, 64, 32, "float32", "view", "shared", (16, 16, True)),
+    "mla_headblocks": (1, 32, 64, 1, 80, 64, 32, "float32", "view", "shared", (16, 16, 16)),
 }
 
 # Relative Frobenius error allowed against float64: fp32 interpreter math is ~1e-7; fp16 / bf16 outputs
@@ -108,19 +108,21 @@ def _cpu_case(name: str) -> dict:
     if config is None:
         kernel_fn = ks.sparse_attention
     else:
-        cfg = ks.KernelConfig(config[0], config[1], 4, 1, bwd_split=config[2])
+        fwd_cfg = ks.KernelConfig(config[0], config[1], 4, 1)
+        bwd_cfg = ks.BwdConfig(fwd_cfg, ks.KernelConfig(config[2], config[1], 4, 1))
 
         class _Forced(torch.autograd.Function):
             @staticmethod
             def forward(ctx, q_, k_, v_, idx_):
-                out, lse = ks.sparse_attention_fwd(q_, k_, v_, idx_, q_.shape[-1] ** -0.5, cfg)
+                out, lse = ks.sparse_attention_fwd(q_, k_, v_, idx_, q_.shape[-1] ** -0.5, fwd_cfg)
                 ctx.save_for_backward(q_, k_, v_, idx_, out, lse)
                 return out, lse
 
             @staticmethod
             def backward(ctx, g, _):
                 q_, k_, v_, idx_, out, lse = ctx.saved_tensors
-                dq, dk, dv_ = ks.sparse_attention_bwd(q_, k_, v_, idx_, out, lse, g, q_.shape[-1] ** -0.5, config=cfg)
+                scale = q_.shape[-1] ** -0.5
+                dq, dk, dv_ = ks.sparse_attention_bwd(q_, k_, v_, idx_, out, lse, g, scale, config=bwd_cfg)
                 return dq, dk, dv_, None
 
         def kernel_fn(q_, k_, v_, idx_):
