@@ -45,8 +45,10 @@ def _local_topk(q, k, w, topk, k_scale, *, q_positions, k_positions, chunk_size)
     """Single-device top-k through the op dispatch (Triton kernel on CUDA, reference elsewhere)."""
     from dsa_dist.ops import dispatch  # imported on use: keeps this module importable on its own
 
+    # chunk_size None lets the op choose (the Triton kernel sizes its chunk to a workspace budget).
+    extra = {} if chunk_size is None else {"chunk_size": chunk_size}
     return dispatch.lightning_indexer_topk(q, k, w, topk, k_scale, q_positions=q_positions, k_positions=k_positions,
-                                           chunk_size=chunk_size)
+                                           **extra)
 
 
 def _to_global(local_idx: torch.Tensor, global_rows: torch.Tensor) -> torch.Tensor:
@@ -107,7 +109,7 @@ def distributed_indexer_topk(
     k_positions_local: torch.Tensor | None = None,
     group: dist.ProcessGroup | None = None,
     mode: TopkMode = "ring",
-    chunk_size: int = 512,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact causal top-k of this rank's queries over the keys of all CP ranks (zigzag-sharded sequence).
 
@@ -122,7 +124,7 @@ def distributed_indexer_topk(
             positions of this rank. Explicit key positions are all-gathered (8 bytes/token, once per call).
         group: the CP group (Megatron: ``parallel_state.get_context_parallel_group()``); None = world.
         mode: "allgather", "ring" (default) or "candidates" — see the module docstring; all return the same.
-        chunk_size: query chunk of the local scoring (passed to the dispatched top-k).
+        chunk_size: query chunk of the local scoring, passed to the dispatched top-k (None: the op's default).
 
     Returns:
         ``(topk_scores [B, Lq, k] float32, topk_indices [B, Lq, k] int32)``; indices are **global** rows, i.e.
@@ -236,7 +238,7 @@ def candidate_topk(
     k_positions_local: torch.Tensor,
     group: dist.ProcessGroup | None = None,
     k_indices_local: torch.Tensor | None = None,
-    chunk_size: int = 512,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k over a sequence-sharded key set by exchanging candidates, not keys (decode over a sharded KV cache).
 
