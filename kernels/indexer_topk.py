@@ -38,7 +38,15 @@ from dsa_dist.ops.indexer import _check_score_inputs
 
 INT64_MIN = -(2**63)
 INT64_MIN_C: tl.constexpr = tl.constexpr(INT64_MIN)  # empty slot in the packed buffer (sorts last)
+FUSE_HIST = True  # build the first radix level in the score kernel's epilogue (saves one pass over the scores)
 WORKSPACE_ELEMS = 1 << 29  # fp32 score workspace budget per chunk (2 GiB) when chunk_size is None
+
+
+@triton.jit
+def _ordered_key(x):
+    """uint32 whose unsigned order is the float order of fp32 ``x`` (−inf → 0x007FFFFF)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return (bits ^ ((bits >> 31) | -2147483648)).to(tl.uint32, bitcast=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -46,7 +54,7 @@ WORKSPACE_ELEMS = 1 << 29  # fp32 score workspace budget per chunk (2 GiB) when 
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _score_kernel(
-    q_ptr, k_ptr, w_ptr, ks_ptr, qpos_ptr, kpos_ptr, kend_ptr, ws_ptr,
+    q_ptr, k_ptr, w_ptr, ks_ptr, qpos_ptr, kpos_ptr, kend_ptr, ws_ptr, hist_ptr,
     q_start, n_q, n_k, n_blocks,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt,
@@ -55,7 +63,7 @@ def _score_kernel(
     stride_wsb, stride_wst,
     H: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_KSCALE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HAS_KSCALE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, FUSE_HIST: tl.constexpr,
 ):
     # Longest blocks (latest queries) first: better tail balance for the causal triangle.
     blk = n_blocks - 1 - tl.program_id(0)
@@ -79,6 +87,11 @@ def _score_kernel(
     qpos = tl.load(qpos_ptr + q_start + qq, mask=q_ok, other=-1)  # [BLOCK_Q]
     kend = tl.load(kend_ptr + blk)
     qT = tl.trans(q)
+    if FUSE_HIST:
+        # First radix level of the top-k, per query row: histogram of the top 8 bits of the score key.
+        hist = tl.zeros([BLOCK_Q * 256], dtype=tl.int32)
+        miss = tl.zeros([BLOCK_Q], dtype=tl.int32)
+        row_bins = tl.arange(0, BLOCK_Q)[None, :] * 256
     for k0 in range(0, kend, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < n_k
@@ -104,18 +117,21 @@ def _score_kernel(
             ws_ptr + b * stride_wsb + qq[None, :].to(tl.int64) * stride_wst + kk[:, None],
             s, mask=q_ok[None, :] & k_ok[:, None],
         )
+        if FUSE_HIST:
+            digit = tl.where(ok, (_ordered_key(s) >> 24).to(tl.int32), 0) + row_bins  # [BLOCK_K, BLOCK_Q]
+            hist += tl.histogram(tl.reshape(digit, (BLOCK_K * BLOCK_Q,)), BLOCK_Q * 256)
+            miss += BLOCK_K - tl.sum(ok.to(tl.int32), axis=0)
+    if FUSE_HIST:
+        # masked entries were counted in their row's bin 0: take them out
+        hist2 = tl.reshape(hist, (BLOCK_Q, 256))
+        bins = tl.arange(0, 256)
+        hist2 = hist2 - tl.where(bins[None, :] == 0, miss[:, None], 0)
+        tl.store(hist_ptr + (b * n_q + qq[:, None]) * 256 + bins[None, :], hist2, mask=q_ok[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 2. exact radix select of each row's k largest (ties → lowest index), packed as int64
 # ----------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _ordered_key(x):
-    """uint32 whose unsigned order is the float order of fp32 ``x`` (−inf → 0x007FFFFF)."""
-    bits = x.to(tl.int32, bitcast=True)
-    return (bits ^ ((bits >> 31) | -2147483648)).to(tl.uint32, bitcast=True)
-
-
 @triton.jit
 def _histogram_pass(row_ptr, n, n_max, shift, prefix, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """Per-row 256-bin histograms [ROWS, 256] of digit ``(key >> shift) & 255`` over valid entries whose higher
@@ -142,47 +158,59 @@ def _histogram_pass(row_ptr, n, n_max, shift, prefix, ROWS: tl.constexpr, BLOCK:
 
 @triton.jit
 def _select_kernel(
-    ws_ptr, nrow_ptr, out_ptr,
+    ws_ptr, nrow_ptr, hist0_ptr, cand_ptr, s_ptr, i_ptr,
     q_start, n_q,
-    stride_wsb, stride_wst, stride_ob, stride_ot,
-    K: tl.constexpr, KP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    stride_wsb, stride_wst, stride_cb, stride_ct, stride_ob, stride_ot,
+    K: tl.constexpr, CAP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, HAS_HIST0: tl.constexpr,
+    RANK_SORT: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_q
     b = tl.program_id(1).to(tl.int64)
     # Scores of row r live in ws[b, r, :n]; entries ≥ n are never read. Padding rows get n = 0.
-    n = tl.load(nrow_ptr + q_start + rows, mask=rows < n_q, other=0)
+    n = tl.load(nrow_ptr + q_start + rows, mask=row_ok, other=0)
     n_max = tl.max(n, axis=0)
     row_ptr = ws_ptr + b * stride_wsb + rows.to(tl.int64) * stride_wst  # [ROWS]
-    out_row = out_ptr + b * stride_ob + rows.to(tl.int64) * stride_ot
+    cand_row = cand_ptr + b * stride_cb + rows.to(tl.int64) * stride_ct
     bins = tl.arange(0, 256)
 
+    # Radix descent: narrow the boundary bucket 8 bits at a time until every entry at or above it fits in CAP
+    # candidate slots (usually after 1–2 levels), or, with massive exact ties, down to the full key.
     shift = tl.full([ROWS], 24, dtype=tl.int32)
     prefix = tl.zeros([ROWS], dtype=tl.uint32)
-    hist = _histogram_pass(row_ptr, n, n_max, shift, prefix, ROWS, BLOCK)
+    if HAS_HIST0:  # first-level histogram already built by the score kernel's epilogue
+        hist = tl.load(hist0_ptr + (b * n_q + rows[:, None]) * 256 + bins[None, :], mask=row_ok[:, None], other=0)
+    else:
+        hist = _histogram_pass(row_ptr, n, n_max, shift, prefix, ROWS, BLOCK)
     n_valid = tl.sum(hist, axis=1)
-    take_all = n_valid <= K
-    remaining = tl.minimum(n_valid, K)  # how many still to take from the bucket under refinement
+    take_all = n_valid <= CAP
+    remaining = tl.minimum(n_valid, K)  # how many of the k are still to come from the bucket being refined
+    above_all = tl.zeros([ROWS], dtype=tl.int32)  # entries strictly above the current bucket
+    quota = tl.zeros([ROWS], dtype=tl.int32)  # how many entries equal to the final prefix to keep
     done = take_all.to(tl.int32)
     while tl.min(done, axis=0) == 0:
-        # boundary digit: count(digit > d) < remaining ≤ count(digit ≥ d)
+        # boundary digit d: count(digit > d) < remaining ≤ count(digit ≥ d)
         ge = tl.cumsum(hist, axis=1, reverse=True)
         dsel = tl.max(tl.where(ge >= remaining[:, None], bins[None, :], -1), axis=1)
         above = tl.sum(tl.where(bins[None, :] > dsel[:, None], hist, 0), axis=1)
         in_bin = tl.sum(tl.where(bins[None, :] == dsel[:, None], hist, 0), axis=1)
         active = done == 0
         remaining = tl.where(active, remaining - above, remaining)
+        above_all = tl.where(active, above_all + above, above_all)
         prefix = tl.where(active, (prefix << 8) | dsel.to(tl.uint32), prefix)
-        # Stop once the boundary bucket is taken whole, or at full key width.
-        done = tl.where(active & ((in_bin == remaining) | (shift == 0)), 1, done)
+        fits = above_all + in_bin <= CAP
+        quota = tl.where(active & fits, in_bin, tl.where(active & (shift == 0), remaining, quota))
+        done = tl.where(active & (fits | (shift == 0)), 1, done)
         shift = tl.where(done == 0, shift - 8, shift)
         if tl.min(done, axis=0) == 0:
             hist = _histogram_pass(row_ptr, n, n_max, shift, prefix, ROWS, BLOCK)
-    # Fewer than k valid: take every valid entry (key > key(−inf) at full width).
+    # Few valid entries: all of them are candidates (key > key(−inf) at full width).
     shift = tl.where(take_all, 0, shift)
     prefix = tl.where(take_all, 0x007FFFFF, prefix)
-    remaining = tl.where(take_all, 0, remaining)
+    quota = tl.where(take_all, 0, quota)
 
-    # Gather in ascending key order: all with prefix above the threshold, then the first `remaining` equal ones.
+    # Compact the candidates in ascending key order: all above the prefix, then the first `quota` equal ones
+    # (with exact ties at full width those are the lowest indices, as the rule wants).
     taken = tl.zeros([ROWS], dtype=tl.int32)
     eq_seen = tl.zeros([ROWS], dtype=tl.int32)
     for start in range(0, n_max, BLOCK):
@@ -195,47 +223,38 @@ def _select_kernel(
         eq = valid & (hi == prefix[:, None])
         eq_i = eq.to(tl.int32)
         eq_rank = eq_seen[:, None] + tl.cumsum(eq_i, axis=1) - eq_i
-        sel = gt | (eq & (eq_rank < remaining[:, None]))
+        sel = gt | (eq & (eq_rank < quota[:, None]))
         sel_i = sel.to(tl.int32)
         pos = taken[:, None] + tl.cumsum(sel_i, axis=1) - sel_i
         skey = (ukey ^ 0x80000000).to(tl.int32, bitcast=True)  # signed order = float order
         packed = (skey.to(tl.int64) << 32) | (2147483647 - offs[None, :]).to(tl.int64)
-        tl.store(out_row[:, None] + pos, packed, mask=sel)
+        tl.store(cand_row[:, None] + pos, packed, mask=sel)
         taken += tl.sum(sel_i, axis=1)
         eq_seen += tl.sum(eq_i, axis=1)
-    for start in range(0, KP, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        pad = tl.full([ROWS, BLOCK], INT64_MIN_C, dtype=tl.int64)
-        keep = (offs[None, :] >= taken[:, None]) & (offs[None, :] < KP) & (rows[:, None] < n_q)
-        tl.store(out_row[:, None] + offs[None, :], pad, mask=keep)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 3. order each row's k picks by (score desc, index asc) and unpack
-# ----------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _sort_kernel(
-    packed_ptr, s_ptr, i_ptr,
-    q_start, n_q,
-    stride_pb, stride_pt, stride_sb, stride_st,
-    K: tl.constexpr, KP: tl.constexpr, ROWS: tl.constexpr,
-):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    b = tl.program_id(1).to(tl.int64)
-    offs = tl.arange(0, KP)
-    row_ok = rows < n_q
-    p = tl.load(packed_ptr + b * stride_pb + rows[:, None].to(tl.int64) * stride_pt + offs[None, :],
-                mask=row_ok[:, None], other=INT64_MIN_C)
-    p = tl.sort(p, dim=1, descending=True)  # [ROWS, KP]
+    # The candidates were written by other threads of this program: barrier, then read them back.
+    tl.debug_barrier()
+    slots = tl.arange(0, CAP)
+    p = tl.load(cand_row[:, None] + slots[None, :], mask=slots[None, :] < taken[:, None], other=INT64_MIN_C)
+    # Descending int64 order of (score key, 2^31−1−index) is exactly (score desc, index asc).
+    if RANK_SORT:
+        # Interpreter: tl.sort's combine function runs per element in Python there; rank by pairwise compare.
+        before = (p[:, None, :] > p[:, :, None]) | (
+            (p[:, None, :] == p[:, :, None]) & (slots[None, None, :] < slots[None, :, None])
+        )
+        dest = tl.sum(before.to(tl.int32), axis=2)  # [ROWS, CAP] final slot of each candidate
+    else:
+        p = tl.sort(p, dim=1, descending=True)  # [ROWS, CAP]
+        dest = tl.broadcast_to(slots[None, :], (ROWS, CAP))
     empty = p == INT64_MIN_C
     skey = (p >> 32).to(tl.int32)
     bits = skey ^ ((skey >> 31) & 0x7FFFFFFF)
     score = tl.where(empty, float("-inf"), bits.to(tl.float32, bitcast=True))
     idx = tl.where(empty, -1, 2147483647 - (p & 0xFFFFFFFF).to(tl.int32))
     t = (q_start + rows).to(tl.int64)
-    mask = row_ok[:, None] & (offs[None, :] < K)
-    tl.store(s_ptr + b * stride_sb + t[:, None] * stride_st + offs[None, :], score, mask=mask)
-    tl.store(i_ptr + b * stride_sb + t[:, None] * stride_st + offs[None, :], idx, mask=mask)
+    out = b * stride_ob + t[:, None] * stride_ot + dest
+    mask = row_ok[:, None] & (dest < K)
+    tl.store(s_ptr + out, score, mask=mask)
+    tl.store(i_ptr + out, idx, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,12 +304,14 @@ def score_chunk(
     q_start: int,
     n_q: int,
     workspace: torch.Tensor,
+    hist0: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> None:
     """Write the scores of queries [q_start, q_start+n_q) into ``workspace`` [B, ≥n_q, ≥max row_len] (fp32).
 
     Row r holds I[q_start + r, s] for s < row_len[q_start + r] (−inf where not causal); later columns are not
-    written. Inputs as prepared by :func:`_prepare`; exposed for the benchmark and the exactness tests.
+    written. With ``hist0`` ([B, n_q, 256] int32) also the first-level radix histogram of each row. Inputs as
+    prepared by :func:`_prepare`; exposed for the benchmark and the exactness tests.
     """
     b, _, h, d = q_index.shape
     n_k = k_index.shape[1]
@@ -306,7 +327,7 @@ def score_chunk(
     ks = k_scale if k_scale is not None else weights  # dummy pointer when absent
     upcast = (not q_index.is_cuda) and q_index.dtype == torch.bfloat16  # interpreter: bf16 dot is wrong
     _score_kernel[(n_blocks, b)](
-        q_index, k_index, weights, ks, q_pos, k_pos, kend, workspace,
+        q_index, k_index, weights, ks, q_pos, k_pos, kend, workspace, hist0 if hist0 is not None else kend,
         q_start, n_q, n_k, n_blocks,
         q_index.stride(0), q_index.stride(1), q_index.stride(2),
         k_index.stride(0), k_index.stride(1),
@@ -315,7 +336,36 @@ def score_chunk(
         workspace.stride(0), workspace.stride(1),
         H=h, D=d, HP=hp, DP=dp, BLOCK_Q=bq, BLOCK_K=bk,
         HAS_KSCALE=k_scale is not None, UPCAST=upcast, IEEE=q_index.dtype == torch.float32 or upcast,
-        **cfg,
+        FUSE_HIST=hist0 is not None, **cfg,
+    )
+
+
+def select_chunk(
+    workspace: torch.Tensor,
+    row_len: torch.Tensor,
+    hist0: torch.Tensor | None,
+    cand: torch.Tensor,
+    out_s: torch.Tensor,
+    out_i: torch.Tensor,
+    q_start: int,
+    n_q: int,
+    topk: int,
+) -> None:
+    """Exact top-k of workspace rows [0, n_q) into ``out_s/out_i[:, q_start:q_start+n_q]``.
+
+    ``cand`` [B, ≥n_q, CAP] int64 scratch with CAP = 2·next_pow2(topk); ``hist0`` [B, n_q, 256] from
+    :func:`score_chunk` or None (then the select kernel builds it with one more pass over the row).
+    """
+    b = workspace.shape[0]
+    on_gpu = workspace.is_cuda
+    # GPU: one row per program (the histogram cost grows with ROWS); interpreter: batch rows (per-op overhead).
+    rows, block, warps = (1, 4096, 8) if on_gpu else (16, 64, 1)
+    _select_kernel[(triton.cdiv(n_q, rows), b)](
+        workspace, row_len, hist0 if hist0 is not None else row_len, cand, out_s, out_i,
+        q_start, n_q,
+        workspace.stride(0), workspace.stride(1), cand.stride(0), cand.stride(1), out_s.stride(0), out_s.stride(1),
+        K=topk, CAP=cand.shape[-1], ROWS=rows, BLOCK=block, HAS_HIST0=hist0 is not None,
+        RANK_SORT=not on_gpu, num_warps=warps,
     )
 
 
@@ -370,24 +420,13 @@ def lightning_indexer_topk(
     if chunk_size is None:
         chunk_size = max(1, min(lq, WORKSPACE_ELEMS // (b * width)))
     chunk = min(chunk_size, lq)
-    kp = triton.next_power_of_2(topk)
+    cap = 2 * triton.next_power_of_2(topk)  # candidate slots per row (≥ k plus the boundary bucket)
     workspace = torch.empty(b, chunk, width, dtype=torch.float32, device=dev)
-    packed = torch.empty(b, chunk, kp, dtype=torch.int64, device=dev)
-    on_gpu = q_index.is_cuda
-    # GPU: one row per program (the histogram cost grows with ROWS); interpreter: batch rows (per-op overhead).
-    rows, sel_block, warps = (1, 4096, 8) if on_gpu else (16, 64, 1)
+    cand = torch.empty(b, chunk, cap, dtype=torch.int64, device=dev)
+    hist0 = torch.empty(b, chunk, 256, dtype=torch.int32, device=dev) if FUSE_HIST else None
     for start in range(0, lq, chunk):
         n_q = min(chunk, lq - start)
-        score_chunk(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, start, n_q, workspace)
-        grid = (triton.cdiv(n_q, rows), b)
-        _select_kernel[grid](
-            workspace, row_len, packed, start, n_q,
-            workspace.stride(0), workspace.stride(1), packed.stride(0), packed.stride(1),
-            K=topk, KP=kp, ROWS=rows, BLOCK=sel_block, num_warps=warps,
-        )
-        _sort_kernel[grid](
-            packed, out_s, out_i, start, n_q,
-            packed.stride(0), packed.stride(1), out_s.stride(0), out_s.stride(1),
-            K=topk, KP=kp, ROWS=rows, num_warps=warps,
-        )
+        h0 = hist0[:, :n_q] if hist0 is not None else None
+        score_chunk(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, start, n_q, workspace, h0)
+        select_chunk(workspace, row_len, h0, cand, out_s, out_i, start, n_q, topk)
     return out_s, out_i

@@ -1,0 +1,310 @@
+"""Triton lightning indexer + exact top-k (kernels/indexer_topk.py) against the reference op (DESIGN.md §1).
+
+CPU: the kernels run under ``TRITON_INTERPRET=1`` in a fresh subprocess (the interpreter is chosen when a
+``@triton.jit`` function is created, so it must be set before anything imports the kernels; another test module
+of the same pytest process may already have imported triton). Inputs are integer-valued so every score is exact
+in fp32 and the top-k must equal the reference bit for bit, ties included.
+
+GPU (skipped without CUDA): realistic shapes, fresh random inputs, poisoned outputs. Random fp32 scores are
+only equal up to summation order (the MMA adds the 128 products of a dot in a different order than torch), so
+against the reference the set is checked by recall@k; exactness of the selection itself is checked against the
+kernel's own scores.
+
+``python tests/kernels/test_indexer_kernels.py bench`` runs the GPU benchmark quoted in
+benchmarks/NOTES_indexer.md.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+CUDA = torch.cuda.is_available()
+
+
+def run_interpreted(target: str, timeout: float = 240.0) -> None:
+    """Run ``module:function`` in a new Python with ``TRITON_INTERPRET=1``; fail with its output if it fails."""
+    module, name = target.split(":")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", f"import {module} as m; m.{name}()"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{target} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cases run inside the interpreter subprocess
+# ---------------------------------------------------------------------------------------------------------------
+def _int_inputs(b, lq, lk, h, d, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-2, 3, (b, lq, h, d), generator=g).to(dtype)
+    k = torch.randint(-2, 3, (b, lk, d), generator=g).to(dtype)
+    w = torch.randint(-1, 3, (b, lq, h), generator=g).float()  # negative weights too
+    ks = torch.randint(1, 3, (b, lk), generator=g).float()
+    return q, k, w, ks
+
+
+def _assert_topk_equal(got, want):
+    (s1, i1), (s2, i2) = got, want
+    assert i1.dtype == torch.int32 and s1.dtype == torch.float32 and i1.shape == i2.shape
+    bad = (i1 != i2).any(-1).nonzero()
+    if bad.numel():
+        row = tuple(bad[0])
+        raise AssertionError(f"rows {bad[:4].tolist()}: got {i1[row].tolist()} want {i2[row].tolist()}")
+    assert torch.equal(s1, s2)
+
+
+def _case_exact_ties_and_short_rows():
+    import kernels.indexer_topk as kt
+    from dsa_dist.ops.topk import lightning_indexer_topk as ref
+
+    # small integers: many exactly equal scores, so ties decide; rows t < k have fewer than k valid keys
+    q, k, w, ks = _int_inputs(2, 100, 100, 4, 32)
+    for fused in (True, False):  # first radix level built in the score kernel, or by the select kernel
+        kt.FUSE_HIST = fused
+        got = kt.lightning_indexer_topk(q, k, w, 16, ks, chunk_size=40)
+        _assert_topk_equal(got, ref(q, k, w, 16, ks))
+    # all scores 0 (zero weights): the answer is the k lowest causal indices, found by the full-width tie path
+    kt.FUSE_HIST = True
+    w0 = torch.zeros_like(w)
+    got = kt.lightning_indexer_topk(q, k, w0, 8)
+    _assert_topk_equal(got, ref(q, k, w0, 8))
+    assert torch.equal(got[1][0, 50], torch.arange(8, dtype=torch.int32))
+
+
+def _case_positions_shapes_dtypes():
+    import kernels.indexer_topk as kt
+    from dsa_dist.ops.topk import lightning_indexer_topk as ref
+
+    # CP-style query shard (positions 64..127 against all 128 keys), non-power-of-2 heads and dim, no k_scale
+    q, k, w, _ = _int_inputs(1, 64, 128, 3, 48, seed=1)
+    qp = torch.arange(64, 128)
+    _assert_topk_equal(kt.lightning_indexer_topk(q, k, w, 20, q_positions=qp), ref(q, k, w, 20, q_positions=qp))
+    # unsorted key positions (every key block visited, causality per element); k > Lk pads with (−inf, −1)
+    q, k, w, ks = _int_inputs(1, 40, 40, 4, 32, seed=2)
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(3))
+    got = kt.lightning_indexer_topk(q, k, w, 48, ks, q_positions=perm, k_positions=perm)
+    _assert_topk_equal(got, ref(q, k, w, 48, ks, q_positions=perm, k_positions=perm))
+    assert (got[1][..., 40:] == -1).all() and torch.isneginf(got[0][..., 40:]).all()
+    # operand dtypes: e4m3 (the production path), bf16 (upcast under the interpreter), fp16
+    for dtype in (torch.float8_e4m3fn, torch.bfloat16, torch.float16):
+        q, k, w, ks = _int_inputs(1, 64, 64, 4, 64, dtype=dtype, seed=4)
+        _assert_topk_equal(kt.lightning_indexer_topk(q, k, w, 8, ks), ref(q.float(), k.float(), w, 8, ks))
+
+
+def _case_random_scores():
+    import kernels.indexer_topk as kt
+    from dsa_dist.ops.topk import lightning_indexer_topk as ref
+    from dsa_dist.ops.topk import topk_from_scores
+
+    g = torch.Generator().manual_seed(5)
+    q, k, w = torch.randn(1, 96, 4, 32, generator=g), torch.randn(1, 96, 32, generator=g), torch.randn(1, 96, 4)
+    got_s, got_i = kt.lightning_indexer_topk(q, k, w, 12)
+    want_s, want_i = ref(q, k, w, 12)
+    # the selection is exact on the kernel's own scores ...
+    qp, kp, wp, _ = kt._prepare(q, k, w, None)
+    pos = torch.arange(96)
+    ws = torch.full((1, 96, 96), float("nan"))
+    kt.score_chunk(qp, kp, wp, None, pos, pos, kt._row_lengths(pos, pos), 0, 96, ws)
+    own_s, own_i = topk_from_scores(ws.masked_fill(pos[None, None] > pos[None, :, None], float("-inf")), 12)
+    assert torch.equal(got_i, own_i) and torch.equal(got_s, own_s)
+    # ... and those scores are the reference's to fp32 rounding
+    torch.testing.assert_close(got_s, want_s, rtol=1e-5, atol=1e-5)
+    recall = (got_i[..., :, None] == want_i[..., None, :]).any(-1).float().mean()
+    assert recall >= 0.99
+
+
+@pytest.mark.parametrize("case", ["_case_exact_ties_and_short_rows", "_case_positions_shapes_dtypes",
+                                  "_case_random_scores"])
+def test_indexer_topk_interpreted(case):
+    run_interpreted(f"tests.kernels.test_indexer_kernels:{case}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------------------------
+def poison_cuda_cache(nbytes: int) -> None:
+    """Fill ``nbytes`` of the caching allocator's free memory with 0xFF (NaN in fp32 and e4m3, −1 in int32) and
+    release it, so outputs a kernel allocates with ``torch.empty`` start poisoned and unwritten entries show."""
+    junk = torch.full((nbytes,), 255, dtype=torch.uint8, device="cuda")
+    del junk
+
+
+def make_indexer_inputs(b, length, heads, dim, device="cuda", seed=None):
+    """FP8 indexer inputs as the model makes them (prepare_indexer_qk without rope): e4m3 q/k, folded weights."""
+    from dsa_dist.ops import prepare_indexer_qk
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    q = torch.randn(b, length, heads, dim, device=device, dtype=torch.bfloat16)
+    k = torch.randn(b, length, dim, device=device, dtype=torch.bfloat16)
+    w = torch.randn(b, length, heads, device=device) * (heads * dim) ** -0.5
+    return prepare_indexer_qk(q, k, w, rope_dim=0, fp8=True)
+
+
+def _check_gpu_topk(b, length, heads, dim, topk, chunk_size=None):
+    import kernels.indexer_topk as kt
+    from dsa_dist.ops.topk import lightning_indexer_topk as ref
+    from dsa_dist.ops.topk import topk_from_scores
+
+    inp = make_indexer_inputs(b, length, heads, dim, seed=int(torch.randint(0, 2**31 - 1, ()).item()))
+    poison_cuda_cache(b * length * topk * 8 + 2**28)
+    got_s, got_i = kt.lightning_indexer_topk(inp.q_index, inp.k_index, inp.weights, topk, inp.k_scale,
+                                             chunk_size=chunk_size)
+    want_s, want_i = ref(inp.q_index, inp.k_index, inp.weights, topk, inp.k_scale, chunk_size=256)
+    # (1) exact selection on the kernel's own scores, for a sample of rows (chunked so no [L, L] tensor)
+    qp, kp, wp, ks = kt._prepare(inp.q_index, inp.k_index, inp.weights, inp.k_scale)
+    pos = torch.arange(length, device="cuda")
+    row_len = kt._row_lengths(pos, pos)
+    for start in (0, length // 2, length - 256):
+        ws = torch.full((b, 256, length), float("nan"), device="cuda")  # poisoned: unwritten entries show
+        kt.score_chunk(qp, kp, wp, ks, pos, pos, row_len, start, 256, ws)
+        causal = pos[None, :] <= pos[start:start + 256, None]
+        assert not torch.isnan(ws[:, causal]).any(), "score kernel left causal entries unwritten"
+        own_s, own_i = topk_from_scores(ws.masked_fill(~causal, float("-inf")), topk)
+        assert torch.equal(got_i[:, start:start + 256], own_i)
+        assert torch.equal(got_s[:, start:start + 256], own_s)
+    # (2) against the reference: scores equal to fp32 rounding, sets equal up to near-ties
+    valid = want_i >= 0
+    assert torch.equal(got_i >= 0, valid)
+    torch.testing.assert_close(got_s[valid], want_s[valid], rtol=2e-5, atol=1e-5)
+    g_sorted = torch.sort(got_i.long(), -1).values
+    hits = torch.zeros((), device="cuda")
+    for c in range(0, length, 1024):  # recall@k = |S_got ∩ S_ref| / |S_ref|, by searchsorted per row
+        w_i = want_i[:, c:c + 1024].long()
+        pos_ = torch.searchsorted(g_sorted[:, c:c + 1024].contiguous(), w_i.contiguous()).clamp_max(topk - 1)
+        hits += ((g_sorted[:, c:c + 1024].gather(-1, pos_) == w_i) & (w_i >= 0)).sum()
+    recall = (hits / valid.sum()).item()
+    assert recall >= 0.999, recall
+    return recall
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("heads,dim,length,topk", [(64, 128, 8192, 2048), (8, 64, 4096, 512)])
+def test_indexer_topk_gpu(heads, dim, length, topk):
+    _check_gpu_topk(1, length, heads, dim, topk)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_indexer_topk_gpu_chunked_batched():
+    _check_gpu_topk(2, 4096, 64, 128, 2048, chunk_size=1000)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# benchmark (GPU): python tests/kernels/test_indexer_kernels.py bench [lengths...]
+# ---------------------------------------------------------------------------------------------------------------
+def _median_ms(fn, rep_ms: float) -> float:
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=1, rep=rep_ms, return_mode="median")
+
+
+def _sweep_scores(h, d, length, cfgs, results):
+    """Time the score kernel alone over one whole causal triangle for each tile config."""
+    import functools
+
+    import kernels.indexer_topk as kt
+    from dsa_dist.ops.indexer import indexer_flops
+
+    inp = make_indexer_inputs(1, length, h, d, seed=0)
+    qp, kp, wp, ks = kt._prepare(inp.q_index, inp.k_index, inp.weights, inp.k_scale)
+    pos = torch.arange(length, device="cuda")
+    row_len = kt._row_lengths(pos, pos)
+    ws = torch.empty(1, length, length, device="cuda")
+    h0 = torch.empty(1, length, 256, dtype=torch.int32, device="cuda")
+    flops = indexer_flops(length, length, h, d)
+    best = (0.0, None)
+    for i, (bq, bk, nw, ns) in enumerate(cfgs):
+        cfg = {"BLOCK_Q": bq, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}
+        for fuse in (False, True) if i == 0 else (True,):
+            fn = functools.partial(kt.score_chunk, qp, kp, wp, ks, pos, pos, row_len, 0, length, ws,
+                                   h0 if fuse else None, cfg)
+            try:
+                ms = _median_ms(fn, 200)
+            except Exception as e:  # noqa: BLE001 — a config that fails to compile is reported, not fatal
+                print(f"score H={h} d={d} {cfg} fuse={fuse}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                continue
+            tf = flops / ms / 1e9
+            results.append({"what": "score_sweep", "H": h, "d": d, "L": length, **cfg, "fuse_hist": fuse,
+                            "ms": ms, "tflops": tf})
+            print(f"score H={h} d={d} L={length} {bq},{bk},{nw},{ns} fuse={fuse}: {ms:.3f} ms {tf:.0f} TFLOPS")
+            if fuse and tf > best[0]:
+                best = (tf, cfg)
+    return best
+
+
+def _bench_end_to_end(h, d, k, length, results):
+    """Whole op (CUDA-event median), its two phases separately, and the op's peak extra memory."""
+    import functools
+
+    import triton
+
+    import kernels.indexer_topk as kt
+    from dsa_dist.ops.indexer import indexer_flops
+
+    inp = make_indexer_inputs(1, length, h, d, seed=1)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn = functools.partial(kt.lightning_indexer_topk, inp.q_index, inp.k_index, inp.weights, k, inp.k_scale)
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    rep = 1000 if length <= 32768 else 1
+    ms = _median_ms(fn, rep)
+    qp, kp, wp, ks = kt._prepare(inp.q_index, inp.k_index, inp.weights, inp.k_scale)
+    pos = torch.arange(length, device="cuda")
+    row_len = kt._row_lengths(pos, pos)
+    chunk = max(1, min(length, kt.WORKSPACE_ELEMS // length))
+    ws = torch.empty(1, chunk, length, device="cuda")
+    h0 = torch.empty(1, chunk, 256, dtype=torch.int32, device="cuda")
+    cand = torch.empty(1, chunk, 2 * triton.next_power_of_2(k), dtype=torch.int64, device="cuda")
+    o_s = torch.empty(1, length, k, device="cuda")
+    o_i = torch.empty(1, length, k, dtype=torch.int32, device="cuda")
+    starts = [(st, min(chunk, length - st)) for st in range(0, length, chunk)]
+
+    def scores_only():
+        for st, n_q in starts:
+            kt.score_chunk(qp, kp, wp, ks, pos, pos, row_len, st, n_q, ws, h0[:, :n_q])
+
+    def select_only():
+        for st, n_q in starts:
+            kt.select_chunk(ws, row_len, h0[:, :n_q], cand, o_s, o_i, st, n_q, k)
+
+    ms_s, ms_k = _median_ms(scores_only, rep), _median_ms(select_only, rep)
+    flops = indexer_flops(length, length, h, d)
+    row = {"what": "indexer_topk", "H": h, "d": d, "k": k, "L": length, "ms": ms, "score_ms": ms_s,
+           "select_ms": ms_k, "tflops": flops / ms / 1e9, "score_tflops": flops / ms_s / 1e9, "peak_gib": peak,
+           "chunk": chunk}
+    results.append(row)
+    print(f"indexer+topk H={h} d={d} k={k} L={length}: {ms:.2f} ms ({row['tflops']:.0f} TFLOPS), "
+          f"scores {ms_s:.2f} ms ({row['score_tflops']:.0f}), select {ms_k:.2f} ms, peak {peak:.2f} GiB")
+
+
+def _bench(lengths=(8192, 32768, 65536, 131072)) -> None:
+    import json
+
+    results = []
+    sweep = {
+        (64, 128): [(2, 128, 4, 3), (2, 128, 8, 3), (2, 64, 4, 4), (4, 64, 4, 3), (4, 64, 8, 3), (4, 128, 8, 3)],
+        (8, 64): [(16, 128, 8, 3), (16, 64, 4, 3), (32, 64, 8, 3)],
+    }
+    for (h, d), cfgs in sweep.items():
+        print("best", h, d, _sweep_scores(h, d, 16384, cfgs, results))
+    for h, d, k in ((64, 128, 2048), (8, 64, 512)):
+        for length in lengths:
+            _bench_end_to_end(h, d, k, length, results)
+    out_dir = Path(os.environ.get("OUT", "."))
+    (out_dir / "indexer_bench.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "bench":
+        _bench(tuple(int(x) for x in sys.argv[2:]) or (8192, 32768, 65536, 131072))
