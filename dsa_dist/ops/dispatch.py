@@ -17,8 +17,10 @@ import torch
 
 from dsa_dist.ops import fp8 as _fp8
 from dsa_dist.ops import kl as _kl
-from dsa_dist.ops import sparse_attention as _sparse
 from dsa_dist.ops import topk as _topk
+
+# ``dsa_dist.ops.sparse_attention`` is also the name of the re-exported function: load the module by path.
+_sparse = importlib.import_module("dsa_dist.ops.sparse_attention")
 
 Backend = Literal["auto", "reference", "triton"]
 
