@@ -5,6 +5,8 @@ along the last dim, ``scale = max(amax, amax_floor) / 448`` (optionally rounded 
 ``x_fp8 = clamp(x / scale, ±448)`` rounded to nearest-even e4m3. One program quantises ``ROWS`` blocks: one read
 of ``x`` and one write of the fp8 values and scales, so the kernel is bound by memory bandwidth.
 
+The scale is computed the way the reference computes it on the same device (torch divides by a scalar through
+its reciprocal on CUDA, exactly on CPU), so values and scales match the reference bit for bit on both.
 ue8m0 rounding is done on the exponent bits (round up unless the mantissa is zero), which is what
 ``exp2(ceil(log2(scale)))`` means; it avoids the one-ulp misrounding ``log2`` can give just above a power of two.
 """
@@ -62,6 +64,7 @@ def _fp8_block_quant_kernel(
     BLOCK: tl.constexpr,
     UE8M0: tl.constexpr,
     SOFT_CVT: tl.constexpr,
+    RECIP: tl.constexpr,
 ):
     # x / q are viewed as [n_blocks, block_size] row-major; s is [n_blocks].
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -70,7 +73,10 @@ def _fp8_block_quant_kernel(
     offs = rows[:, None].to(tl.int64) * block_size + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), amax_floor)
-    scale = tl.math.div_rn(amax, 448.0)
+    if RECIP:
+        scale = amax * (1.0 / 448.0)  # torch on CUDA divides by a scalar as a multiply by its fp32 reciprocal
+    else:
+        scale = tl.math.div_rn(amax, 448.0)  # torch on CPU divides exactly
     if UE8M0:
         # Round up to a power of two on the bits: keep the exponent, add one if any mantissa bit is set.
         bits = scale.to(tl.int32, bitcast=True)
@@ -124,6 +130,6 @@ def fp8_block_quant(
     soft = not x.is_cuda  # interpreter: its fp8 cast does not round to nearest even
     _fp8_block_quant_kernel[grid](
         xc, q.view(torch.uint8) if soft else q, scale, n_blocks, block_size, float(amax_floor),
-        ROWS=rows, BLOCK=block, UE8M0=bool(ue8m0), SOFT_CVT=soft, num_warps=4,
+        ROWS=rows, BLOCK=block, UE8M0=bool(ue8m0), SOFT_CVT=soft, RECIP=x.is_cuda, num_warps=4,
     )
     return q, scale
