@@ -217,24 +217,41 @@ class StageTrainer:
         self.scheduler.step(1)
         self.step += 1
 
-        # Reduce the logged values over all ranks: [lm_sum, tokens] are duplicated on TP peers (the ratio is
-        # unaffected); KL and recall are per-rank means of equally sized row sets, so their mean is global.
-        r = torch.stack([x["report"] for x in reports]).to(torch.float64)  # [micro, 4]
-        has_recall = not torch.isnan(r[:, 3]).any()
-        vec = torch.stack([r[:, 0].sum(), r[:, 1].sum(), r[:, 2].mean(), r[:, 3].mean() if has_recall
-                           else torch.zeros((), dtype=torch.float64, device=r.device)])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            vec = vec.cpu() if self.device.type == "cpu" else vec
-            dist.all_reduce(vec)
-            vec[2:] /= dist.get_world_size()
-        lm_loss, kl = float(vec[0] / vec[1]), float(vec[2])
+        lm_loss, kl, recall = self._reduce_reports(reports)
         lr, indexer_lr = group_lrs(self.optimizer)
         coeff = self.plan.model.indexer_loss_coeff
         loss = (lm_loss if self.spec.lm_loss else 0.0) + (coeff * kl if self.spec.indexer_loss else 0.0)
         return {"step": self.step, "loss": loss, "lm_loss": lm_loss, "indexer_kl": kl,
-                "indexer_recall": float(vec[3]) if has_recall else None, "grad_norm": grad_norm,
+                "indexer_recall": recall, "grad_norm": grad_norm,
                 "lr": lr, "indexer_lr": indexer_lr, "updated": updated,
                 "samples": [int(i) for b in micro_batches for i in b.sample_ids]}
+
+    def _reduce_reports(self, reports: list[dict]) -> tuple[float, float, float | None]:
+        """(LM loss, indexer KL, recall or None) of a step, reduced over micro-batches and all ranks.
+
+        [lm_sum, tokens] are duplicated on TP peers (their ratio is unaffected); KL and recall are per-rank means
+        over equally sized row sets, so their average over all ranks is the global mean.
+        """
+        r = torch.stack([x["report"] for x in reports]).to(torch.float64)  # [micro, 4]
+        has_recall = not torch.isnan(r[:, 3]).any()
+        vec = torch.stack([r[:, 0].sum(), r[:, 1].sum(), r[:, 2].mean(),
+                           r[:, 3].mean() if has_recall else torch.zeros((), dtype=torch.float64, device=r.device)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(vec)
+            vec[2:] /= dist.get_world_size()
+        return float(vec[0] / vec[1]), float(vec[2]), float(vec[3]) if has_recall else None
+
+    @torch.no_grad()
+    def eval_loss(self, batches: list) -> dict[str, float]:
+        """LM loss and indexer KL on fixed full-sequence batches, forward only (parameters untouched)."""
+        self.tracker.compute_recall = False
+        with cuda_literals_to_cpu():
+            reports = self.forward_backward(
+                forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.ddp],
+                num_microbatches=len(batches), seq_length=self.plan.model.seq_len // self.dims.cp,
+                micro_batch_size=batches[0].tokens.shape[0], forward_only=True)
+        lm_loss, kl, _ = self._reduce_reports(reports)
+        return {"lm_loss": lm_loss, "indexer_kl": kl}
 
     # ------------------------------------------------------------------------------------------ evals, flops
     def evaluate(self) -> dict[str, float]:
@@ -262,8 +279,9 @@ class StageTrainer:
                                   train_indexer=self.spec.trains != "main")
 
     # ------------------------------------------------------------------------------------------ the stage
-    def run(self) -> list[dict]:
-        """Train until ``plan.steps``, logging, evaluating and checkpointing; returns per-step records."""
+    def run(self, until: int | None = None) -> list[dict]:
+        """Train until ``plan.steps`` (or stop early at step ``until``, with a checkpoint), logging, evaluating
+        and checkpointing; returns the per-step records."""
         cfg, plan = self.cfg, self.plan
         history: list[dict] = []
         if self.step >= plan.steps:
@@ -275,7 +293,8 @@ class StageTrainer:
                   f"{plan.num_microbatches} micro-batch(es) per step, layout {self._layout()}")
         train_time, steps_timed = 0.0, 0
         try:
-            while self.step < plan.steps:
+            stop = plan.steps if until is None else min(until, plan.steps)
+            while self.step < stop:
                 log_now = (self.step + 1) % cfg.logging.log_interval == 0 or self.step + 1 == plan.steps
                 t0 = time.perf_counter()
                 rec = self.train_step(measure_recall=log_now and cfg.logging.recall)
@@ -295,7 +314,7 @@ class StageTrainer:
                 if cfg.data.eval_tasks and (last or (cfg.train.eval_interval
                                                      and self.step % cfg.train.eval_interval == 0)):
                     log.log(self.step, self.evaluate(), prefix="eval ")
-                if last or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
+                if last or self.step == stop or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
                     path = self.save()
                     log.print(f"[{self.stage}] saved {path}")
         finally:

@@ -1,0 +1,80 @@
+"""Shared setup of the training tests: a tiny, fast run config and held-out batches (not a test module)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dsa_dist.config import DEFAULT_CONFIG, TrainRunConfig, load_config
+
+# A shared byte-tokenized stdlib corpus for all training tests (first 40 files, built once per machine).
+CACHE = os.environ.get("DSA_TEST_DATA_CACHE", str(Path.home() / ".cache" / "dsa_dist" / "test_data"))
+
+
+def tiny_overrides(run_dir: str | Path, **extra: object) -> list[str]:
+    """tiny.yaml shrunk for tests: seq 64, top-k 16, 2 x 2 sequences per step, no task evals, quiet."""
+    base = {
+        "run_dir": str(run_dir), "model.seq_len": 64, "model.indexer.topk": 16,
+        "data.cache_dir": CACHE, "data.stdlib_max_files": 40, "data.task_fraction": 0.0, "data.eval_tasks": "[]",
+        "train.micro_batch_size": 2, "train.global_batch_size": 4, "train.threads": 1,
+        "checkpoint.interval": 0, "logging.log_interval": 1, "logging.progress": "none", "logging.recall": "false",
+        "stages.dense.steps": 40, "stages.warmup.steps": 30, "stages.sparse.steps": 30,
+    }
+    base.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def tiny_config(run_dir: str | Path, world_size: int = 1, **extra: object) -> TrainRunConfig:
+    return load_config(DEFAULT_CONFIG, tiny_overrides(run_dir, **extra), world_size=world_size)
+
+
+def held_out_batches(trainer, n: int = 4, seed: int = 4242) -> list:
+    """Fixed full-sequence batches (micro-batch size of the trainer) from another seed than training's."""
+    from dsa_dist.train.data import DataStream
+
+    stream = DataStream(trainer.windows, trainer.tokenizer, seed=seed, micro_batch_size=trainer.plan.micro_batch_size,
+                        num_microbatches=n)
+    return stream.next_global_batch()
+
+
+def run_ranks(fn, world_size: int, *args, timeout: float = 600.0) -> list:
+    """``tests._dist.run_distributed`` with non-daemonic ranks.
+
+    dist_checkpointing's torch_dist writer starts a ``multiprocessing`` Manager in the saving process, which a
+    daemonic process may not do, so ranks that save checkpoints cannot be daemons. Ranks still start from the
+    shared preloaded forkserver; a failing rank's traceback is re-raised and the others are killed.
+    """
+    import queue
+    import time
+
+    from tests._dist import _CTX, _entry, _loads, free_port
+
+    port, result_q = free_port(), _CTX.Queue()
+    procs = [_CTX.Process(target=_entry, args=(fn, r, world_size, port, True, 1, args, result_q), daemon=False)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < world_size:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{fn.__name__} on {world_size} ranks timed out after {timeout:.0f}s")
+            try:
+                rank, ok, payload = result_q.get(timeout=1.0)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}") from None
+                continue
+            if not ok:
+                raise RuntimeError(f"rank {rank} of {world_size} failed:\n{payload}")
+            results[rank] = _loads(payload)
+    finally:
+        for p in procs:
+            p.join(timeout=30.0 if len(results) == world_size else 0.1)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5.0)
+        result_q.close()
+    return [results[r] for r in range(world_size)]
