@@ -334,9 +334,16 @@ def sweep(lengths: list[int]) -> list[dict]:
     """Time tile configs of the sparse kernels on the V3.2 MLA shape: forward, dq pass, dk/dv pass."""
     h, (dqk, dv), topk = V32["h"], V32["d_sparse"], V32["topk"]
     C = ksa.KernelConfig
-    fwd_cfgs = [C(64, 64, 8, 2), C(64, 32, 8, 2)]
-    dq_cfgs = [C(64, 32, 8, 1), C(64, 64, 8, 1), C(64, 32, 8, 2), C(64, 64, 8, 2)]
-    dkv_cfgs = [C(32, 64, 8, 1), C(16, 64, 8, 1), C(32, 64, 4, 1), C(32, 32, 8, 1), C(32, 64, 8, 2), C(64, 64, 8, 1)]
+    fwd_cfgs = [C(64, 64, 8, 2)]
+    dq_cfgs = [C(64, 64, 8, 1), C(64, 32, 8, 1)]
+    dkv_cfgs = [
+        C(128, 64, 8, 2),
+        C(64, 64, 8, 2),
+        C(128, 128, 8, 2),
+        C(128, 64, 4, 2),
+        C(128, 64, 8, 3),
+        C(128, 32, 4, 2),
+    ]
     rows = []
 
     def one_length(length: int, full: bool) -> None:

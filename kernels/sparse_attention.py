@@ -275,103 +275,121 @@ def _sparse_attn_bwd_dkv_kernel(
     s_lb, s_ll, s_lh,
     s_kgb, s_kgl, s_kgh, s_kgd,
     s_vgb, s_vgl, s_vgh, s_vgd,
-    LQ, TOPK, GROUP, HKV, KEY_BLOCKS, sm_scale, qk_scale_log2,
+    LQ, TOPK, GROUP, HKV, HEAD_BLOCKS, KEY_BLOCKS, sm_scale, qk_scale_log2,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, D2P: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
     V_IS_K: tl.constexpr, UPCAST: tl.constexpr,
     COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, FOLD_DV: tl.constexpr,
 ):  # fmt: skip
-    """dk[s] += scale · dSᵀ q, dv[s] += Pᵀ dO for one (token, KV group, block of BLOCK_N selected keys).
+    """dk[s] += scale · dSᵀ q, dv[s] += Pᵀ dO for one (token, KV group, head block, block of selected keys).
 
-    Transposed so the keys sit on M: the gathered block stays in place while the loop walks over the group's
-    heads, and each key row gets ONE fp32 atomic per element per token (not one per head block). With FOLD_DV
-    (v is a view of k) dv is added into DK's first D1 columns (same latent rows).
+    Keys sit on M and heads on N (Sᵀ = K·qᵀ), and every operand is streamed in chunks of ≤128 along d, so no
+    [BLOCK_N, d] accumulator is held: with 576/512 a whole-row fp32 accumulator (and the K tile held for the
+    head loop) spilled ~1700 registers. Each chunk of dk/dv goes out with fp32 atomics right away; with
+    BLOCK_H = all heads of the group, each selected key row gets ONE atomic per element per token.
+    With FOLD_DV (v is a view of k) dv is added into DK's first D1 columns (same latent rows).
     """
     tl.static_assert(BLOCK_H >= 16)
     tl.static_assert((not FOLD_DV) or (V_IS_K and COMPUTE_DK and COMPUTE_DV))
+    CK: tl.constexpr = 128 if D1 > 128 else D1  # d-chunk of q/k
+    CV: tl.constexpr = 128 if DVP > 128 else DVP  # d-chunk of v/dO
     pid = tl.program_id(0).to(tl.int64)
-    kb = pid % KEY_BLOCKS  # key blocks of one token are adjacent: its q / dO stay hot in L2
+    kb = pid % KEY_BLOCKS  # programs of one token are adjacent: its q / dO stay hot in L2
     rest = pid // KEY_BLOCKS
+    hb = rest % HEAD_BLOCKS
+    rest = rest // HEAD_BLOCKS
     g = rest % HKV
     pid_t = rest // HKV
     b = pid_t // LQ
     t = pid_t % LQ
-    offs_d1 = tl.arange(0, D1)
-    offs_dv = tl.arange(0, DVP)
-    dv_mask = offs_dv < DV
     slot = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     idx = tl.load(IDX + b * s_ib + t * s_il + g * s_ih + slot * s_ik, mask=slot < TOPK, other=-1)
     valid = idx >= 0
     rows = tl.where(valid, idx, 0).to(tl.int64)
+    offs_hg = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_hg < GROUP
+    heads = (g * GROUP + offs_hg).to(tl.int64)
+    offs_ck = tl.arange(0, CK)
+    offs_cv = tl.arange(0, CV)
     k_rows = K + b * s_kb + g * s_kh + rows[:, None] * s_kl
-    k1 = tl.load(k_rows + offs_d1[None, :] * s_kd, mask=valid[:, None], other=0.0)
-    if UPCAST:
-        k1 = k1.to(tl.float32)
+    v_rows = V + b * s_vb + g * s_vh + rows[:, None] * s_vl
+    q_rows = Q + b * s_qb + t * s_ql + heads[:, None] * s_qh
+    do_rows = DO + b * s_db + t * s_dl + heads[:, None] * s_dh
+
+    # Pass 1: Sᵀ = K qᵀ and (dO Vᵀ)ᵀ = V dOᵀ, both [BLOCK_N, BLOCK_H], streamed over d.
+    st = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
+    dpt = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
+    for c in range(0, D1, CK):
+        kc = tl.load(k_rows + (c + offs_ck)[None, :] * s_kd, mask=valid[:, None], other=0.0)
+        qc = tl.load(q_rows + (c + offs_ck)[None, :] * s_qd, mask=h_mask[:, None], other=0.0)
+        if UPCAST:
+            kc = kc.to(tl.float32)
+            qc = qc.to(tl.float32)
+        st += tl.dot(kc, tl.trans(qc))
+        if V_IS_K and COMPUTE_DK:  # V = K[..., :D1]: reuse the chunk just loaded
+            doc = tl.load(do_rows + (c + offs_ck)[None, :] * s_dd, mask=h_mask[:, None], other=0.0)
+            if UPCAST:
+                doc = doc.to(tl.float32)
+            dpt += tl.dot(kc, tl.trans(doc))
     if D2 > 0:
         offs_d2 = D1 + tl.arange(0, D2P)
         d2_mask = offs_d2 < D1 + D2
         k2 = tl.load(k_rows + offs_d2[None, :] * s_kd, mask=valid[:, None] & d2_mask[None, :], other=0.0)
+        q2 = tl.load(q_rows + offs_d2[None, :] * s_qd, mask=h_mask[:, None] & d2_mask[None, :], other=0.0)
         if UPCAST:
             k2 = k2.to(tl.float32)
-    if V_IS_K:
-        v = k1
-    else:
-        v_rows = V + b * s_vb + g * s_vh + rows[:, None] * s_vl
-        v = tl.load(v_rows + offs_dv[None, :] * s_vd, mask=valid[:, None] & dv_mask[None, :], other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-
-    if COMPUTE_DK:
-        dk1 = tl.zeros([BLOCK_N, D1], tl.float32)
-        if D2 > 0:
-            dk2 = tl.zeros([BLOCK_N, D2P], tl.float32)
-    if COMPUTE_DV and not FOLD_DV:
-        dv = tl.zeros([BLOCK_N, DVP], tl.float32)
-    for h0 in range(0, GROUP, BLOCK_H):
-        offs_hg = h0 + tl.arange(0, BLOCK_H)
-        h_mask = offs_hg < GROUP
-        heads = (g * GROUP + offs_hg).to(tl.int64)
-        q_base = Q + b * s_qb + t * s_ql + heads[:, None] * s_qh
-        q1 = tl.load(q_base + offs_d1[None, :] * s_qd, mask=h_mask[:, None], other=0.0)
-        if UPCAST:
-            q1 = q1.to(tl.float32)
-        st = tl.dot(k1, tl.trans(q1))  # [BLOCK_N, BLOCK_H] = (q·k)ᵀ
-        if D2 > 0:
-            q2 = tl.load(q_base + offs_d2[None, :] * s_qd, mask=h_mask[:, None] & d2_mask[None, :], other=0.0)
+            q2 = q2.to(tl.float32)
+        st += tl.dot(k2, tl.trans(q2))
+    if (not V_IS_K) and COMPUTE_DK:
+        for c in range(0, DVP, CV):
+            dmask = (c + offs_cv) < DV
+            vc = tl.load(v_rows + (c + offs_cv)[None, :] * s_vd, mask=valid[:, None] & dmask[None, :], other=0.0)
+            doc = tl.load(do_rows + (c + offs_cv)[None, :] * s_dd, mask=h_mask[:, None] & dmask[None, :], other=0.0)
             if UPCAST:
-                q2 = q2.to(tl.float32)
-            st += tl.dot(k2, tl.trans(q2))
-        do_ptr = DO + b * s_db + t * s_dl + heads[:, None] * s_dh + offs_dv[None, :] * s_dd
-        do = tl.load(do_ptr, mask=h_mask[:, None] & dv_mask[None, :], other=0.0)
-        if UPCAST:
-            do = do.to(tl.float32)
-        row = b * s_lb + t * s_ll + heads * s_lh
-        lse = tl.load(LSE + row, mask=h_mask, other=float("-inf"))
-        delta = tl.load(DELTA + row, mask=h_mask, other=0.0)
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        pt = tl.exp2(st * qk_scale_log2 - lse2[None, :])
-        pt = tl.where(valid[:, None], pt, 0.0)
-        if COMPUTE_DK:
-            dpt = tl.dot(v, tl.trans(do))  # (dO·Vᵀ)ᵀ
-            dst = (pt * (dpt - delta[None, :]) * sm_scale).to(q1.dtype)
-            dk1 += tl.dot(dst, q1)
-            if D2 > 0:
-                dk2 += tl.dot(dst, q2)
-            if FOLD_DV:
-                dk1 += tl.dot(pt.to(do.dtype), do)
-        if COMPUTE_DV and not FOLD_DV:
-            dv += tl.dot(pt.to(do.dtype), do)
+                vc = vc.to(tl.float32)
+                doc = doc.to(tl.float32)
+            dpt += tl.dot(vc, tl.trans(doc))
 
+    row = b * s_lb + t * s_ll + heads * s_lh
+    lse = tl.load(LSE + row, mask=h_mask, other=float("-inf"))
+    delta = tl.load(DELTA + row, mask=h_mask, other=0.0)
+    # Padded heads and empty rows (lse = -inf) get +inf so that P = exp2(s - inf) = 0.
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    pt = tl.exp2(st * qk_scale_log2 - lse2[None, :])
+    pt = tl.where(valid[:, None], pt, 0.0)
+    p_op = pt.to(DO.dtype.element_ty) if not UPCAST else pt
+    ds_op = (pt * (dpt - delta[None, :]) * sm_scale).to(Q.dtype.element_ty)
+    if UPCAST:
+        ds_op = ds_op.to(tl.float32)
+
+    # Pass 2: dK = dSᵀ q (+ Pᵀ dO when folded), dV = Pᵀ dO, chunk by chunk straight to the fp32 atomics.
     if COMPUTE_DK:
         dk_rows = DK + b * s_kgb + g * s_kgh + rows[:, None] * s_kgl
-        tl.atomic_add(dk_rows + offs_d1[None, :] * s_kgd, dk1, mask=valid[:, None], sem="relaxed")
+        for c in range(0, D1, CK):
+            qc = tl.load(q_rows + (c + offs_ck)[None, :] * s_qd, mask=h_mask[:, None], other=0.0)
+            if UPCAST:
+                qc = qc.to(tl.float32)
+            dkc = tl.dot(ds_op, qc)
+            if FOLD_DV:
+                doc = tl.load(do_rows + (c + offs_ck)[None, :] * s_dd, mask=h_mask[:, None], other=0.0)
+                if UPCAST:
+                    doc = doc.to(tl.float32)
+                dkc += tl.dot(p_op, doc)
+            tl.atomic_add(dk_rows + (c + offs_ck)[None, :] * s_kgd, dkc, mask=valid[:, None], sem="relaxed")
         if D2 > 0:
-            tl.atomic_add(
-                dk_rows + offs_d2[None, :] * s_kgd, dk2, mask=valid[:, None] & d2_mask[None, :], sem="relaxed"
-            )
+            dk2 = tl.dot(ds_op, q2)
+            dk2_mask = valid[:, None] & d2_mask[None, :]
+            tl.atomic_add(dk_rows + offs_d2[None, :] * s_kgd, dk2, mask=dk2_mask, sem="relaxed")
     if COMPUTE_DV and not FOLD_DV:
         dv_rows = DV_BUF + b * s_vgb + g * s_vgh + rows[:, None] * s_vgl
-        tl.atomic_add(dv_rows + offs_dv[None, :] * s_vgd, dv, mask=valid[:, None] & dv_mask[None, :], sem="relaxed")
+        for c in range(0, DVP, CV):
+            dmask = (c + offs_cv) < DV
+            doc = tl.load(do_rows + (c + offs_cv)[None, :] * s_dd, mask=h_mask[:, None] & dmask[None, :], other=0.0)
+            if UPCAST:
+                doc = doc.to(tl.float32)
+            dvc = tl.dot(p_op, doc)
+            tl.atomic_add(dv_rows + (c + offs_cv)[None, :] * s_vgd, dvc, mask=valid[:, None] & dmask[None, :],
+                          sem="relaxed")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- launch
@@ -403,26 +421,27 @@ def _split_dim(d: int) -> tuple[int, int, int]:
 
 
 def _block_h(group: int, cap: int = 64) -> int:
+    """Heads of one KV group per program: the whole group up to ``cap``, at least 16 rows for tl.dot."""
     return min(cap, max(16, triton.next_power_of_2(group)))
 
 
 def default_fwd_config(group: int, d_qk: int, d_v: int) -> KernelConfig:
     """Forward tiles per shape; measured on H100 (benchmarks/NOTES_sparse_attention.md)."""
     if _interpreting():
-        return KernelConfig(_block_h(group), 16, 4, 1)
+        return KernelConfig(_block_h(group), 32, 4, 1)
     if d_qk > 256 or d_v > 256:  # MLA 576/512: 8 warps hold the [64, 512] fp32 accumulator without spills
         return KernelConfig(_block_h(group), 64, 8, 2)
     return KernelConfig(_block_h(group), 64, 4, 2)
 
 
 def default_bwd_config(group: int, d_qk: int, d_v: int) -> BwdConfig:
-    """Backward tiles per shape; the dk/dv pass keeps q and dO tiles of BLOCK_H heads in shared memory twice
-    (two MMA layouts each), so MLA shapes use 32 heads per step there to stay under 227 KB."""
+    """Backward tiles per shape. The dk/dv pass takes all heads of the group at once (up to 128) so each key
+    row gets one atomic per token; its operands stream in 128-wide d-chunks, so registers stay low."""
     if _interpreting():
-        return BwdConfig(KernelConfig(_block_h(group), 16, 4, 1), KernelConfig(_block_h(group, 32), 16, 4, 1))
-    if d_qk > 256 or d_v > 256:
-        return BwdConfig(KernelConfig(_block_h(group), 32, 8, 1), KernelConfig(_block_h(group, 32), 64, 8, 1))
-    return BwdConfig(KernelConfig(_block_h(group), 64, 4, 2), KernelConfig(_block_h(group), 64, 4, 2))
+        return BwdConfig(KernelConfig(_block_h(group), 32, 4, 1), KernelConfig(_block_h(group, 128), 32, 4, 1))
+    if d_qk > 256 or d_v > 256:  # measured at 8K: dq 32.5 ms (BLOCK_N 32: 41.0), dkv 30.0 ms (BLOCK_N 64: 42.7)
+        return BwdConfig(KernelConfig(_block_h(group), 64, 8, 1), KernelConfig(_block_h(group, 128), 128, 8, 2))
+    return BwdConfig(KernelConfig(_block_h(group), 64, 4, 2), KernelConfig(_block_h(group, 128), 64, 4, 2))
 
 
 def _v_is_k(k: torch.Tensor, v: torch.Tensor, d1: int) -> bool:
@@ -555,11 +574,12 @@ def sparse_attention_bwd(
             dk_t = dk32 if dk32 is not None else dummy
             dv_t = dv32 if dv32 is not None else dummy
             key_blocks = triton.cdiv(topk, cfg.dkv.block_n)
-            _sparse_attn_bwd_dkv_kernel[(b * lq * hkv * key_blocks,)](
+            head_blocks = triton.cdiv(group, cfg.dkv.block_h)
+            _sparse_attn_bwd_dkv_kernel[(b * lq * hkv * head_blocks * key_blocks,)](
                 q, k, v, idx, do, lse, delta, dk_t, dv_t,
                 *q.stride(), *k.stride(), *v.stride(), *_idx_strides(idx), *do.stride(), *lse.stride(),
                 *dk_t.stride(), *dv_t.stride(),
-                lq, topk, group, hkv, key_blocks, scale, scale * _LOG2E,
+                lq, topk, group, hkv, head_blocks, key_blocks, scale, scale * _LOG2E,
                 BLOCK_H=cfg.dkv.block_h, BLOCK_N=cfg.dkv.block_n, **common,
                 COMPUTE_DK=need_k, COMPUTE_DV=need_v, FOLD_DV=fold,
                 num_warps=cfg.dkv.num_warps, num_stages=cfg.dkv.num_stages,

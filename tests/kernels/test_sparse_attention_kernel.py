@@ -191,7 +191,8 @@ def _naive_bf16(q, k, v, idx, scale):
     valid = (idx >= 0)[:, :, None, None, :]
     logits = logits.masked_fill(~valid, float("-inf"))
     lse = torch.logsumexp(logits.float(), -1).to(torch.bfloat16).float()
-    out = torch.einsum("bcgjk,bckgd->bcgjd", torch.softmax(logits, -1), vs)
+    probs = torch.softmax(logits, -1).nan_to_num(0.0)  # a row with no valid key: 0, as the op defines it
+    out = torch.einsum("bcgjk,bckgd->bcgjd", probs, vs)
     return out.reshape(b, lq, h, -1), lse.reshape(b, lq, h)
 
 
