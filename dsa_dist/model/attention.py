@@ -31,13 +31,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from dsa_dist.model.config import DSAModelConfig
-from dsa_dist.model.dsa_core import ParallelGroups, dsa_core, local_positions
+from dsa_dist.model.dsa_core import ParallelGroups, dsa_core, local_positions, sum_grad_over_tp
 from dsa_dist.model.indexer import LightningIndexer
 from dsa_dist.model.indexer_loss import IndexerLossTracker
 from dsa_dist.ops import apply_rope
@@ -144,7 +143,7 @@ class DSAMLASelfAttention(_DSAAttentionBase):
         latent = torch.cat([c_kv[:, :, None], k_rope], -1)  # [b, s, 1, kv_lora + rope]
         # This rank's heads give only part of d(latent): sum it over TP in backward (identity forward), so the
         # replicated W_kva / kv_norm see the full gradient on every rank.
-        latent = tensor_parallel.copy_to_tensor_model_parallel_region(latent, group=self.groups.tp_group)
+        latent = sum_grad_over_tp(latent, self.groups)
         o_lat = self._core(q_abs, latent, None, v_dim=self.kv_lora, indexer_h=x, indexer_cq=c_q,
                            positions=positions)  # [b, s, H/tp, kv_lora]
         o = torch.einsum("bshc,hvc->bshv", o_lat, w_uv).reshape(b, s, self.local_heads * self.v_dim)

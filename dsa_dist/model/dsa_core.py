@@ -73,6 +73,33 @@ def check_local_length(local_len: int, groups: ParallelGroups) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- TP helpers
+class _SumGradOverTP(torch.autograd.Function):
+    """Identity forward; backward all-reduces (sums) the gradient over the TP group.
+
+    Megatron's ``copy_to_tensor_model_parallel_region`` does the same but all-reduces ``grad.contiguous()`` and
+    returns the original tensor, so a non-contiguous gradient (dense attention's dK of a sliced latent, for
+    one) silently stays unreduced; this version reduces a contiguous copy and returns that.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def sum_grad_over_tp(x: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """``x`` unchanged; its gradient is summed over TP ranks (for a TP-replicated tensor used by split heads)."""
+    if groups.tp_size == 1:
+        return x
+    return _SumGradOverTP.apply(x, groups.tp_group)
+
+
 def _rows_to_all(x: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
     """[B, L/tp, ...] of rows ``r::tp`` on each TP rank → [B, L, ...] (all rows, in order) on every rank."""
     if groups.tp_size == 1:
@@ -120,15 +147,9 @@ def _topk(indexer_in, topk: int, q_pos: torch.Tensor, k_pos: torch.Tensor, group
         return dispatch.lightning_indexer_topk(q, k, w, topk, s, q_positions=q_pos, k_positions=k_pos)[1]
     from dsa_dist.parallel import distributed_indexer_topk
 
-    if q.shape[1] == k.shape[1]:
-        return distributed_indexer_topk(q, w, k, s, topk, q_positions=q_pos, k_positions_local=k_pos,
-                                        group=groups.cp_group, mode=mode)[1]
-    # TP×CP: this rank scores a TP subset of its rows, which the CP primitive does not accept (it requires
-    # Lq == Lk); gather the FP8 keys (d_I + 4 bytes/token, its "allgather" mode) and rank over all of them.
-    k_full = _gather_seq(k, groups)
-    s_full = None if s is None else _gather_seq(s, groups)
-    k_pos_full = torch.arange(k_full.shape[1], device=q.device)
-    return dispatch.lightning_indexer_topk(q, k_full, w, topk, s_full, q_positions=q_pos, k_positions=k_pos_full)[1]
+    # Under TP the queries are this rank's TP subset of its tokens (explicit q_positions), keys all its tokens.
+    return distributed_indexer_topk(q, w, k, s, topk, q_positions=q_pos, k_positions_local=k_pos,
+                                    group=groups.cp_group, mode=mode)[1]
 
 
 # ---------------------------------------------------------------------------------------------- the core
@@ -199,7 +220,8 @@ def dsa_core(
     with torch.no_grad():
         q_t = _heads_to_rows(q.detach(), groups)  # [B, Ll/tp, H, d_qk]
         lse_t = _heads_to_rows(lse.detach(), groups)  # [B, Ll/tp, H]
-        k_t = _all_heads(k_full.detach(), groups) if k_full.shape[2] > 1 else k_full.detach()
+        # GQA keys are split over TP by head (gather them); the MLA latent is one head replicated on every rank.
+        k_t = _all_heads(k_full.detach(), groups) if v is not None else k_full.detach()
     kl_in = indexer.prepare_for_kl(q_i, k_i, w_i, q_positions=q_pos, k_positions=positions)
     k_index_full = _gather_seq(kl_in.k_index, groups)  # [B, L, d_I]
     if sparse:

@@ -1,0 +1,247 @@
+"""TP × CP equivalence on real gloo ranks: a DSA layer and a 2-layer model give the TP=1/CP=1 top-k indices,
+outputs, LM loss, indexer loss, input and parameter gradients (float32), for MLA and GQA, dense and sparse.
+
+Every layout starts from the same weights: models are built with the same seed and ``use_cpu_initialization``
+(Megatron initialises each full master matrix and slices the TP shard). Gradients are compared in the form the
+optimizer sees them: indexer gradients averaged over TP (``sync_indexer_grads``, as Megatron's
+``finalize_model_grads`` does), every gradient averaged over CP (as Megatron's DDP over DP×CP does), TP shards
+gathered to full matrices. Losses are per-rank means over local rows, averaged over CP (and TP for the KL).
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests._dist import run_distributed
+
+SEQ, BATCH, SEED = 64, 2, 1234
+LAYER_CASES = [("tiny", "sparse"), ("tiny-gqa", "sparse"), ("tiny", "dense"), ("tiny-gqa", "dense")]
+MODEL_CASES = [("tiny", "sparse"), ("tiny-gqa", "dense")]
+
+
+# CP top-k exchange per layout: every mode of distributed_indexer_topk is exercised inside the model.
+CP_TOPK_MODE = {1: "ring", 2: "ring", 4: "allgather"}
+CP_TOPK_MODE_TP2 = {2: "candidates", 4: "ring"}
+
+
+def _cfg(name, mode, groups=None):
+    from dsa_dist.model.config import preset
+
+    topk_mode = "ring"
+    if groups is not None:
+        topk_mode = (CP_TOPK_MODE_TP2 if groups.tp_size > 1 else CP_TOPK_MODE).get(groups.cp_size, "ring")
+    return preset(name, dsa_mode=mode, init_std=0.2, indexer={"topk": 12, "cp_topk_mode": topk_mode}, seq_len=SEQ)
+
+
+def _gather_tp(t, p, groups):
+    """Full tensor of a TP-sharded parameter (or its grad), honouring Megatron's partition stride (SwiGLU fc1
+    holds [gate_r; up_r] on rank r: stride 2)."""
+    if not getattr(p, "tensor_model_parallel", False) or groups.tp_size == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(groups.tp_size)]
+    dist.all_gather(parts, t.contiguous(), group=groups.tp_group)
+    stride = getattr(p, "partition_stride", 1)
+    dim = p.partition_dim
+    pieces = [part.chunk(stride, dim=dim) for part in parts]
+    return torch.cat([pieces[r][s] for s in range(stride) for r in range(groups.tp_size)], dim=dim)
+
+
+def _full_grads(module, groups):
+    """name -> gradient of the full (TP-gathered) parameter, indexer grads averaged over TP, all over CP."""
+    from dsa_dist.model.indexer import sync_indexer_grads
+
+    sync_indexer_grads(module, groups.tp_group)
+    out = {}
+    for name, p in module.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        g = g.detach().clone()
+        if groups.cp_size > 1:
+            dist.all_reduce(g, group=groups.cp_group)
+            g /= groups.cp_size
+        out[name] = _gather_tp(g, p, groups)
+    return out
+
+
+def _full_params(module, groups):
+    out = {}
+    for name, p in module.named_parameters():
+        out[name] = _gather_tp(p.detach().clone(), p, groups)
+    return out
+
+
+def _split(x, seq_dim, groups):
+    from dsa_dist.parallel import zigzag_split
+
+    return zigzag_split(x, seq_dim, groups.cp_size, groups.cp_rank) if groups.cp_size > 1 else x
+
+
+def _layer_case(name, mode, groups):
+    from megatron.core.transformer.spec_utils import build_module
+
+    from dsa_dist.model.dsa_core import local_positions
+    from dsa_dist.model.indexer_loss import IndexerLossTracker
+    from dsa_dist.model.specs import dsa_attention_spec
+
+    cfg = _cfg(name, mode, groups)
+    tracker = IndexerLossTracker(keep_topk=True)
+    torch.manual_seed(SEED)
+    attn = build_module(dsa_attention_spec(cfg, tracker), config=cfg.to_transformer_config(None), layer_number=1)
+    gen = torch.Generator().manual_seed(SEED + 1)
+    x_full = torch.randn(SEQ, BATCH, cfg.hidden_size, generator=gen)
+    g_full = torch.randn(SEQ, BATCH, cfg.hidden_size, generator=gen)
+    x = _split(x_full, 0, groups).requires_grad_(True)
+    out, _ = attn(x, None)
+    loss = (out * _split(g_full, 0, groups)).sum() / x.shape[0] + tracker.total()
+    loss.backward()
+    x_grad = x.grad.clone()
+    if groups.cp_size > 1:  # each CP rank's loss is a mean over its rows: the global mean is their average
+        x_grad /= groups.cp_size
+    return {
+        "positions": local_positions(x.shape[0], groups, x.device), "out": out.detach(), "x_grad": x_grad,
+        "kl": tracker.values(reduce=True)[1], "topk": tracker.topk().get(1),
+        "grads": _full_grads(attn, groups), "params": _full_params(attn, groups),
+    }
+
+
+def _model_case(name, mode, groups):
+    from dsa_dist.model.builder import build_model, get_indexer_loss_tracker
+    from dsa_dist.model.dsa_core import local_positions
+    from dsa_dist.model.indexer_loss import IndexerLossTracker
+
+    cfg = _cfg(name, mode, groups)
+    torch.manual_seed(SEED)
+    model = build_model(cfg, tracker=IndexerLossTracker(keep_topk=True))
+    tracker = get_indexer_loss_tracker(model)
+    gen = torch.Generator().manual_seed(SEED + 2)
+    tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=gen)
+    inputs, labels = _split(tokens[:, :-1], 1, groups), _split(tokens[:, 1:], 1, groups)
+    per_token = model(inputs.contiguous(), None, None, labels=labels.contiguous())  # [b, s_local]
+    lm = per_token.mean()
+    (lm + tracker.total()).backward()
+    lm_value = lm.detach().clone()
+    if groups.cp_size > 1:
+        dist.all_reduce(lm_value, group=groups.cp_group)
+        lm_value /= groups.cp_size
+    return {
+        "positions": local_positions(inputs.shape[1], groups, inputs.device), "per_token": per_token.detach(),
+        "lm": lm_value.item(), "kl": tracker.values(reduce=True), "topk": tracker.topk(),
+        "grads": _full_grads(model, groups),
+    }
+
+
+def _worker(rank, world, layouts):
+    from dsa_dist.compat import init_parallel
+    from dsa_dist.model.dsa_core import ParallelGroups
+
+    results = {}
+    for tp, cp in layouts:
+        init_parallel(tp, cp)
+        groups = ParallelGroups.from_megatron()
+        for name, mode in LAYER_CASES:
+            results[(tp, cp, "layer", name, mode)] = _layer_case(name, mode, groups)
+        for name, mode in MODEL_CASES:
+            results[(tp, cp, "model", name, mode)] = _model_case(name, mode, groups)
+        results[(tp, cp, "coords")] = (groups.tp_rank, groups.cp_rank)
+    return results
+
+
+def _assemble(per_rank, key, field, seq_dim):
+    """Full-sequence tensor from the ranks' local shards (placed by their global positions)."""
+    parts = [(r[key]["positions"], r[key][field]) for r in per_rank]
+    pos, val = parts[0]
+    shape = list(val.shape)
+    shape[seq_dim] = SEQ
+    full = torch.full(shape, float("nan"), dtype=val.dtype)
+    for pos, val in parts:
+        full.index_copy_(seq_dim, pos, val)
+    return full
+
+
+def _assemble_topk(per_rank, layer_key):
+    full = None
+    for r in per_rank:
+        pos, idx = layer_key(r)
+        if full is None:
+            full = torch.full((idx.shape[0], SEQ, idx.shape[2]), -2, dtype=idx.dtype)
+        full[:, pos] = idx
+    return full
+
+
+def _close(actual, expected, what, **tol):
+    torch.testing.assert_close(actual, expected, **tol, msg=lambda m: f"{what}: {m}")
+
+
+def _compare(ref, per_rank, layout):
+    tp, cp = layout
+    tol = {"rtol": 2e-5, "atol": 2e-6}
+    for name, mode in LAYER_CASES:
+        key = (tp, cp, "layer", name, mode)
+        r0 = ref[(1, 1, "layer", name, mode)]
+        where = f"layer {name} {mode} tp={tp} cp={cp}"
+        for n, w in r0["params"].items():  # same starting weights
+            _close(per_rank[0][key]["params"][n], w, rtol=0, atol=0, what=f"{where} init {n}")
+        _close(_assemble(per_rank, key, "out", 0), r0["out"], **tol, what=f"{where} out")
+        _close(_assemble(per_rank, key, "x_grad", 0), r0["x_grad"], **tol, what=f"{where} dx")
+        assert per_rank[0][key]["kl"] == pytest.approx(r0["kl"], rel=1e-5), where
+        if mode == "sparse":
+            topk = _assemble_topk(per_rank, lambda r, k=key: r[k]["topk"])
+            assert torch.equal(topk, r0["topk"][1]), f"{where} top-k indices differ"
+        for r in per_rank:
+            for n, g in r0["grads"].items():
+                _close(r[key]["grads"][n], g, rtol=1e-4, atol=1e-6, what=f"{where} grad {n}")
+    for name, mode in MODEL_CASES:
+        key = (tp, cp, "model", name, mode)
+        r0 = ref[(1, 1, "model", name, mode)]
+        where = f"model {name} {mode} tp={tp} cp={cp}"
+        _close(_assemble(per_rank, key, "per_token", 1), r0["per_token"], **tol, what=f"{where} per-token loss")
+        assert per_rank[0][key]["lm"] == pytest.approx(r0["lm"], rel=1e-6), where
+        for layer, kl in r0["kl"].items():
+            assert per_rank[0][key]["kl"][layer] == pytest.approx(kl, rel=1e-5), f"{where} KL layer {layer}"
+        if mode == "sparse":
+            for layer in r0["topk"]:
+                topk = _assemble_topk(per_rank, lambda r, k=key, ly=layer: r[k]["topk"][ly])
+                assert torch.equal(topk, r0["topk"][layer][1]), f"{where} top-k layer {layer}"
+        for r in per_rank:
+            for n, g in r0["grads"].items():
+                _close(r[key]["grads"][n], g, rtol=1e-4, atol=1e-6, what=f"{where} grad {n}")
+
+
+@pytest.fixture(scope="module")
+def reference_and_world2():
+    per_rank = run_distributed(_worker, 2, [(1, 1), (2, 1), (1, 2)], timeout=300)
+    ref = {k[:1] + k[1:]: v for k, v in per_rank[0].items() if k[:2] == (1, 1)}
+    return ref, per_rank
+
+
+def _ranks_of(per_rank, layout):
+    return [{k: v for k, v in r.items() if k[:2] == layout} for r in per_rank]
+
+
+def test_reference_is_consistent(reference_and_world2):
+    ref, per_rank = reference_and_world2
+    # The reference has a real signal: non-trivial KL, top-k rows with -1 padding at the start.
+    key = (1, 1, "layer", "tiny", "sparse")
+    assert ref[key]["kl"] > 1e-3
+    pos, idx = ref[key]["topk"]
+    assert (idx[:, 0, 1:] == -1).all() and (idx[:, -1] >= 0).all()
+    # Two DP replicas of TP1/CP1 agree exactly.
+    torch.testing.assert_close(per_rank[1][key]["out"], ref[key]["out"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", [(2, 1), (1, 2)])
+def test_world2_layouts_match_reference(reference_and_world2, layout):
+    ref, per_rank = reference_and_world2
+    _compare(ref, _ranks_of(per_rank, layout), layout)
+
+
+def test_world4_layouts_match_reference(reference_and_world2):
+    ref, _ = reference_and_world2
+    per_rank = run_distributed(_worker, 4, [(1, 4), (2, 2)], timeout=400)
+    for layout in [(1, 4), (2, 2)]:
+        _compare(ref, _ranks_of(per_rank, layout), layout)
+
+
+def test_world8_tp2_cp4_matches_reference(reference_and_world2):
+    ref, _ = reference_and_world2
+    per_rank = run_distributed(_worker, 8, [(2, 4)], timeout=400)
+    _compare(ref, _ranks_of(per_rank, (2, 4)), (2, 4))
