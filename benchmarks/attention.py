@@ -37,18 +37,20 @@ SMALL = dict(name="small", h=16, d_dense=(128, 128), d_sparse=(128, 128), mla=Fa
 # ------------------------------------------------------------------------------------------------ timing
 
 
-def bench_ms(fn, max_reps: int = 20) -> float:
-    """Median ms of ``fn`` by CUDA events. Short calls go through triton's do_bench; long ones (≥ 100 ms, where
-    do_bench's fixed 5-call estimate alone would cost seconds) through a few explicitly timed calls."""
+def bench_ms(fn, max_reps: int = 20) -> tuple[float, float | None]:
+    """(median ms, peak GB or None) of ``fn`` by CUDA events. Short calls go through triton's do_bench; long
+    ones (≥ 100 ms, where do_bench's fixed 5-call estimate alone would cost seconds) through a few explicitly
+    timed calls, whose peak memory is read on the way (saves a separate call at 128K)."""
     import triton
 
     torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     fn()  # warm-up: compilation, autotune caches, allocator
     torch.cuda.synchronize()
     first = (time.perf_counter() - t0) * 1e3
     if first < 100:
-        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")), None
     reps = max(2, min(max_reps, int(3000 / first)))
     times = []
     for _ in range(reps):
@@ -58,7 +60,7 @@ def bench_ms(fn, max_reps: int = 20) -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(times), torch.cuda.max_memory_allocated() / GB
 
 
 def peak_gb(fn) -> float:
@@ -72,8 +74,9 @@ def peak_gb(fn) -> float:
 def measure(fn, flops: float | None = None) -> dict:
     """{"ms", "tflops", "peak_gb"} or {"error": "OOM" | "n/a: ..."}."""
     try:
-        ms = bench_ms(fn)
-        mem = peak_gb(fn)
+        ms, mem = bench_ms(fn)
+        if mem is None:
+            mem = peak_gb(fn)  # do_bench's own L2-flush buffer would inflate the peak: measure apart
     except torch.cuda.OutOfMemoryError:
         return {"error": "OOM"}
     except Exception as exc:  # a kernel of another family may be missing or broken: record, carry on
@@ -417,6 +420,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="8K and 32K only")
     ap.add_argument("--sweep", action="store_true", help="tile sweep of the sparse kernel instead")
     ap.add_argument("--lengths", type=str, default=None, help="comma list, e.g. 8192,32768")
+    ap.add_argument("--budget-s", type=float, default=480, help="start no new (shape, L) row after this")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import triton
@@ -431,8 +435,12 @@ def main() -> None:
         (args.out / "sweep.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
         return
     results = []
-    for shape in (V32, SMALL):
+    t_start = time.perf_counter()
+    for shape in (SMALL, V32):  # the quick shape first: a run cut short still has it
         for length in lengths:
+            if time.perf_counter() - t_start > args.budget_s:
+                print(f"skipping {shape['name']} {length}: past --budget-s", flush=True)
+                continue
             t0 = time.perf_counter()
             r = {"shape": shape["name"], "L": length, "dense": dense_rows(shape, length)}
             r["dsa"] = dsa_rows(shape, length)
