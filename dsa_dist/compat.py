@@ -20,6 +20,11 @@ they touch ``torch.cuda`` functions only (no Megatron class is patched):
 2. ``torch.cuda.synchronize()`` is a no-op (dist_checkpointing save and the fully-parallel strategies call it;
    CPU ops are synchronous anyway).
 
+Scoped, not global: :func:`cuda_literals_to_cpu` is a ``TorchFunctionMode`` for the Megatron calls that hard-code
+``device="cuda"`` (``FP32Optimizer``'s loss scale, ``forward_backward_no_pipelining``'s token counter, the
+grad-norm overflow buffer): while it is active and CUDA is absent, factory calls with a CUDA device go to the CPU
+and ``Tensor.cuda()`` is the identity. Nothing is patched.
+
 Not shims but requirements: ``import megatron.core`` needs ``triton``; dist_checkpointing needs ``psutil`` and its
 async writer uses multiprocessing spawn, so scripts that save checkpoints need an ``if __name__ == "__main__"``
 guard.
@@ -27,12 +32,15 @@ guard.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
 
 _SHIMS_APPLIED = False
 
@@ -58,6 +66,36 @@ def apply_cpu_shims() -> bool:
         torch.cuda.synchronize = _cpu_synchronize
         _SHIMS_APPLIED = True
     return True
+
+
+def _is_cuda_device(device: object) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CudaLiteralsToCpu(TorchFunctionMode):
+    """``device="cuda"`` (keyword, or the device argument of ``Tensor.to``) becomes the CPU; ``.cuda()`` is a no-op."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = torch.device("cpu")
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], torch.device("cpu"), *args[2:])
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_literals_to_cpu() -> Iterator[None]:
+    """Run Megatron code that hard-codes ``device="cuda"`` on the CPU (a no-op context when CUDA is present)."""
+    if torch.cuda.is_available():
+        yield
+        return
+    with _CudaLiteralsToCpu():
+        yield
 
 
 def default_device() -> torch.device:

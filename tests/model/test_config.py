@@ -72,3 +72,21 @@ def test_parallel_size_errors_before_any_collective(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="world size 3 is not divisible"):
         init_parallel(tp=2, cp=1)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU shims only apply without CUDA")
+def test_cpu_shims_and_cuda_literals():
+    import torch
+
+    from dsa_dist.compat import apply_cpu_shims, cuda_literals_to_cpu
+
+    assert apply_cpu_shims() and apply_cpu_shims()  # idempotent
+    assert torch.cuda.current_device() == torch.device("cpu")
+    torch.cuda.synchronize()  # a no-op instead of "Torch not compiled with CUDA enabled"
+    assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
+    with cuda_literals_to_cpu():
+        made = [torch.zeros(2, device="cuda"), torch.tensor([1.0], device=torch.device("cuda", 0)),
+                torch.ones(1).cuda(), torch.ones(1).to("cuda"), torch.ones(1).to(device="cuda")]
+    assert all(t.device.type == "cpu" for t in made)
+    with pytest.raises((RuntimeError, AssertionError)):
+        torch.zeros(1, device="cuda")  # outside the context nothing is rewritten
