@@ -38,7 +38,10 @@ from dsa_dist.ops.indexer import _check_score_inputs
 
 INT64_MIN = -(2**63)
 INT64_MIN_C: tl.constexpr = tl.constexpr(INT64_MIN)  # empty slot in the packed buffer (sorts last)
-FUSE_HIST = True  # build the first radix level in the score kernel's epilogue (saves one pass over the scores)
+# Build the first radix level in the score kernel's epilogue? It saves one pass over the scores in the select
+# kernel but tl.histogram in the MMA epilogue measured 2.3x slower scores on the H100 (H_I=64: 874 → 374 TFLOPS
+# at 16K; H_I=8: 223 → 9), so it is off. See benchmarks/NOTES_indexer.md.
+FUSE_HIST = False
 WORKSPACE_ELEMS = 1 << 29  # fp32 score workspace budget per chunk (2 GiB) when chunk_size is None
 
 
@@ -265,10 +268,11 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 
 def _score_config(heads_p: int, dim_p: int, on_gpu: bool) -> dict:
-    """Block shapes of the score kernel: ~128 (query, head) columns per MMA, 128-key tiles."""
-    block_q = max(1, 128 // heads_p) if on_gpu else max(1, 32 // heads_p)
-    return {"BLOCK_Q": block_q, "BLOCK_K": 128 if on_gpu else 32, "num_warps": 8 if on_gpu else 1,
-            "num_stages": 3 if on_gpu else 1}
+    """Block shapes of the score kernel: 128 (query, head) columns per MMA, 128-key tiles, one warpgroup
+    (measured best of 6 tile configs on the H100 at H_I=64, d_I=128: 874 TFLOPS at 16K)."""
+    if not on_gpu:
+        return {"BLOCK_Q": max(1, 32 // heads_p), "BLOCK_K": 32, "num_warps": 1, "num_stages": 1}
+    return {"BLOCK_Q": max(1, 128 // heads_p), "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 
 
 def _prepare(q_index, k_index, weights, k_scale):
@@ -350,6 +354,7 @@ def select_chunk(
     q_start: int,
     n_q: int,
     topk: int,
+    config: dict | None = None,
 ) -> None:
     """Exact top-k of workspace rows [0, n_q) into ``out_s/out_i[:, q_start:q_start+n_q]``.
 
@@ -360,6 +365,8 @@ def select_chunk(
     on_gpu = workspace.is_cuda
     # GPU: one row per program (the histogram cost grows with ROWS); interpreter: batch rows (per-op overhead).
     rows, block, warps = (1, 4096, 8) if on_gpu else (16, 64, 1)
+    if config:
+        block, warps = config.get("BLOCK", block), config.get("num_warps", warps)
     _select_kernel[(triton.cdiv(n_q, rows), b)](
         workspace, row_len, hist0 if hist0 is not None else row_len, cand, out_s, out_i,
         q_start, n_q,

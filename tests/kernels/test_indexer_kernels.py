@@ -72,7 +72,7 @@ def _case_exact_ties_and_short_rows():
         got = kt.lightning_indexer_topk(q, k, w, 16, ks, chunk_size=40)
         _assert_topk_equal(got, ref(q, k, w, 16, ks))
     # all scores 0 (zero weights): the answer is the k lowest causal indices, found by the full-width tie path
-    kt.FUSE_HIST = True
+    kt.FUSE_HIST = False
     w0 = torch.zeros_like(w)
     got = kt.lightning_indexer_topk(q, k, w0, 8)
     _assert_topk_equal(got, ref(q, k, w0, 8))
@@ -250,7 +250,7 @@ def _sweep_scores(h, d, length, cfgs, results):
     best = (0.0, None)
     for i, (bq, bk, nw, ns) in enumerate(cfgs):
         cfg = {"BLOCK_Q": bq, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}
-        for fuse in (False, True) if i == 0 else (True,):
+        for fuse in (False, True) if i == 0 else (False,):
             fn = functools.partial(kt.score_chunk, qp, kp, wp, ks, pos, pos, row_len, 0, length, ws,
                                    h0 if fuse else None, cfg)
             try:
@@ -262,7 +262,7 @@ def _sweep_scores(h, d, length, cfgs, results):
             results.append({"what": "score_sweep", "H": h, "d": d, "L": length, **cfg, "fuse_hist": fuse,
                             "ms": ms, "tflops": tf})
             print(f"score H={h} d={d} L={length} {bq},{bk},{nw},{ns} fuse={fuse}: {ms:.3f} ms {tf:.0f} TFLOPS")
-            if fuse and tf > best[0]:
+            if not fuse and tf > best[0]:
                 best = (tf, cfg)
     return best
 
@@ -291,7 +291,6 @@ def _bench_end_to_end(h, d, k, length, results):
     row_len = kt._row_lengths(pos, pos)
     chunk = max(1, min(length, kt.WORKSPACE_ELEMS // length))
     ws = torch.empty(1, chunk, length, device="cuda")
-    h0 = torch.empty(1, chunk, 256, dtype=torch.int32, device="cuda")
     cand = torch.empty(1, chunk, 2 * triton.next_power_of_2(k), dtype=torch.int64, device="cuda")
     o_s = torch.empty(1, length, k, device="cuda")
     o_i = torch.empty(1, length, k, dtype=torch.int32, device="cuda")
@@ -299,13 +298,21 @@ def _bench_end_to_end(h, d, k, length, results):
 
     def scores_only():
         for st, n_q in starts:
-            kt.score_chunk(qp, kp, wp, ks, pos, pos, row_len, st, n_q, ws, h0[:, :n_q])
+            kt.score_chunk(qp, kp, wp, ks, pos, pos, row_len, st, n_q, ws)
 
     def select_only():
         for st, n_q in starts:
-            kt.select_chunk(ws, row_len, h0[:, :n_q], cand, o_s, o_i, st, n_q, k)
+            kt.select_chunk(ws, row_len, None, cand, o_s, o_i, st, n_q, k)
 
     ms_s, ms_k = _median_ms(scores_only, rep), _median_ms(select_only, rep)
+    if length == 32768:  # select-kernel variants (rows per program = 1; block of scores per step, warps)
+        for blk, nw in ((2048, 4), (4096, 4), (2048, 8), (8192, 8)):
+            def sel(blk=blk, nw=nw):
+                for st, n_q in starts:
+                    kt.select_chunk(ws, row_len, None, cand, o_s, o_i, st, n_q, k, {"BLOCK": blk, "num_warps": nw})
+            ms_v = _median_ms(sel, rep)
+            results.append({"what": "select_sweep", "H": h, "k": k, "L": length, "BLOCK": blk, "warps": nw, "ms": ms_v})
+            print(f"select L={length} k={k} BLOCK={blk} warps={nw}: {ms_v:.2f} ms")
     flops = indexer_flops(length, length, h, d)
     row = {"what": "indexer_topk", "H": h, "d": d, "k": k, "L": length, "ms": ms, "score_ms": ms_s,
            "select_ms": ms_k, "tflops": flops / ms / 1e9, "score_tflops": flops / ms_s / 1e9, "peak_gib": peak,
