@@ -140,11 +140,13 @@ def save_checkpoint(root: str | Path, step: int, sharded_state_dict: dict[str, A
 def load_checkpoint(path: str | Path, sharded_state_dict: dict[str, Any]) -> dict[str, Any]:
     """Load the entries of ``sharded_state_dict`` from checkpoint ``path`` (collective); clear errors if broken."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     read_train_state(path)
     try:
         return dist_checkpointing.load(sharded_state_dict, str(path))
-    except Exception as err:  # noqa: BLE001 - any failure inside the reader means an unusable checkpoint
-        raise CheckpointError(f"checkpoint {path} could not be loaded ({type(err).__name__}: {err}). It is "
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - any reader failure = unusable checkpoint
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]  # the root cause is the last line
+        raise CheckpointError(f"checkpoint {path} could not be loaded ({reason}). It is "
                               "corrupted or was written for a different model configuration; delete it to fall "
                               "back to the previous checkpoint, or fix model.* to match it") from err

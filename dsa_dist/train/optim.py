@@ -72,7 +72,9 @@ def build_optimizer(ddp_model: torch.nn.Module, plan: StagePlan, optim_cfg, *, b
     overrides = standard_overrides(config)  # no weight decay on biases / 1-D params, as Megatron does by default
     indexer_key = ParamKey(with_name_predicate=ParamWithNamePredicate(
         name="dsa_indexer", fn=lambda param, name: is_indexer_param(name)))
-    overrides[indexer_key] = {"max_lr": plan.indexer_lr, "min_lr": plan.indexer_min_lr}
+    # is_decoupled_lr marks the groups with their own LR schedule; it is also one of the keys Megatron uses to
+    # match param groups when loading optimizer state, so indexer and model groups cannot be confused on resume.
+    overrides[indexer_key] = {"max_lr": plan.indexer_lr, "min_lr": plan.indexer_min_lr, "is_decoupled_lr": True}
     with cuda_literals_to_cpu():
         optimizer = get_megatron_optimizer(config, [ddp_model], config_overrides=overrides)
     scheduler = OptimizerParamScheduler(
