@@ -139,6 +139,25 @@ def _gather_seq(x: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
     return all_gather_sequence(x, 1, groups.cp_group)
 
 
+class _Ready:
+    """A finished 'gather' (CP=1): same interface as :class:`dsa_dist.parallel.PendingSequenceGather`."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self._x = x
+
+    def wait(self) -> torch.Tensor:
+        return self._x
+
+
+def _gather_seq_async(x: torch.Tensor, groups: ParallelGroups):
+    """Start the sequence all-gather of ``x``; ``.wait()`` gives the full sequence (autograd-connected)."""
+    if groups.cp_size == 1:
+        return _Ready(x)
+    from dsa_dist.parallel import all_gather_sequence
+
+    return all_gather_sequence(x, 1, groups.cp_group, async_op=True)
+
+
 def _topk(indexer_in, topk: int, q_pos: torch.Tensor, k_pos: torch.Tensor, groups: ParallelGroups,
           mode: str) -> torch.Tensor:
     """Global top-k indices [B, Lq, k] int32 of the given query rows over all keys of the sequence."""
@@ -189,9 +208,10 @@ def dsa_core(
     seq_len = ll * groups.cp_size
     k_pos_full = torch.arange(seq_len, device=q.device)
 
-    # KV of the whole sequence (autograd: backward reduce-scatters dKV to the owning CP rank).
-    k_full = _gather_seq(k, groups)
-    v_full = k_full[..., :v_dim] if v is None else _gather_seq(v, groups)
+    # KV of the whole sequence (autograd: backward reduce-scatters dKV to the owning CP rank). Started now and
+    # awaited after the indexer's top-k, so the transfer overlaps the scoring.
+    k_pending = _gather_seq_async(k, groups)
+    v_pending = None if v is None else _gather_seq_async(v, groups)
 
     # Indexer on this rank's TP share of the query rows; inputs detached (the KL trains the indexer only).
     h_d, cq_d = indexer_h.detach(), indexer_cq.detach()
@@ -208,6 +228,8 @@ def dsa_core(
         topk_rows = _topk(prepared, dsa.indexer.topk, q_pos, positions, groups, dsa.indexer.cp_topk_mode)
         if tracker is not None:
             tracker.record_topk(layer, q_pos, topk_rows)
+    k_full = k_pending.wait()
+    v_full = k_full[..., :v_dim] if v_pending is None else v_pending.wait()
     if sparse:
         topk_all = _rows_to_all(topk_rows, groups)  # [B, Ll, k] global key indices, same on every TP rank
         out, lse = dispatch.sparse_attention(q, k_full, v_full, topk_all, softmax_scale)
