@@ -1,0 +1,438 @@
+"""Triton indexer KL losses, forward and backward, streamed over keys (DESIGN.md §1 "Losses"; issue 7 item 3).
+
+Same functions as :mod:`dsa_dist.ops.kl`:
+
+    p[t, s]  = (1/H) Σ_h exp(scale · q_h[t] · k_g(h)[s] − lse_h[t])      (target, detached; g(h) = KV group)
+    I[t, s]  = k_scale[s] · Σ_j w[t, j] · ReLU(q_I[t, j] · k_I[s])      (indexer logits)
+    L_t      = Σ_{s: p > 0} p[t, s] · (log p[t, s] − log_softmax_s I[t, s])
+
+over all causal keys (dense warm-up) or over the selected set S_t (sparse stage, ``topk_indices``).
+
+One program per (query, batch) streams its keys in blocks of ``BLOCK_N`` — contiguous causal keys (dense) or
+gathered rows of ``topk_indices`` (sparse) — so nothing of size [L, L] or [H, L, L] exists. The main-attention
+heads of a KV group sit on the MMA M dimension (one gathered key block serves all of them), the indexer heads
+likewise. A single pass suffices: with the running indexer max m and sum l (online log-sum-exp),
+
+    L_t = Σ p log p − Σ p (I − m) + (Σ p) · log l,
+
+where Σ p (I − m) is re-based whenever m grows (it shifts by (Σ p)·Δm). Saved per row: LSE_I, Σ p (and, sparse
+only, p on the k slots, so the backward need not recompute the main-attention logits; the dense backward
+recomputes p). Backward, per key block: G = g_t · ((Σ p)·softmax(I) − p), then
+``dw[t,j] += Σ_s G_s ks_s ReLU(a_js)``, ``dq_I[t,j] += Σ_s G_s ks_s w_j 1[a_js>0] k_I[s]`` and
+``dk_I[s] += Σ_j G_s ks_s w_j 1[a_js>0] q_I[t,j]`` (fp32 atomics; keys are shared by many queries). The fp32
+gradient dots use 3xTF32 on the GPU, which keeps them at fp32 accuracy. ``k_scale`` gets no gradient.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from dsa_dist.ops import kl as _ref
+from dsa_dist.ops._checks import FLOAT_DTYPES, check_dim, check_positions, check_positive_int, check_tensor
+from dsa_dist.ops.indexer import _check_score_inputs
+from dsa_dist.ops.sparse_attention import _check_inputs as _check_sparse_inputs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tiles shared by forward and backward
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _target_tile(
+    q_ptr, k_ptr, lse_ptr, b, t, kid, valid, scale,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_lb, stride_lt,
+    H: tl.constexpr, HG: tl.constexpr, HGP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """p[s] = (1/H) Σ_h exp(scale·q_h·k_g(h)[s] − lse_h) for the BLOCK_N keys ``kid`` (0 where not ``valid``)."""
+    hh = tl.arange(0, HGP)
+    dc = tl.arange(0, DC)
+    psum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for g in tl.static_range(HKV):
+        acc = tl.zeros([HGP, BLOCK_N], dtype=tl.float32)  # group g's heads on M, keys on N
+        for d0 in tl.static_range(0, D, DC):
+            dm = (d0 + dc) < D
+            q_off = b * stride_qb + t * stride_qt + (g * HG + hh)[:, None] * stride_qh + (d0 + dc)[None, :]
+            qc = tl.load(q_ptr + q_off, mask=(hh < HG)[:, None] & dm[None, :], other=0.0)
+            kc = tl.load(k_ptr + b * stride_kb + kid[:, None] * stride_kt + g * stride_kh + (d0 + dc)[None, :],
+                         mask=valid[:, None] & dm[None, :], other=0.0)
+            if UPCAST:
+                qc = qc.to(tl.float32)
+                kc = kc.to(tl.float32)
+            if IEEE:
+                acc += tl.dot(qc, tl.trans(kc), input_precision="ieee")
+            else:
+                acc += tl.dot(qc, tl.trans(kc))
+        lse = tl.load(lse_ptr + b * stride_lb + t * stride_lt + g * HG + hh, mask=hh < HG, other=0.0)
+        lse = tl.where((lse > float("-inf")) & (lse < float("inf")), lse, 0.0)  # as the reference: no inf − inf
+        e = tl.exp(acc * scale - lse[:, None])
+        psum += tl.sum(tl.where((hh < HG)[:, None] & valid[None, :], e, 0.0), axis=0)
+    return psum / H
+
+
+@triton.jit
+def _index_tile(
+    qi, w, ki_ptr, ks_ptr, b, kid, valid,
+    stride_kib, stride_kit, stride_ksb,
+    DI: tl.constexpr, DIP: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_KSCALE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Indexer pre-activations a [HIP, BLOCK_N], logits I [BLOCK_N] (−inf where not valid), keys, key scales."""
+    dd = tl.arange(0, DIP)
+    kt = tl.load(ki_ptr + b * stride_kib + kid[:, None] * stride_kit + dd[None, :],
+                 mask=valid[:, None] & (dd < DI)[None, :], other=0.0)  # [BLOCK_N, DIP]
+    if UPCAST:
+        kt = kt.to(tl.float32)
+    if IEEE:
+        a = tl.dot(qi, tl.trans(kt), input_precision="ieee")
+    else:
+        a = tl.dot(qi, tl.trans(kt))  # [HIP, BLOCK_N]
+    logits = tl.sum(tl.maximum(a, 0.0) * w[:, None], axis=0)
+    if HAS_KSCALE:
+        ksv = tl.load(ks_ptr + b * stride_ksb + kid, mask=valid, other=0.0)
+        logits = logits * ksv
+    else:
+        ksv = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+    return a, tl.where(valid, logits, float("-inf")), kt, ksv
+
+
+@triton.jit
+def _key_block(idx_ptr, kpos_ptr, b, t, n0, n_k, n_slots, qpos, stride_ib, stride_it,
+               BLOCK_N: tl.constexpr, SPARSE: tl.constexpr):
+    """Key rows of block n0 and their validity: gathered top-k slots (sparse) or contiguous causal keys."""
+    sl = n0 + tl.arange(0, BLOCK_N)
+    if SPARSE:
+        kid = tl.load(idx_ptr + b * stride_ib + t * stride_it + sl, mask=sl < n_slots, other=-1).to(tl.int64)
+        valid = kid >= 0
+    else:
+        inb = sl < n_k
+        kp = tl.load(kpos_ptr + sl, mask=inb, other=0)
+        valid = inb & (kp <= qpos)
+        kid = sl.to(tl.int64)
+    return sl, tl.where(valid, kid, 0), valid
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _kl_fwd_kernel(
+    q_ptr, k_ptr, lse_ptr, qi_ptr, ki_ptr, w_ptr, ks_ptr, idx_ptr, qpos_ptr, kpos_ptr, rowlen_ptr,
+    p_ptr, kl_ptr, lsei_ptr, psum_ptr,
+    n_q, n_k, n_slots, scale,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_lb, stride_lt,
+    stride_qib, stride_qit, stride_qih, stride_kib, stride_kit, stride_wb, stride_wt, stride_ksb,
+    stride_ib, stride_it,
+    H: tl.constexpr, HG: tl.constexpr, HGP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
+    HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPARSE: tl.constexpr, HAS_KSCALE: tl.constexpr, UPCAST_MAIN: tl.constexpr, IEEE_MAIN: tl.constexpr,
+    UPCAST_IDX: tl.constexpr, IEEE_IDX: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    jj = tl.arange(0, HIP)
+    dd = tl.arange(0, DIP)
+    qi = tl.load(qi_ptr + b * stride_qib + t * stride_qit + jj[:, None] * stride_qih + dd[None, :],
+                 mask=(jj < HI)[:, None] & (dd < DI)[None, :], other=0.0)  # [HIP, DIP], stays on chip
+    if UPCAST_IDX:
+        qi = qi.to(tl.float32)
+    w = tl.load(w_ptr + b * stride_wb + t * stride_wt + jj, mask=jj < HI, other=0.0)
+    if SPARSE:
+        n_end = n_slots
+        qpos = 0
+    else:
+        n_end = tl.load(rowlen_ptr + t)
+        qpos = tl.load(qpos_ptr + t)
+    m = tl.full([], float("-inf"), dtype=tl.float32)  # running max of I
+    l_sum = tl.zeros([], dtype=tl.float32)  # Σ exp(I − m)
+    a_sum = tl.zeros([], dtype=tl.float32)  # Σ p log p
+    b_sum = tl.zeros([], dtype=tl.float32)  # Σ p (I − m)
+    p_tot = tl.zeros([], dtype=tl.float32)  # Σ p
+    for n0 in range(0, n_end, BLOCK_N):
+        sl, kid, valid = _key_block(idx_ptr, kpos_ptr, b, t, n0, n_k, n_slots, qpos, stride_ib, stride_it,
+                                    BLOCK_N, SPARSE)
+        p = _target_tile(q_ptr, k_ptr, lse_ptr, b, t, kid, valid, scale, stride_qb, stride_qt, stride_qh,
+                         stride_kb, stride_kt, stride_kh, stride_lb, stride_lt,
+                         H, HG, HGP, HKV, D, DC, BLOCK_N, UPCAST_MAIN, IEEE_MAIN)
+        a, logits, kt, ksv = _index_tile(qi, w, ki_ptr, ks_ptr, b, kid, valid, stride_kib, stride_kit, stride_ksb,
+                                         DI, DIP, BLOCK_N, HAS_KSCALE, UPCAST_IDX, IEEE_IDX)
+        if SPARSE:  # keep p for the backward: O(L·k), saves recomputing the main-attention logits
+            tl.store(p_ptr + (b * n_q + t) * n_slots + sl, p, mask=sl < n_slots)
+        m_new = tl.maximum(m, tl.max(logits, axis=0))
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)  # no −inf − (−inf) before the first valid key
+        seen = m > float("-inf")
+        l_sum = l_sum * tl.exp(tl.where(seen, m - m_ref, 0.0))
+        l_sum += tl.sum(tl.where(valid, tl.exp(logits - m_ref), 0.0), axis=0)
+        centred = tl.where(valid, logits - m_ref, 0.0)
+        pos = p > 0
+        b_sum += p_tot * tl.where(seen, m - m_ref, 0.0)  # re-base Σ p (I − m) on the new max
+        b_sum += tl.sum(tl.where(pos, p * centred, 0.0), axis=0)
+        a_sum += tl.sum(tl.where(pos, p * tl.log(tl.where(pos, p, 1.0)), 0.0), axis=0)
+        p_tot += tl.sum(tl.where(pos, p, 0.0), axis=0)
+        m = m_new
+    has = l_sum > 0
+    log_l = tl.log(tl.where(has, l_sum, 1.0))
+    kl = tl.where(has, a_sum - b_sum + p_tot * log_l, 0.0)
+    tl.store(kl_ptr + b * n_q + t, kl)
+    tl.store(lsei_ptr + b * n_q + t, tl.where(has, m + log_l, float("-inf")))
+    tl.store(psum_ptr + b * n_q + t, p_tot)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _kl_bwd_kernel(
+    q_ptr, k_ptr, lse_ptr, qi_ptr, ki_ptr, w_ptr, ks_ptr, idx_ptr, qpos_ptr, kpos_ptr, rowlen_ptr,
+    p_ptr, lsei_ptr, psum_ptr, grow_ptr, dqi_ptr, dki_ptr, dw_ptr,
+    n_q, n_k, n_slots, scale,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_lb, stride_lt,
+    stride_qib, stride_qit, stride_qih, stride_kib, stride_kit, stride_wb, stride_wt, stride_ksb,
+    stride_ib, stride_it,
+    H: tl.constexpr, HG: tl.constexpr, HGP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
+    HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPARSE: tl.constexpr, HAS_KSCALE: tl.constexpr, UPCAST_MAIN: tl.constexpr, IEEE_MAIN: tl.constexpr,
+    UPCAST_IDX: tl.constexpr, IEEE_IDX: tl.constexpr, PREC: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    jj = tl.arange(0, HIP)
+    dd = tl.arange(0, DIP)
+    jmask = (jj < HI)[:, None] & (dd < DI)[None, :]
+    qi = tl.load(qi_ptr + b * stride_qib + t * stride_qit + jj[:, None] * stride_qih + dd[None, :],
+                 mask=jmask, other=0.0)
+    if UPCAST_IDX:
+        qi = qi.to(tl.float32)
+    qi32 = qi.to(tl.float32)
+    w = tl.load(w_ptr + b * stride_wb + t * stride_wt + jj, mask=jj < HI, other=0.0)
+    g = tl.load(grow_ptr + b * n_q + t)
+    lse_i = tl.load(lsei_ptr + b * n_q + t)
+    lse_i = tl.where(lse_i > float("-inf"), lse_i, 0.0)  # a row without valid keys has no gradient anyway
+    p_tot = tl.load(psum_ptr + b * n_q + t)
+    if SPARSE:
+        n_end = n_slots
+        qpos = 0
+    else:
+        n_end = tl.load(rowlen_ptr + t)
+        qpos = tl.load(qpos_ptr + t)
+    dq = tl.zeros([HIP, DIP], dtype=tl.float32)
+    dw = tl.zeros([HIP], dtype=tl.float32)
+    for n0 in range(0, n_end, BLOCK_N):
+        sl, kid, valid = _key_block(idx_ptr, kpos_ptr, b, t, n0, n_k, n_slots, qpos, stride_ib, stride_it,
+                                    BLOCK_N, SPARSE)
+        if SPARSE:
+            p = tl.load(p_ptr + (b * n_q + t) * n_slots + sl, mask=sl < n_slots, other=0.0)
+        else:
+            p = _target_tile(q_ptr, k_ptr, lse_ptr, b, t, kid, valid, scale, stride_qb, stride_qt, stride_qh,
+                             stride_kb, stride_kt, stride_kh, stride_lb, stride_lt,
+                             H, HG, HGP, HKV, D, DC, BLOCK_N, UPCAST_MAIN, IEEE_MAIN)
+        a, logits, kt, ksv = _index_tile(qi, w, ki_ptr, ks_ptr, b, kid, valid, stride_kib, stride_kit, stride_ksb,
+                                         DI, DIP, BLOCK_N, HAS_KSCALE, UPCAST_IDX, IEEE_IDX)
+        soft = tl.where(valid, tl.exp(tl.where(valid, logits, 0.0) - lse_i), 0.0)
+        grad_i = tl.where(valid, g * (p_tot * soft - p), 0.0)  # dL/dI for this row's keys
+        gt = grad_i * ksv
+        dw += tl.sum(tl.maximum(a, 0.0) * gt[None, :], axis=1)
+        coef = tl.where(a > 0, w[:, None] * gt[None, :], 0.0)  # [HIP, BLOCK_N] = dL/da
+        dq += tl.dot(coef, kt.to(tl.float32), input_precision=PREC)
+        dk = tl.dot(tl.trans(coef), qi32, input_precision=PREC)  # [BLOCK_N, DIP]
+        tl.atomic_add(dki_ptr + (b * n_k + kid[:, None]) * DI + dd[None, :], dk,
+                      mask=valid[:, None] & (dd < DI)[None, :])
+    tl.store(dqi_ptr + ((b * n_q + t) * HI + jj[:, None]) * DI + dd[None, :], dq, mask=jmask)
+    tl.store(dw_ptr + (b * n_q + t) * HI + jj, dw, mask=jj < HI)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# wrapper
+# ----------------------------------------------------------------------------------------------------------------
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _operands(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A common dot dtype for two operands: equal dtypes stay (fp8/fp16/bf16/fp32), anything else → fp32."""
+    if x.dtype != y.dtype or x.dtype == torch.float64:
+        x, y = x.float(), y.float()
+    return (x if x.stride(-1) == 1 else x.contiguous()), (y if y.stride(-1) == 1 else y.contiguous())
+
+
+def _flags(dtype: torch.dtype, on_gpu: bool) -> tuple[bool, bool]:
+    """(UPCAST, IEEE): the interpreter's bf16 dot is wrong → upcast; fp32 operands → exact fp32 dot."""
+    upcast = (not on_gpu) and dtype == torch.bfloat16
+    return upcast, dtype == torch.float32 or upcast
+
+
+class _IndexerKL(torch.autograd.Function):
+    """Autograd wrapper: inputs are the differentiable indexer tensors first, then everything else."""
+
+    @staticmethod
+    def forward(ctx, q_index, k_index, weights, q, k, attn_lse, k_scale, topk_indices, q_pos, k_pos, row_len,
+                scale, reduction):
+        dev = q.device
+        b, lq, h, d = q.shape
+        lk, hkv = k.shape[1], k.shape[2]
+        hi, di = q_index.shape[2], q_index.shape[3]
+        qm, km = _operands(q.detach(), k.detach())
+        qi, ki = _operands(q_index.detach(), k_index.detach())
+        w = weights.detach().float().contiguous()
+        ks = k_scale.detach().float().contiguous() if k_scale is not None else None
+        lse = attn_lse.detach().float().contiguous()
+        sparse = topk_indices is not None
+        n_slots = topk_indices.shape[-1] if sparse else 0
+        idx = topk_indices.contiguous() if sparse else row_len
+        on_gpu = dev.type == "cuda"
+        hg = h // hkv
+        meta = {
+            "H": h, "HG": hg, "HGP": max(16, triton.next_power_of_2(hg)), "HKV": hkv, "D": d,
+            "DC": min(64, max(16, triton.next_power_of_2(d))), "HI": hi, "HIP": max(16, triton.next_power_of_2(hi)),
+            "DI": di, "DIP": max(32, triton.next_power_of_2(di)), "BLOCK_N": 32 if on_gpu else 16,
+            "SPARSE": sparse, "HAS_KSCALE": ks is not None,
+        }
+        meta["UPCAST_MAIN"], meta["IEEE_MAIN"] = _flags(qm.dtype, on_gpu)
+        meta["UPCAST_IDX"], meta["IEEE_IDX"] = _flags(qi.dtype, on_gpu)
+        kl_rows = torch.empty(b, lq, dtype=torch.float32, device=dev)
+        lse_i = torch.empty_like(kl_rows)
+        p_tot = torch.empty_like(kl_rows)
+        p_buf = torch.empty(b, lq, n_slots, dtype=torch.float32, device=dev) if sparse else kl_rows
+        args = (
+            qm, km, lse, qi, ki, w, ks if ks is not None else w, idx, q_pos, k_pos, row_len,
+        )
+        strides = (
+            qm.stride(0), qm.stride(1), qm.stride(2), km.stride(0), km.stride(1), km.stride(2),
+            lse.stride(0), lse.stride(1), qi.stride(0), qi.stride(1), qi.stride(2), ki.stride(0), ki.stride(1),
+            w.stride(0), w.stride(1), (ks if ks is not None else w).stride(0),
+            idx.stride(0) if sparse else 0, idx.stride(1) if sparse else 0,
+        )
+        warps = 4 if on_gpu else 1
+        if lq:
+            _kl_fwd_kernel[(lq, b)](*args, p_buf, kl_rows, lse_i, p_tot, lq, lk, n_slots, scale, *strides,
+                                    num_warps=warps, **meta)
+        ctx.save_for_backward(q_index, k_index, weights, p_buf, lse_i, p_tot)
+        ctx.launch = (args, strides, meta, warps, scale, (b, lq, lk, hi, di, n_slots))
+        ctx.reduction = reduction
+        return _ref._reduce(kl_rows, reduction)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q_index, k_index, weights, p_buf, lse_i, p_tot = ctx.saved_tensors
+        args, strides, meta, warps, scale, (b, lq, lk, hi, di, n_slots) = ctx.launch
+        dev = lse_i.device
+        if ctx.reduction == "mean":
+            g_rows = (grad.float() / max(1, b * lq)).expand(b, lq).contiguous()
+        elif ctx.reduction == "sum":
+            g_rows = grad.float().expand(b, lq).contiguous()
+        else:
+            g_rows = grad.float().contiguous()
+        dqi = torch.empty(b, lq, hi, di, dtype=torch.float32, device=dev)
+        dki = torch.zeros(b, lk, di, dtype=torch.float32, device=dev)
+        dw = torch.empty(b, lq, hi, dtype=torch.float32, device=dev)
+        prec = "tf32x3" if dev.type == "cuda" else "ieee"
+        if lq:
+            _kl_bwd_kernel[(lq, b)](*args, p_buf, lse_i, p_tot, g_rows, dqi, dki, dw, lq, lk, n_slots, scale,
+                                    *strides, num_warps=warps, PREC=prec, **meta)
+        return (dqi.to(q_index.dtype), dki.to(k_index.dtype), dw.to(weights.dtype),
+                None, None, None, None, None, None, None, None, None, None)
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def indexer_kl_loss_dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_index: torch.Tensor,
+    k_index: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    attn_lse: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    q_positions: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    reduction: _ref.Reduction = "mean",
+) -> torch.Tensor:
+    """Dense warm-up KL(p ‖ softmax(I)) over all causal keys, streamed over key blocks.
+
+    Args:
+        q: [B, Lq, H, d] main-attention queries; k: [B, Lk, Hkv, d] keys (H a multiple of Hkv; detached).
+        q_index: [B, Lq, H_I, d_I], k_index: [B, Lk, d_I] (e4m3, fp16, bf16 or fp32), weights: [B, Lq, H_I],
+        k_scale: [B, Lk] or None — the indexer inputs, as for ``lightning_indexer_scores``.
+        attn_lse: [B, Lq, H] fp32 log-sum-exp of the dense attention (None → the reference op, which recomputes).
+        q_positions / k_positions: [Lq] / [Lk] global positions for the causal rule.
+        chunk_size: accepted for signature compatibility (the kernel streams keys itself).
+        reduction: over the B·Lq query rows: 'mean', 'sum' or 'none' ([B, Lq]).
+
+    Returns the loss (fp32); gradients flow to ``q_index``, ``k_index`` and ``weights`` only.
+    """
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
+    _check_score_inputs(q_index, k_index, weights, k_scale)
+    _check_reduction(reduction)
+    if chunk_size is not None:
+        check_positive_int("chunk_size", chunk_size)
+    b, lq, h, d = q.shape
+    check_dim("k", k, 3, d, "d_qk, as in q")
+    check_dim("q_index", q_index, 1, lq, "query length, as in q")
+    check_dim("k_index", k_index, 1, k.shape[1], "key length, as in k")
+    if h % k.shape[2]:
+        raise ValueError(f"q heads ({h}) must be a multiple of k heads ({k.shape[2]})")
+    _ref._check_attention_lse(attn_lse, q)
+    if attn_lse is None or not _use_triton(q):
+        return _ref.indexer_kl_loss_dense(
+            q, k, q_index, k_index, weights, attn_lse=attn_lse, softmax_scale=softmax_scale, k_scale=k_scale,
+            q_positions=q_positions, k_positions=k_positions, chunk_size=chunk_size or 128, reduction=reduction,
+        )
+    from kernels.indexer_topk import _row_lengths
+
+    q_pos = check_positions("q_positions", q_positions, lq, q.device).contiguous()
+    k_pos = check_positions("k_positions", k_positions, k.shape[1], q.device).contiguous()
+    scale = d**-0.5 if softmax_scale is None else float(softmax_scale)
+    return _IndexerKL.apply(q_index, k_index, weights, q, k, attn_lse, k_scale, None, q_pos, k_pos,
+                            _row_lengths(q_pos, k_pos), scale, reduction)
+
+
+def indexer_kl_loss_sparse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_index: torch.Tensor,
+    k_index: torch.Tensor,
+    weights: torch.Tensor,
+    topk_indices: torch.Tensor,
+    *,
+    attn_lse: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    reduction: _ref.Reduction = "mean",
+) -> torch.Tensor:
+    """Sparse-stage KL on the selected set S_t only, target from the sparse attention's log-sum-exp.
+
+    Args as :func:`indexer_kl_loss_dense`, plus ``topk_indices`` [B, Lq, k] int32/int64 (shared by all heads,
+    −1 = empty slot) and ``attn_lse`` [B, Lq, H] from the sparse attention. Extra memory: p on the slots,
+    4·B·Lq·k bytes, kept for the backward.
+    """
+    _check_sparse_inputs(q, k, k[..., :1], topk_indices)
+    if topk_indices.dim() != 3:
+        raise ValueError(f"topk_indices must be [B, Lq, k] for the indexer KL, got {tuple(topk_indices.shape)}")
+    _check_score_inputs(q_index, k_index, weights, k_scale)
+    check_dim("q_index", q_index, 1, q.shape[1], "query length, as in q")
+    check_dim("k_index", k_index, 1, k.shape[1], "key length, as in k")
+    _ref._check_attention_lse(attn_lse, q)
+    _check_reduction(reduction)
+    if chunk_size is not None:
+        check_positive_int("chunk_size", chunk_size)
+    if attn_lse is None or not _use_triton(q):
+        return _ref.indexer_kl_loss_sparse(
+            q, k, q_index, k_index, weights, topk_indices, attn_lse=attn_lse, softmax_scale=softmax_scale,
+            k_scale=k_scale, chunk_size=chunk_size or 256, reduction=reduction,
+        )
+    lq = q.shape[1]
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    q_pos = torch.zeros(1, dtype=torch.int64, device=q.device)  # unused in the sparse mode
+    return _IndexerKL.apply(q_index, k_index, weights, q, k, attn_lse, k_scale, topk_indices, q_pos, q_pos,
+                            torch.zeros(max(lq, 1), dtype=torch.int32, device=q.device), scale, reduction)
