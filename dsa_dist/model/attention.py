@@ -88,7 +88,8 @@ class _DSAAttentionBase(MegatronModule):
         return dsa_core(
             q, k, v, v_dim=v_dim, indexer=self.indexer, indexer_h=indexer_h, indexer_cq=indexer_cq,
             positions=positions, dsa=self.dsa, groups=self.groups, softmax_scale=self.dsa.softmax_scale,
-            tracker=self.tracker, layer=self.layer_number, compute_kl=self.training and self.tracker is not None,
+            tracker=self.tracker, layer=self.layer_number,
+            compute_kl=self.training and self.tracker is not None and self.tracker.compute_kl,
         )
 
 

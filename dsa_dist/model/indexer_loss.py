@@ -33,12 +33,14 @@ class IndexerLossTracker:
             so turn it on only on logging steps.
         attach_coeff: None (default): the training loop adds ``coeff * total()``. A float: layers attach the KL
             to their output with this coefficient (for pipeline parallelism), see the module docstring.
+        compute_kl: when False, layers skip the KL (stages that do not train the indexer save its cost).
         keep_topk: keep each layer's top-k indices (with the global positions of their query rows) for
             inspection — debugging and the parallel-equivalence tests.
     """
 
     def __init__(self, compute_recall: bool = False, attach_coeff: float | None = None,
-                 keep_topk: bool = False) -> None:
+                 keep_topk: bool = False, compute_kl: bool = True) -> None:
+        self.compute_kl = compute_kl
         self.compute_recall = compute_recall
         self.attach_coeff = attach_coeff
         self.keep_topk = keep_topk
