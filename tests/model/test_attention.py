@@ -200,3 +200,24 @@ def test_build_model_tiny_trains_on_cpu():
     assert tracker.layers == [1, 2]
     assert losses[-1] < losses[0] - 0.05
     assert math.isfinite(losses[-1])
+
+
+def test_kl_only_when_training_and_asked():
+    from dsa_dist.model.builder import set_dsa_mode
+
+    cfg, attn, tracker = _attention("tiny")
+    x = torch.randn(16, 1, cfg.hidden_size, dtype=torch.float64)
+    attn.eval()
+    attn(x, None)
+    assert tracker.layers == []  # eval: no KL
+    attn.train()
+    tracker.compute_kl = False
+    attn(x, None)
+    assert tracker.layers == []
+    tracker.compute_kl = True
+    attn(x, None)
+    assert tracker.layers == [1]
+    set_dsa_mode(attn, "sparse")
+    assert attn.dsa.dsa_mode == "sparse"
+    with pytest.raises(ValueError, match="'dense' or 'sparse'"):
+        set_dsa_mode(attn, "topk")
