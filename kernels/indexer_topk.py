@@ -5,20 +5,24 @@ Same function as :func:`dsa_dist.ops.topk.lightning_indexer_topk`:
     I[t, s] = k_scale[s] · Σ_h w[t, h] · ReLU(q_I[t, h] · k_I[s])   for k_pos[s] ≤ q_pos[t], −inf otherwise
     S_t     = top-k_s I[t, s]   ordered (score desc, index asc), ties → lowest index, (−inf, −1) padding.
 
-Three kernels per chunk of ``chunk_size`` queries, so memory is O(chunk · Lk + Lq · k), never [Lq, Lk]:
+Two kernels per chunk of ``chunk_size`` queries, so memory is O(chunk · Lk + Lq · k), never [Lq, Lk]:
 
 1. ``_score_kernel`` — one program per (block of ``BLOCK_Q`` queries, batch). The block's queries are folded
    with the heads into one [BLOCK_Q·H_I, d_I] operand that stays on chip; key tiles [BLOCK_K, d_I] stream past
    it. ``tl.dot(k_tile, q^T)`` puts keys on the MMA M dimension and (query, head) on N, so the ReLU, the
    per-head weight and the sum over heads are an epilogue over the accumulator's columns. The per-key scale and
    the causal mask follow; the [BLOCK_K, BLOCK_Q] scores go to an fp32 workspace row slice. Only key blocks up
-   to the block's last causal key are visited (when k_positions are sorted, the usual case).
-2. ``_select_kernel`` — one program per query row: exact radix select over the order-preserving uint32 image of
-   the fp32 scores, 8 bits per pass (``tl.histogram`` of 256 bins), stopping early once the boundary bucket is
-   taken whole. A final pass writes the chosen (score, index) pairs, in ascending key order, packed into int64
-   (score key in the high word, ``2^31−1−index`` in the low word); ties at the threshold take the lowest indices.
-3. ``_sort_kernel`` — one program per row sorts the k packed words descending (``tl.sort``), which is exactly
-   the order (score desc, index asc), and unpacks them into the outputs.
+   to the block's last causal key are visited (when k_positions are sorted, the usual case). The epilogue also
+   keeps per-row count / sum / sum of squares / max / min of the valid scores.
+2. ``_select_kernel`` — one program per query row, exact. Fast path: from the row statistics, guess 8
+   thresholds around the Gaussian tail quantile of rank ~1.5·k, count the scores at or above each in one pass
+   (order-preserving uint32 keys), and take the highest threshold whose count c lies in [k, CAP = 2·next_pow2(k)];
+   up to two more passes refine a bracketing guess. Rows it cannot settle (heavy exact ties) take the exact radix
+   path: 256-bin ``tl.histogram`` levels of 8 bits until the bucket at the boundary fits CAP, or down to the
+   full key where the lowest-index equal scores fill the quota. The ≤ CAP candidates are compacted as int64
+   words (score key high, ``2^31−1−index`` low), sorted descending with ``tl.sort`` — exactly the order (score
+   desc, index asc) — and the first k unpacked. Every candidate at or above the threshold is kept, so ties at
+   the k-th score resolve to the lowest index.
 
 There is no backward: indices are not differentiable (the KL kernels in ``kernels/indexer_kl.py`` recompute the
 selected scores with gradients).
@@ -38,10 +42,9 @@ from dsa_dist.ops.indexer import _check_score_inputs
 
 INT64_MIN = -(2**63)
 INT64_MIN_C: tl.constexpr = tl.constexpr(INT64_MIN)  # empty slot in the packed buffer (sorts last)
-# Build the first radix level in the score kernel's epilogue? It saves one pass over the scores in the select
-# kernel but tl.histogram in the MMA epilogue measured 2.3x slower scores on the H100 (H_I=64: 874 → 374 TFLOPS
-# at 16K; H_I=8: 223 → 9), so it is off. See benchmarks/NOTES_indexer.md.
-FUSE_HIST = False
+N_THRESH: tl.constexpr = tl.constexpr(8)  # thresholds counted per pass by the select fast path
+MAX_COUNT_PASSES: tl.constexpr = tl.constexpr(3)  # counting passes before the exact radix fallback
+FAST_SELECT = True  # threshold-counting fast path (False: always the radix path; for tests)
 WORKSPACE_ELEMS = 1 << 29  # fp32 score workspace budget per chunk (2 GiB) when chunk_size is None
 
 
@@ -57,7 +60,7 @@ def _ordered_key(x):
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _score_kernel(
-    q_ptr, k_ptr, w_ptr, ks_ptr, qpos_ptr, kpos_ptr, kend_ptr, ws_ptr, hist_ptr,
+    q_ptr, k_ptr, w_ptr, ks_ptr, qpos_ptr, kpos_ptr, kend_ptr, ws_ptr, stats_ptr,
     q_start, n_q, n_k, n_blocks,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt,
@@ -66,7 +69,7 @@ def _score_kernel(
     stride_wsb, stride_wst,
     H: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_KSCALE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, FUSE_HIST: tl.constexpr,
+    HAS_KSCALE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, STATS: tl.constexpr,
 ):
     # Longest blocks (latest queries) first: better tail balance for the causal triangle.
     blk = n_blocks - 1 - tl.program_id(0)
@@ -90,11 +93,14 @@ def _score_kernel(
     qpos = tl.load(qpos_ptr + q_start + qq, mask=q_ok, other=-1)  # [BLOCK_Q]
     kend = tl.load(kend_ptr + blk)
     qT = tl.trans(q)
-    if FUSE_HIST:
-        # First radix level of the top-k, per query row: histogram of the top 8 bits of the score key.
-        hist = tl.zeros([BLOCK_Q * 256], dtype=tl.int32)
-        miss = tl.zeros([BLOCK_Q], dtype=tl.int32)
-        row_bins = tl.arange(0, BLOCK_Q)[None, :] * 256
+    if STATS:
+        # Per-row count / sum / sum of squares / max / min of the valid scores, for the select kernel's threshold
+        # guess. Accumulated elementwise and reduced once after the loop (no cross-warp reduction per tile).
+        st_n = tl.zeros([BLOCK_K, BLOCK_Q], dtype=tl.float32)
+        st_s = tl.zeros([BLOCK_K, BLOCK_Q], dtype=tl.float32)
+        st_q = tl.zeros([BLOCK_K, BLOCK_Q], dtype=tl.float32)
+        st_hi = tl.full([BLOCK_K, BLOCK_Q], float("-inf"), dtype=tl.float32)
+        st_lo = tl.full([BLOCK_K, BLOCK_Q], float("inf"), dtype=tl.float32)
     for k0 in range(0, kend, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < n_k
@@ -120,16 +126,20 @@ def _score_kernel(
             ws_ptr + b * stride_wsb + qq[None, :].to(tl.int64) * stride_wst + kk[:, None],
             s, mask=q_ok[None, :] & k_ok[:, None],
         )
-        if FUSE_HIST:
-            digit = tl.where(ok, (_ordered_key(s) >> 24).to(tl.int32), 0) + row_bins  # [BLOCK_K, BLOCK_Q]
-            hist += tl.histogram(tl.reshape(digit, (BLOCK_K * BLOCK_Q,)), BLOCK_Q * 256)
-            miss += BLOCK_K - tl.sum(ok.to(tl.int32), axis=0)
-    if FUSE_HIST:
-        # masked entries were counted in their row's bin 0: take them out
-        hist2 = tl.reshape(hist, (BLOCK_Q, 256))
-        bins = tl.arange(0, 256)
-        hist2 = hist2 - tl.where(bins[None, :] == 0, miss[:, None], 0)
-        tl.store(hist_ptr + (b * n_q + qq[:, None]) * 256 + bins[None, :], hist2, mask=q_ok[:, None])
+        if STATS:
+            sv = tl.where(ok, s, 0.0)
+            st_n += ok.to(tl.float32)
+            st_s += sv
+            st_q += sv * sv
+            st_hi = tl.maximum(st_hi, s)
+            st_lo = tl.minimum(st_lo, tl.where(ok, s, float("inf")))
+    if STATS:
+        out = stats_ptr + (b * n_q + qq) * 5
+        tl.store(out + 0, tl.sum(st_n, axis=0), mask=q_ok)
+        tl.store(out + 1, tl.sum(st_s, axis=0), mask=q_ok)
+        tl.store(out + 2, tl.sum(st_q, axis=0), mask=q_ok)
+        tl.store(out + 3, tl.max(st_hi, axis=0), mask=q_ok)
+        tl.store(out + 4, tl.min(st_lo, axis=0), mask=q_ok)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,11 +170,34 @@ def _histogram_pass(row_ptr, n, n_max, shift, prefix, ROWS: tl.constexpr, BLOCK:
 
 
 @triton.jit
+def _normal_upper_quantile(pt):
+    """z with P(N(0,1) > z) = pt (Abramowitz–Stegun 26.2.23, |error| < 5e-4; plenty for a first guess)."""
+    p = tl.where(pt < 0.5, pt, 1.0 - pt)
+    r = tl.sqrt(-2.0 * tl.log(p))
+    z = r - (2.515517 + 0.802853 * r + 0.010328 * r * r) / (1.0 + 1.432788 * r + 0.189269 * r * r
+                                                           + 0.001308 * r * r * r)
+    return tl.where(pt < 0.5, z, -z)
+
+
+@triton.jit
+def _count_at_least(row_ptr, n, n_max, thr, ROWS: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr):
+    """count(x ≥ thr_j) per row for G thresholds ``thr`` [ROWS, G] → [ROWS, G] int32 (−inf entries never count)."""
+    # Compare order-preserving keys, exactly as the compaction pass selects (−0.0 and +0.0 stay distinct).
+    tkey = _ordered_key(thr)
+    cnt = tl.zeros([ROWS, G], dtype=tl.int32)
+    for start in range(0, n_max, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(row_ptr[:, None] + offs[None, :], mask=offs[None, :] < n[:, None], other=float("-inf"))
+        cnt += tl.sum((_ordered_key(x)[:, :, None] >= tkey[:, None, :]).to(tl.int32), axis=1)
+    return cnt
+
+
+@triton.jit
 def _select_kernel(
-    ws_ptr, nrow_ptr, hist0_ptr, cand_ptr, s_ptr, i_ptr,
+    ws_ptr, nrow_ptr, stats_ptr, cnt_ptr, cand_ptr, s_ptr, i_ptr,
     q_start, n_q,
     stride_wsb, stride_wst, stride_cb, stride_ct, stride_ob, stride_ot,
-    K: tl.constexpr, CAP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, HAS_HIST0: tl.constexpr,
+    K: tl.constexpr, CAP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr,
     RANK_SORT: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -177,63 +210,123 @@ def _select_kernel(
     cand_row = cand_ptr + b * stride_cb + rows.to(tl.int64) * stride_ct
     bins = tl.arange(0, 256)
 
-    # Radix descent: narrow the boundary bucket 8 bits at a time until every entry at or above it fits in CAP
-    # candidate slots (usually after 1–2 levels), or, with massive exact ties, down to the full key.
-    shift = tl.full([ROWS], 24, dtype=tl.int32)
-    prefix = tl.zeros([ROWS], dtype=tl.uint32)
-    if HAS_HIST0:  # first-level histogram already built by the score kernel's epilogue
-        hist = tl.load(hist0_ptr + (b * n_q + rows[:, None]) * 256 + bins[None, :], mask=row_ok[:, None], other=0)
+    # The candidates are every valid entry whose key, shifted right by `shift`, is ≥ `prefix` (`taken` of them),
+    # except for rows that end in the exact-tie case (`ranked`), which take only the first `quota` entries equal
+    # to the prefix. Start from "all valid": shift 0, prefix = key(−inf) + 1.
+    shift = tl.zeros([ROWS], dtype=tl.int32)
+    prefix = tl.full([ROWS], 0x00800000, dtype=tl.uint32)
+    if FAST:
+        # Fast path: guess thresholds from the row's mean / std / max / min (a Gaussian tail quantile), count
+        # the entries at or above each in one pass, and keep the highest threshold whose count lies in [K, CAP].
+        # A few bracketing passes refine a bad guess; rows it cannot settle (heavy ties) fall through to radix.
+        st = stats_ptr + (b * n_q + rows) * 5
+        n_valid = tl.load(st + 0, mask=row_ok, other=0.0)
+        mean = tl.load(st + 1, mask=row_ok, other=0.0) / tl.maximum(n_valid, 1.0)
+        var = tl.load(st + 2, mask=row_ok, other=0.0) / tl.maximum(n_valid, 1.0) - mean * mean
+        sd = tl.sqrt(tl.maximum(var, 0.0))
+        hi_v = tl.load(st + 3, mask=row_ok, other=0.0)
+        lo_v = tl.load(st + 4, mask=row_ok, other=0.0)
+        n_valid_i = n_valid.to(tl.int32)
+        z = _normal_upper_quantile(tl.minimum(tl.maximum(1.5 * K / tl.maximum(n_valid, 1.0), 1e-6), 0.999))
+        jj = tl.arange(0, N_THRESH)
+        thr = mean[:, None] + sd[:, None] * (z[:, None] + (jj[None, :].to(tl.float32) - 3.5) * 0.3)
+        thr = tl.minimum(tl.maximum(thr, lo_v[:, None]), hi_v[:, None])  # [ROWS, G] ascending
+        found = n_valid_i <= CAP  # few valid: take them all
+        t_sel = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        taken = tl.where(found, n_valid_i, 0)
+        lo_b = lo_v  # bracket: count(x ≥ lo_b) > CAP, count(x ≥ hi_b) < K (as far as known)
+        hi_b = hi_v
+        passes = 0
+        while (tl.min(found.to(tl.int32), axis=0) == 0) & (passes < MAX_COUNT_PASSES):
+            cnt = _count_at_least(row_ptr, n, n_max, thr, ROWS, BLOCK, N_THRESH)
+            good = (cnt >= K) & (cnt <= CAP)
+            best = tl.max(tl.where(good, thr, float("-inf")), axis=1)
+            ok = (~found) & (best > float("-inf"))
+            t_sel = tl.where(ok, best, t_sel)
+            taken = tl.where(ok, tl.max(tl.where(good & (thr == best[:, None]), cnt, 0), axis=1), taken)
+            found = found | ok
+            lo_b = tl.maximum(lo_b, tl.max(tl.where(cnt > CAP, thr, float("-inf")), axis=1))
+            hi_b = tl.minimum(hi_b, tl.min(tl.where(cnt < K, thr, float("inf")), axis=1))
+            thr = lo_b[:, None] + (hi_b - lo_b)[:, None] * ((jj[None, :] + 1).to(tl.float32) / (N_THRESH + 1))
+            passes += 1
+        fast_row = found & (n_valid_i > CAP)
+        prefix = tl.where(fast_row, _ordered_key(t_sel), prefix)
     else:
-        hist = _histogram_pass(row_ptr, n, n_max, shift, prefix, ROWS, BLOCK)
-    n_valid = tl.sum(hist, axis=1)
-    take_all = n_valid <= CAP
-    remaining = tl.minimum(n_valid, K)  # how many of the k are still to come from the bucket being refined
-    above_all = tl.zeros([ROWS], dtype=tl.int32)  # entries strictly above the current bucket
-    quota = tl.zeros([ROWS], dtype=tl.int32)  # how many entries equal to the final prefix to keep
-    done = take_all.to(tl.int32)
-    while tl.min(done, axis=0) == 0:
-        # boundary digit d: count(digit > d) < remaining ≤ count(digit ≥ d)
-        ge = tl.cumsum(hist, axis=1, reverse=True)
-        dsel = tl.max(tl.where(ge >= remaining[:, None], bins[None, :], -1), axis=1)
-        above = tl.sum(tl.where(bins[None, :] > dsel[:, None], hist, 0), axis=1)
-        in_bin = tl.sum(tl.where(bins[None, :] == dsel[:, None], hist, 0), axis=1)
-        active = done == 0
-        remaining = tl.where(active, remaining - above, remaining)
-        above_all = tl.where(active, above_all + above, above_all)
-        prefix = tl.where(active, (prefix << 8) | dsel.to(tl.uint32), prefix)
-        fits = above_all + in_bin <= CAP
-        quota = tl.where(active & fits, in_bin, tl.where(active & (shift == 0), remaining, quota))
-        done = tl.where(active & (fits | (shift == 0)), 1, done)
-        shift = tl.where(done == 0, shift - 8, shift)
-        if tl.min(done, axis=0) == 0:
-            hist = _histogram_pass(row_ptr, n, n_max, shift, prefix, ROWS, BLOCK)
-    # Few valid entries: all of them are candidates (key > key(−inf) at full width).
-    shift = tl.where(take_all, 0, shift)
-    prefix = tl.where(take_all, 0x007FFFFF, prefix)
-    quota = tl.where(take_all, 0, quota)
+        found = rows < 0
+        taken = tl.zeros([ROWS], dtype=tl.int32)
+    quota = tl.zeros([ROWS], dtype=tl.int32)
+    ranked = tl.zeros([ROWS], dtype=tl.int1)
 
-    # Compact the candidates in ascending key order: all above the prefix, then the first `quota` equal ones
-    # (with exact ties at full width those are the lowest indices, as the rule wants).
-    taken = tl.zeros([ROWS], dtype=tl.int32)
-    eq_seen = tl.zeros([ROWS], dtype=tl.int32)
-    for start in range(0, n_max, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        x = tl.load(row_ptr[:, None] + offs[None, :], mask=offs[None, :] < n[:, None], other=float("-inf"))
-        ukey = _ordered_key(x)
-        hi = ukey >> shift[:, None]
-        valid = x != float("-inf")
-        gt = valid & (hi > prefix[:, None])
-        eq = valid & (hi == prefix[:, None])
-        eq_i = eq.to(tl.int32)
-        eq_rank = eq_seen[:, None] + tl.cumsum(eq_i, axis=1) - eq_i
-        sel = gt | (eq & (eq_rank < quota[:, None]))
-        sel_i = sel.to(tl.int32)
-        pos = taken[:, None] + tl.cumsum(sel_i, axis=1) - sel_i
-        skey = (ukey ^ 0x80000000).to(tl.int32, bitcast=True)  # signed order = float order
-        packed = (skey.to(tl.int64) << 32) | (2147483647 - offs[None, :]).to(tl.int64)
-        tl.store(cand_row[:, None] + pos, packed, mask=sel)
-        taken += tl.sum(sel_i, axis=1)
-        eq_seen += tl.sum(eq_i, axis=1)
+    if tl.min(found.to(tl.int32), axis=0) == 0:
+        # Exact radix descent: narrow the boundary bucket 8 bits at a time until every entry at or above it fits
+        # in CAP slots, or, with massive exact ties, down to the full key, taking the lowest-index equal ones.
+        r_shift = tl.full([ROWS], 24, dtype=tl.int32)
+        r_prefix = tl.zeros([ROWS], dtype=tl.uint32)
+        hist = _histogram_pass(row_ptr, n, n_max, r_shift, r_prefix, ROWS, BLOCK)
+        n_valid_r = tl.sum(hist, axis=1)
+        take_all = n_valid_r <= CAP
+        remaining = tl.minimum(n_valid_r, K)  # how many of the k are still to come from the bucket being refined
+        above_all = tl.zeros([ROWS], dtype=tl.int32)  # entries strictly above the current bucket
+        done = (take_all | found).to(tl.int32)
+        while tl.min(done, axis=0) == 0:
+            # boundary digit d: count(digit > d) < remaining ≤ count(digit ≥ d)
+            ge = tl.cumsum(hist, axis=1, reverse=True)
+            dsel = tl.max(tl.where(ge >= remaining[:, None], bins[None, :], -1), axis=1)
+            above = tl.sum(tl.where(bins[None, :] > dsel[:, None], hist, 0), axis=1)
+            in_bin = tl.sum(tl.where(bins[None, :] == dsel[:, None], hist, 0), axis=1)
+            active = done == 0
+            remaining = tl.where(active, remaining - above, remaining)
+            above_all = tl.where(active, above_all + above, above_all)
+            r_prefix = tl.where(active, (r_prefix << 8) | dsel.to(tl.uint32), r_prefix)
+            fits = above_all + in_bin <= CAP
+            ties = active & (r_shift == 0) & (~fits)
+            quota = tl.where(ties, remaining, quota)
+            ranked = ranked | ties
+            taken = tl.where(active & fits, above_all + in_bin, tl.where(ties, above_all + remaining, taken))
+            done = tl.where(active & (fits | (r_shift == 0)), 1, done)
+            r_shift = tl.where(done == 0, r_shift - 8, r_shift)
+            if tl.min(done, axis=0) == 0:
+                hist = _histogram_pass(row_ptr, n, n_max, r_shift, r_prefix, ROWS, BLOCK)
+        radix_row = (~found) & (~take_all)
+        shift = tl.where(radix_row, r_shift, shift)
+        prefix = tl.where(radix_row, r_prefix, prefix)
+        taken = tl.where((~found) & take_all, n_valid_r, taken)
+
+    if tl.max(ranked.to(tl.int32), axis=0) == 0:
+        # Compaction in any order (the sort below fixes the order): one atomic slot counter per row.
+        cnt_row = cnt_ptr + b * n_q + rows
+        for start in range(0, n_max, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            x = tl.load(row_ptr[:, None] + offs[None, :], mask=offs[None, :] < n[:, None], other=float("-inf"))
+            ukey = _ordered_key(x)
+            sel = (x != float("-inf")) & ((ukey >> shift[:, None]) >= prefix[:, None])
+            slot = tl.atomic_add(tl.broadcast_to(cnt_row[:, None], (ROWS, BLOCK)), 1, mask=sel)
+            skey = (ukey ^ 0x80000000).to(tl.int32, bitcast=True)  # signed order = float order
+            packed = (skey.to(tl.int64) << 32) | (2147483647 - offs[None, :]).to(tl.int64)
+            tl.store(cand_row[:, None] + slot, packed, mask=sel)
+    else:
+        # Exact ties at the k-th value: compact in ascending key order so the first `quota` equal ones are the
+        # lowest indices, as the rule wants.
+        t_cnt = tl.zeros([ROWS], dtype=tl.int32)
+        eq_seen = tl.zeros([ROWS], dtype=tl.int32)
+        for start in range(0, n_max, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            x = tl.load(row_ptr[:, None] + offs[None, :], mask=offs[None, :] < n[:, None], other=float("-inf"))
+            ukey = _ordered_key(x)
+            hi = ukey >> shift[:, None]
+            valid = x != float("-inf")
+            gt = valid & (hi > prefix[:, None])
+            eq = valid & (hi == prefix[:, None])
+            eq_i = eq.to(tl.int32)
+            eq_rank = eq_seen[:, None] + tl.cumsum(eq_i, axis=1) - eq_i
+            sel = gt | (eq & ((eq_rank < quota[:, None]) | (~ranked[:, None])))
+            sel_i = sel.to(tl.int32)
+            pos = t_cnt[:, None] + tl.cumsum(sel_i, axis=1) - sel_i
+            skey = (ukey ^ 0x80000000).to(tl.int32, bitcast=True)
+            packed = (skey.to(tl.int64) << 32) | (2147483647 - offs[None, :]).to(tl.int64)
+            tl.store(cand_row[:, None] + pos, packed, mask=sel)
+            t_cnt += tl.sum(sel_i, axis=1)
+            eq_seen += tl.sum(eq_i, axis=1)
     # The candidates were written by other threads of this program: barrier, then read them back.
     tl.debug_barrier()
     slots = tl.arange(0, CAP)
@@ -308,13 +401,14 @@ def score_chunk(
     q_start: int,
     n_q: int,
     workspace: torch.Tensor,
-    hist0: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> None:
     """Write the scores of queries [q_start, q_start+n_q) into ``workspace`` [B, ≥n_q, ≥max row_len] (fp32).
 
     Row r holds I[q_start + r, s] for s < row_len[q_start + r] (−inf where not causal); later columns are not
-    written. With ``hist0`` ([B, n_q, 256] int32) also the first-level radix histogram of each row. Inputs as
+    written. With ``stats`` ([B, ≥n_q, 5] fp32) also each row's count, sum, sum of squares, max and min of the
+    valid scores (the select kernel's threshold guess). Inputs as
     prepared by :func:`_prepare`; exposed for the benchmark and the exactness tests.
     """
     b, _, h, d = q_index.shape
@@ -331,7 +425,7 @@ def score_chunk(
     ks = k_scale if k_scale is not None else weights  # dummy pointer when absent
     upcast = (not q_index.is_cuda) and q_index.dtype == torch.bfloat16  # interpreter: bf16 dot is wrong
     _score_kernel[(n_blocks, b)](
-        q_index, k_index, weights, ks, q_pos, k_pos, kend, workspace, hist0 if hist0 is not None else kend,
+        q_index, k_index, weights, ks, q_pos, k_pos, kend, workspace, stats if stats is not None else weights,
         q_start, n_q, n_k, n_blocks,
         q_index.stride(0), q_index.stride(1), q_index.stride(2),
         k_index.stride(0), k_index.stride(1),
@@ -340,14 +434,15 @@ def score_chunk(
         workspace.stride(0), workspace.stride(1),
         H=h, D=d, HP=hp, DP=dp, BLOCK_Q=bq, BLOCK_K=bk,
         HAS_KSCALE=k_scale is not None, UPCAST=upcast, IEEE=q_index.dtype == torch.float32 or upcast,
-        FUSE_HIST=hist0 is not None, **cfg,
+        STATS=stats is not None, **cfg,
     )
 
 
 def select_chunk(
     workspace: torch.Tensor,
     row_len: torch.Tensor,
-    hist0: torch.Tensor | None,
+    stats: torch.Tensor | None,
+    counters: torch.Tensor,
     cand: torch.Tensor,
     out_s: torch.Tensor,
     out_i: torch.Tensor,
@@ -358,21 +453,22 @@ def select_chunk(
 ) -> None:
     """Exact top-k of workspace rows [0, n_q) into ``out_s/out_i[:, q_start:q_start+n_q]``.
 
-    ``cand`` [B, ≥n_q, CAP] int64 scratch with CAP = 2·next_pow2(topk); ``hist0`` [B, n_q, 256] from
-    :func:`score_chunk` or None (then the select kernel builds it with one more pass over the row).
+    ``stats`` [B, ≥n_q, 5] from :func:`score_chunk` enables the threshold-counting fast path (None: radix only);
+    ``counters`` [≥B·n_q] int32 zeros (slot counters, consumed); ``cand`` [B, ≥n_q, CAP] int64 scratch with
+    CAP = 2·next_pow2(topk).
     """
     b = workspace.shape[0]
     on_gpu = workspace.is_cuda
-    # GPU: one row per program (the histogram cost grows with ROWS); interpreter: batch rows (per-op overhead).
-    rows, block, warps = (1, 4096, 8) if on_gpu else (16, 64, 1)
+    # GPU: one row per program (its scalar control flow is per row); interpreter: batch rows (per-op overhead).
+    rows, block, warps = (1, 2048, 8) if on_gpu else (16, 64, 1)
     if config:
         block, warps = config.get("BLOCK", block), config.get("num_warps", warps)
     _select_kernel[(triton.cdiv(n_q, rows), b)](
-        workspace, row_len, hist0 if hist0 is not None else row_len, cand, out_s, out_i,
+        workspace, row_len, stats if stats is not None else workspace, counters, cand, out_s, out_i,
         q_start, n_q,
         workspace.stride(0), workspace.stride(1), cand.stride(0), cand.stride(1), out_s.stride(0), out_s.stride(1),
-        K=topk, CAP=cand.shape[-1], ROWS=rows, BLOCK=block, HAS_HIST0=hist0 is not None,
-        RANK_SORT=not on_gpu, num_warps=warps,
+        K=topk, CAP=cand.shape[-1], ROWS=rows, BLOCK=block, FAST=stats is not None, RANK_SORT=not on_gpu,
+        num_warps=warps,
     )
 
 
@@ -430,10 +526,11 @@ def lightning_indexer_topk(
     cap = 2 * triton.next_power_of_2(topk)  # candidate slots per row (≥ k plus the boundary bucket)
     workspace = torch.empty(b, chunk, width, dtype=torch.float32, device=dev)
     cand = torch.empty(b, chunk, cap, dtype=torch.int64, device=dev)
-    hist0 = torch.empty(b, chunk, 256, dtype=torch.int32, device=dev) if FUSE_HIST else None
+    stats = torch.empty(b, chunk, 5, dtype=torch.float32, device=dev) if FAST_SELECT else None
+    counters = torch.empty(b * chunk, dtype=torch.int32, device=dev)
     for start in range(0, lq, chunk):
         n_q = min(chunk, lq - start)
-        h0 = hist0[:, :n_q] if hist0 is not None else None
-        score_chunk(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, start, n_q, workspace, h0)
-        select_chunk(workspace, row_len, h0, cand, out_s, out_i, start, n_q, topk)
+        score_chunk(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, start, n_q, workspace, stats)
+        counters.zero_()
+        select_chunk(workspace, row_len, stats, counters, cand, out_s, out_i, start, n_q, topk)
     return out_s, out_i

@@ -67,12 +67,12 @@ def _case_exact_ties_and_short_rows():
 
     # small integers: many exactly equal scores, so ties decide; rows t < k have fewer than k valid keys
     q, k, w, ks = _int_inputs(2, 100, 100, 4, 32)
-    for fused in (True, False):  # first radix level built in the score kernel, or by the select kernel
-        kt.FUSE_HIST = fused
+    for fast in (True, False):  # threshold-counting fast path (falls back to radix on ties), or radix only
+        kt.FAST_SELECT = fast
         got = kt.lightning_indexer_topk(q, k, w, 16, ks, chunk_size=40)
         _assert_topk_equal(got, ref(q, k, w, 16, ks))
     # all scores 0 (zero weights): the answer is the k lowest causal indices, found by the full-width tie path
-    kt.FUSE_HIST = False
+    kt.FAST_SELECT = True
     w0 = torch.zeros_like(w)
     got = kt.lightning_indexer_topk(q, k, w0, 8)
     _assert_topk_equal(got, ref(q, k, w0, 8))
@@ -245,24 +245,24 @@ def _sweep_scores(h, d, length, cfgs, results):
     pos = torch.arange(length, device="cuda")
     row_len = kt._row_lengths(pos, pos)
     ws = torch.empty(1, length, length, device="cuda")
-    h0 = torch.empty(1, length, 256, dtype=torch.int32, device="cuda")
+    stats = torch.empty(1, length, 5, device="cuda")
     flops = indexer_flops(length, length, h, d)
     best = (0.0, None)
     for i, (bq, bk, nw, ns) in enumerate(cfgs):
         cfg = {"BLOCK_Q": bq, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}
-        for fuse in (False, True) if i == 0 else (False,):
+        for with_stats in (False, True) if i == 0 else (True,):
             fn = functools.partial(kt.score_chunk, qp, kp, wp, ks, pos, pos, row_len, 0, length, ws,
-                                   h0 if fuse else None, cfg)
+                                   stats if with_stats else None, cfg)
             try:
                 ms = _median_ms(fn, 200)
             except Exception as e:  # noqa: BLE001 — a config that fails to compile is reported, not fatal
-                print(f"score H={h} d={d} {cfg} fuse={fuse}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                print(f"score H={h} d={d} {cfg} stats={with_stats}: FAILED {type(e).__name__}: {str(e)[:300]}")
                 continue
             tf = flops / ms / 1e9
-            results.append({"what": "score_sweep", "H": h, "d": d, "L": length, **cfg, "fuse_hist": fuse,
+            results.append({"what": "score_sweep", "H": h, "d": d, "L": length, **cfg, "stats": with_stats,
                             "ms": ms, "tflops": tf})
-            print(f"score H={h} d={d} L={length} {bq},{bk},{nw},{ns} fuse={fuse}: {ms:.3f} ms {tf:.0f} TFLOPS")
-            if not fuse and tf > best[0]:
+            print(f"score H={h} d={d} L={length} {bq},{bk},{nw},{ns} stats={with_stats}: {ms:.3f} ms {tf:.0f} TFLOPS")
+            if with_stats and tf > best[0]:
                 best = (tf, cfg)
     return best
 
@@ -292,27 +292,29 @@ def _bench_end_to_end(h, d, k, length, results):
     chunk = max(1, min(length, kt.WORKSPACE_ELEMS // length))
     ws = torch.empty(1, chunk, length, device="cuda")
     cand = torch.empty(1, chunk, 2 * triton.next_power_of_2(k), dtype=torch.int64, device="cuda")
+    stats = torch.empty(1, chunk, 5, device="cuda")
+    counters = torch.zeros(chunk, dtype=torch.int32, device="cuda")
     o_s = torch.empty(1, length, k, device="cuda")
     o_i = torch.empty(1, length, k, dtype=torch.int32, device="cuda")
     starts = [(st, min(chunk, length - st)) for st in range(0, length, chunk)]
 
     def scores_only():
         for st, n_q in starts:
-            kt.score_chunk(qp, kp, wp, ks, pos, pos, row_len, st, n_q, ws)
+            kt.score_chunk(qp, kp, wp, ks, pos, pos, row_len, st, n_q, ws, stats)
 
-    def select_only():
+    def select_only(fast=True, config=None):
         for st, n_q in starts:
-            kt.select_chunk(ws, row_len, None, cand, o_s, o_i, st, n_q, k)
+            counters.zero_()
+            kt.select_chunk(ws, row_len, stats if fast else None, counters, cand, o_s, o_i, st, n_q, k, config)
 
     ms_s, ms_k = _median_ms(scores_only, rep), _median_ms(select_only, rep)
-    if length == 32768:  # select-kernel variants (rows per program = 1; block of scores per step, warps)
-        for blk, nw in ((2048, 4), (4096, 4), (2048, 8), (8192, 8)):
-            def sel(blk=blk, nw=nw):
-                for st, n_q in starts:
-                    kt.select_chunk(ws, row_len, None, cand, o_s, o_i, st, n_q, k, {"BLOCK": blk, "num_warps": nw})
-            ms_v = _median_ms(sel, rep)
-            results.append({"what": "select_sweep", "H": h, "k": k, "L": length, "BLOCK": blk, "warps": nw, "ms": ms_v})
-            print(f"select L={length} k={k} BLOCK={blk} warps={nw}: {ms_v:.2f} ms")
+    if length == 32768:  # select-kernel variants: radix only; block of scores per step and warps
+        variants = [(False, None), (True, {"BLOCK": 1024, "num_warps": 4}), (True, {"BLOCK": 2048, "num_warps": 4}),
+                    (True, {"BLOCK": 4096, "num_warps": 8})]
+        for fast, cfg in variants:
+            ms_v = _median_ms(functools.partial(select_only, fast, cfg), rep)
+            results.append({"what": "select_sweep", "H": h, "k": k, "L": length, "fast": fast, "cfg": cfg, "ms": ms_v})
+            print(f"select L={length} k={k} fast={fast} {cfg}: {ms_v:.2f} ms")
     flops = indexer_flops(length, length, h, d)
     row = {"what": "indexer_topk", "H": h, "d": d, "k": k, "L": length, "ms": ms, "score_ms": ms_s,
            "select_ms": ms_k, "tflops": flops / ms / 1e9, "score_tflops": flops / ms_s / 1e9, "peak_gib": peak,
