@@ -29,6 +29,7 @@ def run_pipeline(cfg: TrainRunConfig) -> dict[str, list[dict]]:
     from dsa_dist.compat import init_parallel
     from dsa_dist.train import checkpoint as ckpt
     from dsa_dist.train.loop import StageTrainer
+    from dsa_dist.train.stages import resolve_stage
 
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -41,17 +42,29 @@ def run_pipeline(cfg: TrainRunConfig) -> dict[str, list[dict]]:
     history: dict[str, list[dict]] = {}
     init_from = Path(cfg.checkpoint.init_from) if cfg.checkpoint.init_from else None
     for stage in cfg.pipeline:
-        trainer = StageTrainer(cfg, stage, init_from=init_from)
-        history[stage] = trainer.run()
+        stage_ckpts = run_dir / stage / "checkpoints"
+        latest = ckpt.latest_checkpoint(stage_ckpts) if cfg.checkpoint.resume else None
+        steps = resolve_stage(cfg, stage).steps
+        if latest is not None and ckpt.read_train_state(latest)["step"] >= steps:
+            if rank == 0:
+                print(f"[{stage}] already complete ({latest}), skipping", flush=True)
+            history[stage] = []
+        else:
+            if stage != "dense" and init_from is None and latest is None and rank == 0:
+                print(f"[{stage}] warning: no previous stage and no checkpoint.init_from: starting from random "
+                      "weights (the recipe expects a dense model)", flush=True)
+            trainer = StageTrainer(cfg, stage, init_from=init_from)
+            history[stage] = trainer.run()
+            del trainer
         # The next stage starts from this stage's final checkpoint.
-        init_from = ckpt.latest_checkpoint(run_dir / stage / "checkpoints")
-        del trainer
+        init_from = ckpt.latest_checkpoint(stage_ckpts)
     if rank == 0:
         print(f"done: {', '.join(cfg.pipeline)} -> {run_dir}", flush=True)
     return history
 
 
 def _spawned(rank: int, world_size: int, port: int, cfg: TrainRunConfig) -> None:
+    _quiet_known_warnings()
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     try:
@@ -70,8 +83,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _quiet_known_warnings() -> None:
+    """Silence warnings that say nothing actionable about a dsa-train run (they repeat on every rank)."""
+    import warnings
+
+    # Megatron-Core on machines without Transformer Engine / Apex: the torch fallbacks are what we use.
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
+    # torch.distributed.checkpoint deprecations triggered inside Megatron's torch_dist strategy.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*(load_state_dict. is deprecated|DTensor).*")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _quiet_known_warnings()
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0

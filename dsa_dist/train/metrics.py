@@ -92,7 +92,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self._bar is not None and hasattr(self._bar, "console"):
-            self._bar.console.print(line, highlight=False, markup=False)
+            self._bar.console.print(line, highlight=False, markup=False, soft_wrap=True)  # no hard wraps in logs
         elif self._bar is not None:
             self._bar.write(line)
         else:
