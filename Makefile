@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test run lint bench clean
+.PHONY: test run demo lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -17,7 +17,12 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The main job: dense -> warmup -> sparse on the embedded default config (configs/tiny.yaml).
 run: $(STAMP)
+	$(VENV)/bin/dsa-train
+
+# A 5-second forward/backward of the reference DSA layer.
+demo: $(STAMP)
 	$(VENV)/bin/dsa-run
 
 lint: $(STAMP)
