@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/dsa-run
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check dsa_dist kernels tests benchmarks launch
+	$(VENV)/bin/ruff check dsa_dist kernels tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
