@@ -5,24 +5,25 @@ Same function as :func:`dsa_dist.ops.topk.lightning_indexer_topk`:
     I[t, s] = k_scale[s] · Σ_h w[t, h] · ReLU(q_I[t, h] · k_I[s])   for k_pos[s] ≤ q_pos[t], −inf otherwise
     S_t     = top-k_s I[t, s]   ordered (score desc, index asc), ties → lowest index, (−inf, −1) padding.
 
-Two kernels per chunk of ``chunk_size`` queries, so memory is O(chunk · Lk + Lq · k), never [Lq, Lk]:
+Three kernels per chunk of ``chunk_size`` queries, so memory is O(chunk · Lk + Lq · k), never [Lq, Lk]:
 
 1. ``_score_kernel`` — one program per (block of ``BLOCK_Q`` queries, batch). The block's queries are folded
    with the heads into one [BLOCK_Q·H_I, d_I] operand that stays on chip; key tiles [BLOCK_K, d_I] stream past
    it. ``tl.dot(k_tile, q^T)`` puts keys on the MMA M dimension and (query, head) on N, so the ReLU, the
    per-head weight and the sum over heads are an epilogue over the accumulator's columns. The per-key scale and
    the causal mask follow; the [BLOCK_K, BLOCK_Q] scores go to an fp32 workspace row slice. Only key blocks up
-   to the block's last causal key are visited (when k_positions are sorted, the usual case). The epilogue also
-   keeps per-row count / sum / sum of squares / max / min of the valid scores.
-2. ``_select_kernel`` — one program per query row, exact. Fast path: from the row statistics, guess 8
+   to the block's last causal key are visited (when k_positions are sorted, the usual case).
+2. ``_select_kernel`` — one program per query row, exact. Fast path: one pass for the row's count / mean /
+   std / max / min, then guess 8
    thresholds around the Gaussian tail quantile of rank ~1.5·k, count the scores at or above each in one pass
    (order-preserving uint32 keys), and take the highest threshold whose count c lies in [k, CAP = 2·next_pow2(k)];
    up to two more passes refine a bracketing guess. Rows it cannot settle (heavy exact ties) take the exact radix
    path: 256-bin ``tl.histogram`` levels of 8 bits until the bucket at the boundary fits CAP, or down to the
-   full key where the lowest-index equal scores fill the quota. The ≤ CAP candidates are compacted as int64
-   words (score key high, ``2^31−1−index`` low), sorted descending with ``tl.sort`` — exactly the order (score
-   desc, index asc) — and the first k unpacked. Every candidate at or above the threshold is kept, so ties at
-   the k-th score resolve to the lowest index.
+   full key where the lowest-index equal scores fill the quota. The ≤ CAP candidates are compacted (atomic
+   slot counter, any order) as int64 words: score key high, ``2^31−1−index`` low. Every candidate at or above
+   the threshold is kept, so ties at the k-th score are all present.
+3. ``_sort_kernel`` — one program per row sorts its candidate words descending with ``tl.sort`` — exactly the
+   order (score desc, index asc), so ties resolve to the lowest index — and unpacks the first k.
 
 There is no backward: indices are not differentiable (the KL kernels in ``kernels/indexer_kl.py`` recompute the
 selected scores with gradients).
@@ -60,7 +61,7 @@ def _ordered_key(x):
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _score_kernel(
-    q_ptr, k_ptr, w_ptr, ks_ptr, qpos_ptr, kpos_ptr, kend_ptr, ws_ptr, stats_ptr,
+    q_ptr, k_ptr, w_ptr, ks_ptr, qpos_ptr, kpos_ptr, kend_ptr, ws_ptr,
     q_start, n_q, n_k, n_blocks,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt,
@@ -69,7 +70,7 @@ def _score_kernel(
     stride_wsb, stride_wst,
     H: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_KSCALE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, STATS: tl.constexpr,
+    HAS_KSCALE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     # Longest blocks (latest queries) first: better tail balance for the causal triangle.
     blk = n_blocks - 1 - tl.program_id(0)
@@ -93,14 +94,6 @@ def _score_kernel(
     qpos = tl.load(qpos_ptr + q_start + qq, mask=q_ok, other=-1)  # [BLOCK_Q]
     kend = tl.load(kend_ptr + blk)
     qT = tl.trans(q)
-    if STATS:
-        # Per-row count / sum / sum of squares / max / min of the valid scores, for the select kernel's threshold
-        # guess. Accumulated elementwise and reduced once after the loop (no cross-warp reduction per tile).
-        st_n = tl.zeros([BLOCK_K, BLOCK_Q], dtype=tl.float32)
-        st_s = tl.zeros([BLOCK_K, BLOCK_Q], dtype=tl.float32)
-        st_q = tl.zeros([BLOCK_K, BLOCK_Q], dtype=tl.float32)
-        st_hi = tl.full([BLOCK_K, BLOCK_Q], float("-inf"), dtype=tl.float32)
-        st_lo = tl.full([BLOCK_K, BLOCK_Q], float("inf"), dtype=tl.float32)
     for k0 in range(0, kend, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < n_k
@@ -126,20 +119,6 @@ def _score_kernel(
             ws_ptr + b * stride_wsb + qq[None, :].to(tl.int64) * stride_wst + kk[:, None],
             s, mask=q_ok[None, :] & k_ok[:, None],
         )
-        if STATS:
-            sv = tl.where(ok, s, 0.0)
-            st_n += ok.to(tl.float32)
-            st_s += sv
-            st_q += sv * sv
-            st_hi = tl.maximum(st_hi, s)
-            st_lo = tl.minimum(st_lo, tl.where(ok, s, float("inf")))
-    if STATS:
-        out = stats_ptr + (b * n_q + qq) * 5
-        tl.store(out + 0, tl.sum(st_n, axis=0), mask=q_ok)
-        tl.store(out + 1, tl.sum(st_s, axis=0), mask=q_ok)
-        tl.store(out + 2, tl.sum(st_q, axis=0), mask=q_ok)
-        tl.store(out + 3, tl.max(st_hi, axis=0), mask=q_ok)
-        tl.store(out + 4, tl.min(st_lo, axis=0), mask=q_ok)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,11 +173,10 @@ def _count_at_least(row_ptr, n, n_max, thr, ROWS: tl.constexpr, BLOCK: tl.conste
 
 @triton.jit
 def _select_kernel(
-    ws_ptr, nrow_ptr, stats_ptr, cnt_ptr, cand_ptr, s_ptr, i_ptr,
+    ws_ptr, nrow_ptr, cnt_ptr, cand_ptr,
     q_start, n_q,
-    stride_wsb, stride_wst, stride_cb, stride_ct, stride_ob, stride_ot,
+    stride_wsb, stride_wst, stride_cb, stride_ct,
     K: tl.constexpr, CAP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr,
-    RANK_SORT: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_q
@@ -219,14 +197,29 @@ def _select_kernel(
         # Fast path: guess thresholds from the row's mean / std / max / min (a Gaussian tail quantile), count
         # the entries at or above each in one pass, and keep the highest threshold whose count lies in [K, CAP].
         # A few bracketing passes refine a bad guess; rows it cannot settle (heavy ties) fall through to radix.
-        st = stats_ptr + (b * n_q + rows) * 5
-        n_valid = tl.load(st + 0, mask=row_ok, other=0.0)
-        mean = tl.load(st + 1, mask=row_ok, other=0.0) / tl.maximum(n_valid, 1.0)
-        var = tl.load(st + 2, mask=row_ok, other=0.0) / tl.maximum(n_valid, 1.0) - mean * mean
+        # Statistics pass: elementwise accumulators, reduced once at the end.
+        a_n = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
+        a_s = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        a_q = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        a_hi = tl.full([ROWS, BLOCK], float("-inf"), dtype=tl.float32)
+        a_lo = tl.full([ROWS, BLOCK], float("inf"), dtype=tl.float32)
+        for start in range(0, n_max, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            x = tl.load(row_ptr[:, None] + offs[None, :], mask=offs[None, :] < n[:, None], other=float("-inf"))
+            ok_x = x != float("-inf")
+            xv = tl.where(ok_x, x, 0.0)
+            a_n += ok_x.to(tl.int32)
+            a_s += xv
+            a_q += xv * xv
+            a_hi = tl.maximum(a_hi, x)
+            a_lo = tl.minimum(a_lo, tl.where(ok_x, x, float("inf")))
+        n_valid_i = tl.sum(a_n, axis=1)
+        n_valid = n_valid_i.to(tl.float32)
+        mean = tl.sum(a_s, axis=1) / tl.maximum(n_valid, 1.0)
+        var = tl.sum(a_q, axis=1) / tl.maximum(n_valid, 1.0) - mean * mean
         sd = tl.sqrt(tl.maximum(var, 0.0))
-        hi_v = tl.load(st + 3, mask=row_ok, other=0.0)
-        lo_v = tl.load(st + 4, mask=row_ok, other=0.0)
-        n_valid_i = n_valid.to(tl.int32)
+        hi_v = tl.where(n_valid_i > 0, tl.max(a_hi, axis=1), 0.0)  # rows without valid entries: keep finite
+        lo_v = tl.where(n_valid_i > 0, tl.min(a_lo, axis=1), 0.0)
         z = _normal_upper_quantile(tl.minimum(tl.maximum(1.5 * K / tl.maximum(n_valid, 1.0), 1e-6), 0.999))
         jj = tl.arange(0, N_THRESH)
         thr = mean[:, None] + sd[:, None] * (z[:, None] + (jj[None, :].to(tl.float32) - 3.5) * 0.3)
@@ -327,9 +320,25 @@ def _select_kernel(
             tl.store(cand_row[:, None] + pos, packed, mask=sel)
             t_cnt += tl.sum(sel_i, axis=1)
             eq_seen += tl.sum(eq_i, axis=1)
-    # The candidates were written by other threads of this program: barrier, then read them back.
-    tl.debug_barrier()
+    tl.store(cnt_ptr + b * n_q + rows, taken, mask=row_ok)  # number of candidates of each row
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. order each row's candidates by (score desc, index asc) and keep k
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _sort_kernel(
+    cand_ptr, cnt_ptr, s_ptr, i_ptr,
+    q_start, n_q,
+    stride_cb, stride_ct, stride_ob, stride_ot,
+    K: tl.constexpr, CAP: tl.constexpr, ROWS: tl.constexpr, RANK_SORT: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_q
+    b = tl.program_id(1).to(tl.int64)
+    taken = tl.load(cnt_ptr + b * n_q + rows, mask=row_ok, other=0)
     slots = tl.arange(0, CAP)
+    cand_row = cand_ptr + b * stride_cb + rows.to(tl.int64) * stride_ct
     p = tl.load(cand_row[:, None] + slots[None, :], mask=slots[None, :] < taken[:, None], other=INT64_MIN_C)
     # Descending int64 order of (score key, 2^31−1−index) is exactly (score desc, index asc).
     if RANK_SORT:
@@ -401,14 +410,12 @@ def score_chunk(
     q_start: int,
     n_q: int,
     workspace: torch.Tensor,
-    stats: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> None:
     """Write the scores of queries [q_start, q_start+n_q) into ``workspace`` [B, ≥n_q, ≥max row_len] (fp32).
 
     Row r holds I[q_start + r, s] for s < row_len[q_start + r] (−inf where not causal); later columns are not
-    written. With ``stats`` ([B, ≥n_q, 5] fp32) also each row's count, sum, sum of squares, max and min of the
-    valid scores (the select kernel's threshold guess). Inputs as
+    written. Inputs as
     prepared by :func:`_prepare`; exposed for the benchmark and the exactness tests.
     """
     b, _, h, d = q_index.shape
@@ -425,7 +432,7 @@ def score_chunk(
     ks = k_scale if k_scale is not None else weights  # dummy pointer when absent
     upcast = (not q_index.is_cuda) and q_index.dtype == torch.bfloat16  # interpreter: bf16 dot is wrong
     _score_kernel[(n_blocks, b)](
-        q_index, k_index, weights, ks, q_pos, k_pos, kend, workspace, stats if stats is not None else weights,
+        q_index, k_index, weights, ks, q_pos, k_pos, kend, workspace,
         q_start, n_q, n_k, n_blocks,
         q_index.stride(0), q_index.stride(1), q_index.stride(2),
         k_index.stride(0), k_index.stride(1),
@@ -434,14 +441,13 @@ def score_chunk(
         workspace.stride(0), workspace.stride(1),
         H=h, D=d, HP=hp, DP=dp, BLOCK_Q=bq, BLOCK_K=bk,
         HAS_KSCALE=k_scale is not None, UPCAST=upcast, IEEE=q_index.dtype == torch.float32 or upcast,
-        STATS=stats is not None, **cfg,
+        **cfg,
     )
 
 
 def select_chunk(
     workspace: torch.Tensor,
     row_len: torch.Tensor,
-    stats: torch.Tensor | None,
     counters: torch.Tensor,
     cand: torch.Tensor,
     out_s: torch.Tensor,
@@ -449,26 +455,32 @@ def select_chunk(
     q_start: int,
     n_q: int,
     topk: int,
+    fast: bool = True,
     config: dict | None = None,
 ) -> None:
     """Exact top-k of workspace rows [0, n_q) into ``out_s/out_i[:, q_start:q_start+n_q]``.
 
-    ``stats`` [B, ≥n_q, 5] from :func:`score_chunk` enables the threshold-counting fast path (None: radix only);
-    ``counters`` [≥B·n_q] int32 zeros (slot counters, consumed); ``cand`` [B, ≥n_q, CAP] int64 scratch with
-    CAP = 2·next_pow2(topk).
+    ``counters`` [≥B·n_q] int32 zeros (slot counters, then candidate counts); ``cand`` [B, ≥n_q, CAP] int64
+    scratch with CAP = 2·next_pow2(topk); ``fast``: threshold-counting path first (else radix only).
     """
     b = workspace.shape[0]
     on_gpu = workspace.is_cuda
-    # GPU: one row per program (its scalar control flow is per row); interpreter: batch rows (per-op overhead).
-    rows, block, warps = (1, 2048, 8) if on_gpu else (16, 64, 1)
+    # GPU: one row per program (its scalar control flow is per row), small blocks and 4 warps so that many
+    # programs stream rows at once; the sort gets its own kernel (its registers would cap that occupancy).
+    # Interpreter: batch rows to amortise the per-op cost.
+    rows, block, warps = (1, 1024, 4) if on_gpu else (16, 64, 1)
     if config:
         block, warps = config.get("BLOCK", block), config.get("num_warps", warps)
-    _select_kernel[(triton.cdiv(n_q, rows), b)](
-        workspace, row_len, stats if stats is not None else workspace, counters, cand, out_s, out_i,
-        q_start, n_q,
-        workspace.stride(0), workspace.stride(1), cand.stride(0), cand.stride(1), out_s.stride(0), out_s.stride(1),
-        K=topk, CAP=cand.shape[-1], ROWS=rows, BLOCK=block, FAST=stats is not None, RANK_SORT=not on_gpu,
-        num_warps=warps,
+    grid = (triton.cdiv(n_q, rows), b)
+    _select_kernel[grid](
+        workspace, row_len, counters, cand, q_start, n_q,
+        workspace.stride(0), workspace.stride(1), cand.stride(0), cand.stride(1),
+        K=topk, CAP=cand.shape[-1], ROWS=rows, BLOCK=block, FAST=fast, num_warps=warps,
+    )
+    _sort_kernel[grid](
+        cand, counters, out_s, out_i, q_start, n_q,
+        cand.stride(0), cand.stride(1), out_s.stride(0), out_s.stride(1),
+        K=topk, CAP=cand.shape[-1], ROWS=rows, RANK_SORT=not on_gpu, num_warps=8 if on_gpu else 1,
     )
 
 
@@ -526,11 +538,10 @@ def lightning_indexer_topk(
     cap = 2 * triton.next_power_of_2(topk)  # candidate slots per row (≥ k plus the boundary bucket)
     workspace = torch.empty(b, chunk, width, dtype=torch.float32, device=dev)
     cand = torch.empty(b, chunk, cap, dtype=torch.int64, device=dev)
-    stats = torch.empty(b, chunk, 5, dtype=torch.float32, device=dev) if FAST_SELECT else None
     counters = torch.empty(b * chunk, dtype=torch.int32, device=dev)
     for start in range(0, lq, chunk):
         n_q = min(chunk, lq - start)
-        score_chunk(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, start, n_q, workspace, stats)
+        score_chunk(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, start, n_q, workspace)
         counters.zero_()
-        select_chunk(workspace, row_len, stats, counters, cand, out_s, out_i, start, n_q, topk)
+        select_chunk(workspace, row_len, counters, cand, out_s, out_i, start, n_q, topk, FAST_SELECT)
     return out_s, out_i

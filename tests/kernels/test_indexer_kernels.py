@@ -245,25 +245,21 @@ def _sweep_scores(h, d, length, cfgs, results):
     pos = torch.arange(length, device="cuda")
     row_len = kt._row_lengths(pos, pos)
     ws = torch.empty(1, length, length, device="cuda")
-    stats = torch.empty(1, length, 5, device="cuda")
     flops = indexer_flops(length, length, h, d)
     best = (0.0, None)
-    for i, (bq, bk, nw, ns) in enumerate(cfgs):
+    for bq, bk, nw, ns in cfgs:
         cfg = {"BLOCK_Q": bq, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns}
-        for with_stats in (False, True) if i == 0 else (True,):
-            fn = functools.partial(kt.score_chunk, qp, kp, wp, ks, pos, pos, row_len, 0, length, ws,
-                                   stats if with_stats else None, cfg)
-            try:
-                ms = _median_ms(fn, 200)
-            except Exception as e:  # noqa: BLE001 — a config that fails to compile is reported, not fatal
-                print(f"score H={h} d={d} {cfg} stats={with_stats}: FAILED {type(e).__name__}: {str(e)[:300]}")
-                continue
-            tf = flops / ms / 1e9
-            results.append({"what": "score_sweep", "H": h, "d": d, "L": length, **cfg, "stats": with_stats,
-                            "ms": ms, "tflops": tf})
-            print(f"score H={h} d={d} L={length} {bq},{bk},{nw},{ns} stats={with_stats}: {ms:.3f} ms {tf:.0f} TFLOPS")
-            if with_stats and tf > best[0]:
-                best = (tf, cfg)
+        fn = functools.partial(kt.score_chunk, qp, kp, wp, ks, pos, pos, row_len, 0, length, ws, cfg)
+        try:
+            ms = _median_ms(fn, 200)
+        except Exception as e:  # noqa: BLE001 — a config that fails to compile is reported, not fatal
+            print(f"score H={h} d={d} {cfg}: FAILED {type(e).__name__}: {str(e)[:300]}")
+            continue
+        tf = flops / ms / 1e9
+        results.append({"what": "score_sweep", "H": h, "d": d, "L": length, **cfg, "ms": ms, "tflops": tf})
+        print(f"score H={h} d={d} L={length} {bq},{bk},{nw},{ns}: {ms:.3f} ms {tf:.0f} TFLOPS")
+        if tf > best[0]:
+            best = (tf, cfg)
     return best
 
 
@@ -292,7 +288,6 @@ def _bench_end_to_end(h, d, k, length, results):
     chunk = max(1, min(length, kt.WORKSPACE_ELEMS // length))
     ws = torch.empty(1, chunk, length, device="cuda")
     cand = torch.empty(1, chunk, 2 * triton.next_power_of_2(k), dtype=torch.int64, device="cuda")
-    stats = torch.empty(1, chunk, 5, device="cuda")
     counters = torch.zeros(chunk, dtype=torch.int32, device="cuda")
     o_s = torch.empty(1, length, k, device="cuda")
     o_i = torch.empty(1, length, k, dtype=torch.int32, device="cuda")
@@ -300,17 +295,17 @@ def _bench_end_to_end(h, d, k, length, results):
 
     def scores_only():
         for st, n_q in starts:
-            kt.score_chunk(qp, kp, wp, ks, pos, pos, row_len, st, n_q, ws, stats)
+            kt.score_chunk(qp, kp, wp, ks, pos, pos, row_len, st, n_q, ws)
 
     def select_only(fast=True, config=None):
         for st, n_q in starts:
             counters.zero_()
-            kt.select_chunk(ws, row_len, stats if fast else None, counters, cand, o_s, o_i, st, n_q, k, config)
+            kt.select_chunk(ws, row_len, counters, cand, o_s, o_i, st, n_q, k, fast, config)
 
     ms_s, ms_k = _median_ms(scores_only, rep), _median_ms(select_only, rep)
     if length == 32768:  # select-kernel variants: radix only; block of scores per step and warps
-        variants = [(False, None), (True, {"BLOCK": 1024, "num_warps": 4}), (True, {"BLOCK": 2048, "num_warps": 4}),
-                    (True, {"BLOCK": 4096, "num_warps": 8})]
+        variants = [(False, None), (True, {"BLOCK": 512, "num_warps": 4}), (True, {"BLOCK": 1024, "num_warps": 2}),
+                    (True, {"BLOCK": 2048, "num_warps": 4})]
         for fast, cfg in variants:
             ms_v = _median_ms(functools.partial(select_only, fast, cfg), rep)
             results.append({"what": "select_sweep", "H": h, "k": k, "L": length, "fast": fast, "cfg": cfg, "ms": ms_v})
@@ -329,8 +324,8 @@ def _bench(lengths=(8192, 32768, 65536, 131072)) -> None:
 
     results = []
     sweep = {
-        (64, 128): [(2, 128, 4, 3), (2, 128, 4, 4), (2, 64, 4, 4), (1, 128, 4, 4)],
-        (8, 64): [(16, 128, 4, 3), (16, 128, 8, 3), (16, 64, 4, 3)],
+        (64, 128): [(2, 128, 4, 3), (2, 64, 4, 4)],
+        (8, 64): [(16, 128, 4, 3), (16, 64, 4, 4)],
     }
     for (h, d), cfgs in sweep.items():
         print("best", h, d, _sweep_scores(h, d, 16384, cfgs, results))
