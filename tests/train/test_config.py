@@ -66,7 +66,7 @@ def test_model_preset_switch():
     (["parallel.tp=2"], 3, ["tp*cp*pp", "world size 3"]),
     (["parallel.cp=3", "parallel.dp=1"], 3, ["model.seq_len=256", "2*parallel.cp=6"]),
     (["model.indexer.topk=300"], 1, ["model.indexer.topk=300", "seq_len=256"]),
-    (["train.global_batch_size=6"], 1, ["global_batch_size", "multiple of micro_batch_size*dp"]),
+    (["train.global_batch_size=5"], 1, ["global_batch_size", "multiple of micro_batch_size*dp"]),
     (["parallel.tp=3", "model.num_heads=4"], 3, ["num_heads=4", "tensor-parallel"]),
     (["model.vocab_size=128"], 1, ["model.vocab_size=128", "257"]),
     (["model.seq_len=128"], 1, ["model.seq_len=128", "multikey"]),
