@@ -320,6 +320,8 @@ def _bench_end_to_end(h, d, k, length, results):
 
 
 def _bench(lengths=(8192, 32768, 65536, 131072)) -> None:
+    """Score-tile sweep (skipped with INDEXER_BENCH_SWEEP=0) and end-to-end timings (INDEXER_BENCH_SHAPES=64
+    for the V3.2 shape only)."""
     import json
 
     results = []
@@ -327,9 +329,12 @@ def _bench(lengths=(8192, 32768, 65536, 131072)) -> None:
         (64, 128): [(2, 128, 4, 3), (2, 64, 4, 4)],
         (8, 64): [(16, 128, 4, 3), (16, 64, 4, 4)],
     }
-    for (h, d), cfgs in sweep.items():
+    for (h, d), cfgs in sweep.items() if os.environ.get("INDEXER_BENCH_SWEEP", "1") == "1" else ():
         print("best", h, d, _sweep_scores(h, d, 16384, cfgs, results))
-    for h, d, k in ((64, 128, 2048), (8, 64, 512)):
+    shapes = ((64, 128, 2048), (8, 64, 512))
+    if os.environ.get("INDEXER_BENCH_SHAPES") == "64":
+        shapes = shapes[:1]
+    for h, d, k in shapes:
         for length in lengths:
             _bench_end_to_end(h, d, k, length, results)
     out_dir = Path(os.environ.get("OUT", "."))
