@@ -110,7 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     p = cfg.parallel
     world = p.tp * p.cp * p.pp * p.dp
     if "WORLD_SIZE" in os.environ or world == 1:
-        run_pipeline(cfg)
+        from dsa_dist.train.checkpoint import CheckpointError
+
+        try:
+            run_pipeline(cfg)
+        except CheckpointError as err:
+            print(f"dsa-train: checkpoint error: {err}", file=sys.stderr)
+            return 2
         return 0
     import torch.multiprocessing as mp
 

@@ -17,6 +17,8 @@ training can check them against the model configuration.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -32,6 +34,8 @@ from megatron.core.datasets.indexed_dataset import (
     get_bin_path,
     get_idx_path,
 )
+
+from dsa_dist.train.tasks import TASKS, make_task_sample
 
 BYTE_TOKENIZER = "byte"
 STDLIB_CORPUS = "stdlib"
@@ -111,7 +115,8 @@ def write_indexed_dataset(documents: Iterable[str], prefix: str | Path, tokenize
     """
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp = prefix.with_name(prefix.name + ".partial")
+    # A per-process temporary name: several nodes may build the same (shared) dataset at once.
+    tmp = prefix.with_name(f"{prefix.name}.partial-{socket.gethostname()}-{os.getpid()}")
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     builder = IndexedDatasetBuilder(get_bin_path(str(tmp)), dtype=dtype)
     n_docs = n_tokens = 0
@@ -279,8 +284,6 @@ class DataStream:
         if self.task_fraction > 0:
             rng = np.random.default_rng([self.seed, 1, g])  # stream 1: task mix, independent of the order
             if rng.random() < self.task_fraction:
-                from dsa_dist.train.tasks import make_task_sample
-
                 task = self.tasks[int(rng.integers(len(self.tasks)))]
                 window = make_task_sample(task, rng, window, seq_len, self.tokenizer).window
         return window, np.ones(seq_len, dtype=np.float32)
@@ -306,8 +309,6 @@ class DataStream:
 def eval_batches(windows: PackedWindows, tokenizer: Tokenizer, task: str, num_samples: int, batch_size: int,
                  seed: int) -> list[tuple[Batch, torch.Tensor]]:
     """A fixed eval set of ``task``: ``(batch, answer_mask [b, seq_len])`` pairs, identical on every rank."""
-    from dsa_dist.train.tasks import TASKS, make_task_sample
-
     order = SampleOrder(len(windows), seed + 7919)  # haystacks from another permutation than training's first
     out = []
     for b0 in range(0, num_samples, batch_size):
@@ -325,8 +326,6 @@ def open_corpus(data_cfg) -> tuple[str, Tokenizer]:
     With several processes, local rank 0 of each node builds the stdlib corpus while the others wait at a
     barrier (one build per machine, no concurrent writers).
     """
-    import os
-
     import torch.distributed as dist
 
     if data_cfg.corpus != STDLIB_CORPUS:

@@ -20,6 +20,7 @@ uninterrupted one exactly).
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from functools import partial
@@ -60,6 +61,15 @@ def _set_rng_state(state: dict) -> None:
 
         torch.cuda.set_rng_state(state["cuda"])
         tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron"])
+
+
+def _fingerprint(micro_batches: list) -> str:
+    """A short digest of this rank's sample ids and tokens of one step (to compare data order across runs)."""
+    h = hashlib.blake2b(digest_size=8)
+    for b in micro_batches:
+        h.update(b.sample_ids.numpy().tobytes())
+        h.update(b.tokens.numpy().tobytes())
+    return h.hexdigest()
 
 
 class StageTrainer:
@@ -223,8 +233,7 @@ class StageTrainer:
         loss = (lm_loss if self.spec.lm_loss else 0.0) + (coeff * kl if self.spec.indexer_loss else 0.0)
         return {"step": self.step, "loss": loss, "lm_loss": lm_loss, "indexer_kl": kl,
                 "indexer_recall": recall, "grad_norm": grad_norm,
-                "lr": lr, "indexer_lr": indexer_lr, "updated": updated,
-                "samples": [int(i) for b in micro_batches for i in b.sample_ids]}
+                "lr": lr, "indexer_lr": indexer_lr, "updated": updated, "data": _fingerprint(micro_batches)}
 
     def _reduce_reports(self, reports: list[dict]) -> tuple[float, float, float | None]:
         """(LM loss, indexer KL, recall or None) of a step, reduced over micro-batches and all ranks.
