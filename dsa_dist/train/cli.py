@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from dsa_dist.config import DEFAULT_CONFIG, TrainRunConfig, load_config, to_yaml
+from dsa_dist.config import DEFAULT_CONFIG, TrainRunConfig, load_config
 
 USAGE = """usage: dsa-train [CONFIG.yaml] [key=value ...]
 
@@ -21,52 +21,12 @@ USAGE = """usage: dsa-train [CONFIG.yaml] [key=value ...]
 Stages resume from <run_dir>/<stage>/checkpoints automatically. See docs/training.md."""
 
 
-def run_pipeline(cfg: TrainRunConfig) -> dict[str, list[dict]]:
-    """Run every stage of ``cfg.pipeline`` on this process (torch.distributed set up here); per-stage history."""
-    import torch
-    import torch.distributed as dist
-
-    from dsa_dist.compat import init_parallel
-    from dsa_dist.train import checkpoint as ckpt
-    from dsa_dist.train.loop import StageTrainer
-    from dsa_dist.train.stages import resolve_stage
-
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    init_parallel(cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.pp)
-    rank = dist.get_rank()
-    run_dir = Path(cfg.run_dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    history: dict[str, list[dict]] = {}
-    init_from = Path(cfg.checkpoint.init_from) if cfg.checkpoint.init_from else None
-    for stage in cfg.pipeline:
-        stage_ckpts = run_dir / stage / "checkpoints"
-        latest = ckpt.latest_checkpoint(stage_ckpts) if cfg.checkpoint.resume else None
-        steps = resolve_stage(cfg, stage).steps
-        if latest is not None and ckpt.read_train_state(latest)["step"] >= steps:
-            if rank == 0:
-                print(f"[{stage}] already complete ({latest}), skipping", flush=True)
-            history[stage] = []
-        else:
-            if stage != "dense" and init_from is None and latest is None and rank == 0:
-                print(f"[{stage}] warning: no previous stage and no checkpoint.init_from: starting from random "
-                      "weights (the recipe expects a dense model)", flush=True)
-            trainer = StageTrainer(cfg, stage, init_from=init_from)
-            history[stage] = trainer.run()
-            del trainer
-        # The next stage starts from this stage's final checkpoint.
-        init_from = ckpt.latest_checkpoint(stage_ckpts)
-    if rank == 0:
-        print(f"done: {', '.join(cfg.pipeline)} -> {run_dir}", flush=True)
-    return history
-
-
 def _spawned(rank: int, world_size: int, port: int, cfg: TrainRunConfig) -> None:
     _quiet_known_warnings()
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    from dsa_dist.train.loop import run_pipeline
+
     try:
         run_pipeline(cfg)
     finally:
@@ -111,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     world = p.tp * p.cp * p.pp * p.dp
     if "WORLD_SIZE" in os.environ or world == 1:
         from dsa_dist.train.checkpoint import CheckpointError
+        from dsa_dist.train.loop import run_pipeline
 
         try:
             run_pipeline(cfg)

@@ -1,4 +1,6 @@
-"""The training loop of one stage on Megatron-Core pieces (issue 5 §3-§5; DESIGN.md §1 "Losses").
+"""The training loop of one stage on Megatron-Core pieces, and the pipeline of stages (issue 5 §3-§5).
+
+:class:`StageTrainer` trains one stage (DESIGN.md §1 "Losses"); :func:`run_pipeline` chains the configured stages.
 
 One optimizer step::
 
@@ -30,8 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dsa_dist.compat import current_parallel_dims, default_device, manual_seed
-from dsa_dist.config import TrainRunConfig
+from dsa_dist.compat import current_parallel_dims, default_device, init_parallel, manual_seed
+from dsa_dist.config import TrainRunConfig, to_yaml
 from dsa_dist.model.builder import build_model, get_indexer_loss_tracker
 from dsa_dist.parallel import zigzag_split
 from dsa_dist.train import checkpoint as ckpt
@@ -329,3 +331,41 @@ class StageTrainer:
         finally:
             log.close()
         return history
+
+
+def run_pipeline(cfg: TrainRunConfig) -> dict[str, list[dict]]:
+    """Run every stage of ``cfg.pipeline`` on this process (torch.distributed set up here); per-stage history.
+
+    Stages chain through checkpoints: each starts from the previous stage's final checkpoint (the first from
+    ``checkpoint.init_from``); a stage whose latest checkpoint is at its final step is skipped.
+    """
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    init_parallel(cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.pp)
+    rank = dist.get_rank()
+    run_dir = Path(cfg.run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    history: dict[str, list[dict]] = {}
+    init_from = Path(cfg.checkpoint.init_from) if cfg.checkpoint.init_from else None
+    for stage in cfg.pipeline:
+        stage_ckpts = run_dir / stage / "checkpoints"
+        latest = ckpt.latest_checkpoint(stage_ckpts) if cfg.checkpoint.resume else None
+        steps = resolve_stage(cfg, stage).steps
+        if latest is not None and ckpt.read_train_state(latest)["step"] >= steps:
+            if rank == 0:
+                print(f"[{stage}] already complete ({latest}), skipping", flush=True)
+            history[stage] = []
+        else:
+            if stage != "dense" and init_from is None and latest is None and rank == 0:
+                print(f"[{stage}] warning: no previous stage and no checkpoint.init_from: starting from random "
+                      "weights (the recipe expects a dense model)", flush=True)
+            trainer = StageTrainer(cfg, stage, init_from=init_from)
+            history[stage] = trainer.run()
+            del trainer
+        # The next stage starts from this stage's final checkpoint.
+        init_from = ckpt.latest_checkpoint(stage_ckpts)
+    if rank == 0:
+        print(f"done: {', '.join(cfg.pipeline)} -> {run_dir}", flush=True)
+    return history
