@@ -11,11 +11,12 @@ over all causal keys (dense warm-up) or over the selected set S_t (sparse stage,
 One program per (query, batch) streams its keys in blocks of ``BLOCK_N`` — contiguous causal keys (dense) or
 gathered rows of ``topk_indices`` (sparse) — so nothing of size [L, L] or [H, L, L] exists. The main-attention
 heads of a KV group sit on the MMA M dimension (one gathered key block serves all of them), the indexer heads
-likewise. A single pass suffices: with the running indexer max m and sum l (online log-sum-exp),
+likewise. A single pass suffices: with the running indexer log-sum-exp λ (online, from max and sum),
 
-    L_t = Σ p log p − Σ p (I − m) + (Σ p) · log l,
+    L_t = Σ p · (log p − I + λ),
 
-where Σ p (I − m) is re-based whenever m grows (it shifts by (Σ p)·Δm). Saved per row: LSE_I, Σ p (and, sparse
+where the terms already summed are re-based whenever λ grows (they shift by (Σ p)·Δλ); each term is the
+small, mixed-sign p·log(p/softmax), so nothing large cancels. Saved per row: LSE_I, Σ p (and, sparse
 only, p on the k slots, so the backward need not recompute the main-attention logits; the dense backward
 recomputes p). Backward, per key block: G = g_t · ((Σ p)·softmax(I) − p), then
 ``dw[t,j] += Σ_s G_s ks_s ReLU(a_js)``, ``dq_I[t,j] += Σ_s G_s ks_s w_j 1[a_js>0] k_I[s]`` and
@@ -149,8 +150,8 @@ def _kl_fwd_kernel(
         qpos = tl.load(qpos_ptr + t)
     m = tl.full([], float("-inf"), dtype=tl.float32)  # running max of I
     l_sum = tl.zeros([], dtype=tl.float32)  # Σ exp(I − m)
-    a_sum = tl.zeros([], dtype=tl.float32)  # Σ p log p
-    b_sum = tl.zeros([], dtype=tl.float32)  # Σ p (I − m)
+    lse_run = tl.zeros([], dtype=tl.float32)  # running LSE of I (valid once p_tot > 0 or l_sum > 0)
+    kl = tl.zeros([], dtype=tl.float32)  # Σ p (log p − I + lse_run): small, mixed-sign terms
     p_tot = tl.zeros([], dtype=tl.float32)  # Σ p
     for n0 in range(0, n_end, BLOCK_N):
         sl, kid, valid = _key_block(idx_ptr, kpos_ptr, b, t, n0, n_k, n_slots, qpos, stride_ib, stride_it,
@@ -167,18 +168,19 @@ def _kl_fwd_kernel(
         seen = m > float("-inf")
         l_sum = l_sum * tl.exp(tl.where(seen, m - m_ref, 0.0))
         l_sum += tl.sum(tl.where(valid, tl.exp(logits - m_ref), 0.0), axis=0)
-        centred = tl.where(valid, logits - m_ref, 0.0)
+        lse_new = m_ref + tl.log(tl.where(l_sum > 0, l_sum, 1.0))
+        # The terms so far were taken against the old LSE: shift them (Σp·ΔLSE), then add this block's. Keeping
+        # each term p·(log p − log softmax) small avoids the cancellation of Σ p log p against Σ p·I.
+        kl += p_tot * tl.where(seen, lse_new - lse_run, 0.0)
         pos = p > 0
-        b_sum += p_tot * tl.where(seen, m - m_ref, 0.0)  # re-base Σ p (I − m) on the new max
-        b_sum += tl.sum(tl.where(pos, p * centred, 0.0), axis=0)
-        a_sum += tl.sum(tl.where(pos, p * tl.log(tl.where(pos, p, 1.0)), 0.0), axis=0)
+        log_q = tl.where(valid, logits, 0.0) - lse_new
+        kl += tl.sum(tl.where(pos, p * (tl.log(tl.where(pos, p, 1.0)) - log_q), 0.0), axis=0)
         p_tot += tl.sum(tl.where(pos, p, 0.0), axis=0)
+        lse_run = lse_new
         m = m_new
     has = l_sum > 0
-    log_l = tl.log(tl.where(has, l_sum, 1.0))
-    kl = tl.where(has, a_sum - b_sum + p_tot * log_l, 0.0)
-    tl.store(kl_ptr + b * n_q + t, kl)
-    tl.store(lsei_ptr + b * n_q + t, tl.where(has, m + log_l, float("-inf")))
+    tl.store(kl_ptr + b * n_q + t, tl.where(has, kl, 0.0))
+    tl.store(lsei_ptr + b * n_q + t, tl.where(has, lse_run, float("-inf")))
     tl.store(psum_ptr + b * n_q + t, p_tot)
 
 
