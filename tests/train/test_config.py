@@ -35,11 +35,11 @@ def test_gpu_configs_load(name, world, tmp_path):
 
 
 def test_dotlist_overrides_and_stage_inheritance():
-    cfg = load_config(DEFAULT_CONFIG, ["train.steps=50", "stages.dense.steps=null", "optim.lr=0.01",
+    cfg = load_config(DEFAULT_CONFIG, ["train.steps=50", "stages.warmup.steps=7", "optim.lr=0.01",
                                        "parallel.cp=2", "parallel.dp=1"], world_size=2)
     assert cfg.train.steps == 50 and cfg.parallel.cp == 2
-    assert stage_value(cfg, "dense", "steps") == 50  # null -> inherits train.steps
-    assert stage_value(cfg, "warmup", "steps") == 40  # its own value
+    assert stage_value(cfg, "dense", "steps") == 50  # unset -> inherits train.steps
+    assert stage_value(cfg, "warmup", "steps") == 7  # its own value wins
     assert stage_value(cfg, "dense", "lr") == 0.01
     warm = resolve_stage(cfg, "warmup")
     assert warm.spec.trains == "indexer" and warm.model.dsa_mode == "dense"
@@ -72,7 +72,7 @@ def test_model_preset_switch():
     (["model.seq_len=128"], 1, ["model.seq_len=128", "multikey"]),
     (["data.tasks=[passkey,sorting]"], 1, ["data.tasks", "sorting"]),
     (["data.task_fraction=1.5"], 1, ["data.task_fraction=1.5", "[0, 1]"]),
-    (["stages.warmup.warmup_steps=40"], 1, ["stages.warmup.warmup_steps", "40"]),
+    (["stages.warmup.warmup_steps=60"], 1, ["stages.warmup.warmup_steps", "60", "steps=60"]),
     (["stages.sparse.min_lr=1.0"], 1, ["stages.sparse.min_lr", "lr=0.001"]),
     (["pipeline=[sparse,dense]"], 1, ["pipeline", "order"]),
     (["model.params_dtype=bfloat16", "train.device=cpu"], 1, ["model.params_dtype", "float32"]),
