@@ -163,6 +163,25 @@ def dense_rows(shape: dict, length: int) -> dict:
 # ------------------------------------------------------------------------------------------------ DSA
 
 
+KL_FALLBACK: dict[str, str] = {}  # shape name -> why the KL kernel fell back to the reference op there
+
+
+def kl_probe(fn) -> str | None:
+    """Run ``fn`` once; the reason if kernels.indexer_kl recorded a fallback to the reference op meanwhile."""
+    fallbacks = getattr(sys.modules.get("kernels.indexer_kl"), "FALLBACKS", None)
+    seen = len(fallbacks) if fallbacks is not None else 0
+    try:
+        fn()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc)[:100]}"
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+    if fallbacks is not None and len(fallbacks) > seen:
+        return fallbacks[-1][:120]
+    return None
+
+
 def dsa_rows(shape: dict, length: int) -> dict:
     h, (dqk, dv), topk, hi, di = shape["h"], shape["d_sparse"], shape["topk"], shape["hi"], shape["di"]
     res: dict = {}
@@ -244,8 +263,13 @@ def dsa_rows(shape: dict, length: int) -> dict:
             kl_fwd().backward()
             q_index.grad = k_index.grad = weights.grad = None
 
-        res["kl_fwd"] = measure(kl_fwd)
-        res["kl_fwd_bwd"] = measure(kl_fwd_bwd)
+        reason = KL_FALLBACK.get(shape["name"]) or kl_probe(kl_fwd_bwd)
+        if reason:  # the kernel fell back to the reference op: timing that would say nothing about the kernel
+            KL_FALLBACK[shape["name"]] = reason
+            res["kl_fwd"] = res["kl_fwd_bwd"] = {"error": f"n/a: KL kernel fell back to the reference ({reason})"}
+        else:
+            res["kl_fwd"] = measure(kl_fwd)
+            res["kl_fwd_bwd"] = measure(kl_fwd_bwd)
         del lse
     else:
         res["kl_fwd"] = res["kl_fwd_bwd"] = {"error": kl_sparse}
