@@ -266,7 +266,7 @@ def dsa_rows(shape: dict, length: int) -> dict:
         reason = KL_FALLBACK.get(shape["name"]) or kl_probe(kl_fwd_bwd)
         if reason:  # the kernel fell back to the reference op: timing that would say nothing about the kernel
             KL_FALLBACK[shape["name"]] = reason
-            res["kl_fwd"] = res["kl_fwd_bwd"] = {"error": f"n/a: KL kernel fell back to the reference ({reason})"}
+            res["kl_fwd"] = res["kl_fwd_bwd"] = {"error": f"n/a: KL kernel fell back or failed ({reason})"}
         else:
             res["kl_fwd"] = measure(kl_fwd)
             res["kl_fwd_bwd"] = measure(kl_fwd_bwd)
