@@ -13,17 +13,22 @@ Three kernels per chunk of ``chunk_size`` queries, so memory is O(chunk · Lk + 
    per-head weight and the sum over heads are an epilogue over the accumulator's columns. The per-key scale and
    the causal mask follow; the [BLOCK_K, BLOCK_Q] scores go to an fp32 workspace row slice. Only key blocks up
    to the block's last causal key are visited (when k_positions are sorted, the usual case).
-2. ``_select_kernel`` — one program per query row, exact. Fast path: one pass for the row's count / mean /
-   std / max / min, then guess 8
-   thresholds around the Gaussian tail quantile of rank ~1.5·k, count the scores at or above each in one pass
-   (order-preserving uint32 keys), and take the highest threshold whose count c lies in [k, CAP = 2·next_pow2(k)];
-   up to two more passes refine a bracketing guess. Rows it cannot settle (heavy exact ties) take the exact radix
-   path: 256-bin ``tl.histogram`` levels of 8 bits until the bucket at the boundary fits CAP, or down to the
-   full key where the lowest-index equal scores fill the quota. The ≤ CAP candidates are compacted (atomic
-   slot counter, any order) as int64 words: score key high, ``2^31−1−index`` low. Every candidate at or above
-   the threshold is kept, so ties at the k-th score are all present.
+2. ``_select_kernel`` — one program per query row, exact. Fast path: one pass for the row's count / mean / std
+   / max / min; 8 thresholds around the Gaussian tail quantile of rank ~1.5·k; one pass counting the scores at
+   or above each (order-preserving uint32 keys); the highest threshold whose count lies in
+   [k, CAP = 2·next_pow2(k)] wins, and up to two more passes refine a bracketing guess. Rows it cannot settle
+   (heavy exact ties) take the exact radix path: 256-bin ``tl.histogram`` levels of 8 bits until the bucket at
+   the boundary fits CAP, or down to the full key where the lowest-index equal scores fill the quota. The
+   ≤ CAP candidates are compacted (atomic slot counter, any order) as int64 words: score key high,
+   ``2^31−1−index`` low. Every candidate at or above the threshold is kept, so ties at the k-th score are all
+   present.
 3. ``_sort_kernel`` — one program per row sorts its candidate words descending with ``tl.sort`` — exactly the
-   order (score desc, index asc), so ties resolve to the lowest index — and unpacks the first k.
+   order (score desc, index asc), so ties resolve to the lowest index — and unpacks the first k. (Under the
+   CPU interpreter, where ``tl.sort`` runs its combine function per element in Python, ranks come from a
+   pairwise compare instead.)
+
+Measured on the H100 (benchmarks/NOTES_indexer.md): scores 803–874 TFLOPS FP8-effective; at 128K the exact
+select + sort costs about as much again.
 
 There is no backward: indices are not differentiable (the KL kernels in ``kernels/indexer_kl.py`` recompute the
 selected scores with gradients).
