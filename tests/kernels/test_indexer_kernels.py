@@ -121,10 +121,44 @@ def _case_random_scores():
     assert recall >= 0.99
 
 
+def _case_dispatch():
+    """dsa_dist.ops.dispatch with DSA_BACKEND=triton reaches these kernels with the reference signatures."""
+    import os
+
+    os.environ["DSA_BACKEND"] = "triton"
+    from dsa_dist.ops import dispatch
+    from dsa_dist.ops.fp8 import fp8_block_quant
+    from dsa_dist.ops.topk import lightning_indexer_topk as ref
+
+    assert dispatch.resolve("lightning_indexer_topk", torch.device("cpu")).__module__ == "kernels.indexer_topk"
+    assert dispatch.resolve("fp8_block_quant", torch.device("cpu")).__module__ == "kernels.fp8_quant"
+    for op in ("indexer_kl_loss_dense", "indexer_kl_loss_sparse"):
+        assert dispatch.resolve(op, torch.device("cpu")).__module__ == "kernels.indexer_kl"
+    q, k, w, ks = _int_inputs(1, 48, 48, 2, 32, seed=6)
+    got = dispatch.lightning_indexer_topk(q, k, w, 8, ks, q_positions=None, k_positions=None, chunk_size=16)
+    _assert_topk_equal(got, ref(q, k, w, 8, ks))
+    x = torch.randn(4, 256)
+    q8, sc = dispatch.fp8_block_quant(x, 128, ue8m0=True)
+    q8r, scr = fp8_block_quant(x, 128, ue8m0=True)
+    assert torch.equal(q8.view(torch.uint8), q8r.view(torch.uint8)) and torch.equal(sc, scr)
+
+
 @pytest.mark.parametrize("case", ["_case_exact_ties_and_short_rows", "_case_positions_shapes_dtypes",
-                                  "_case_random_scores"])
+                                  "_case_random_scores", "_case_dispatch"])
 def test_indexer_topk_interpreted(case):
     run_interpreted(f"tests.kernels.test_indexer_kernels:{case}")
+
+
+def test_indexer_topk_rejects_bad_input():
+    from kernels.indexer_topk import lightning_indexer_topk
+
+    q, k, w = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 16), torch.randn(1, 8, 2)
+    with pytest.raises(ValueError, match="k_index"):
+        lightning_indexer_topk(q, torch.randn(1, 8, 12), w, 4)
+    with pytest.raises(ValueError, match="topk"):
+        lightning_indexer_topk(q, k, w, 0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        lightning_indexer_topk(q, k, w, 4, chunk_size=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
