@@ -80,14 +80,15 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, port: int, init: 
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 240.0,
-                    init_process_group: bool = True, threads: int = 1) -> list[Any]:
+                    init_process_group: bool = True, threads: int = 1, daemon: bool = True) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes and return the results by rank.
 
     ``fn`` must be a module-level function and its arguments/results picklable (tensors are fine).
     With ``init_process_group=True`` (default) each rank joins a gloo group on 127.0.0.1 before ``fn`` runs;
     otherwise only MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE are set (for code that initialises itself, e.g.
     ``dsa_dist.compat.init_parallel``). Raises ``RuntimeError`` with the first failing rank's traceback, or
-    ``TimeoutError`` after ``timeout`` seconds.
+    ``TimeoutError`` after ``timeout`` seconds. ``daemon=False`` is for ranks that start processes themselves
+    (dist_checkpointing's torch_dist writer starts a multiprocessing Manager, which a daemon may not).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -95,7 +96,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     result_q = _CTX.Queue()
     procs = [
         _CTX.Process(target=_entry, args=(fn, r, world_size, port, init_process_group, threads, args, result_q),
-                     daemon=True)
+                     daemon=daemon)
         for r in range(world_size)
     ]
     for p in procs:
@@ -121,7 +122,8 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
             results[rank] = _loads(payload)
     finally:
         for p in procs:
-            p.join(timeout=5.0 if len(results) == world_size else 0.1)
+            # non-daemonic ranks may still be flushing a checkpoint writer: give them longer
+            p.join(timeout=(5.0 if daemon else 30.0) if len(results) == world_size else 0.1)
         for p in procs:
             if p.is_alive():
                 p.kill()

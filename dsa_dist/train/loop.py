@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dsa_dist.compat import current_parallel_dims, default_device, init_parallel, manual_seed
+from dsa_dist.compat import cuda_literals_to_cpu, current_parallel_dims, default_device, init_parallel, manual_seed
 from dsa_dist.config import TrainRunConfig, to_yaml
 from dsa_dist.model.builder import build_model, get_indexer_loss_tracker
 from dsa_dist.parallel import zigzag_split
@@ -40,7 +40,7 @@ from dsa_dist.train import checkpoint as ckpt
 from dsa_dist.train.data import DataStream, PackedWindows, eval_batches, open_corpus
 from dsa_dist.train.evals import evaluate_task
 from dsa_dist.train.metrics import MetricsLogger, flops_per_sequence, peak_memory_gb
-from dsa_dist.train.optim import build_optimizer, cuda_literals_to_cpu, group_lrs, optimizer_step
+from dsa_dist.train.optim import build_optimizer, group_lrs, optimizer_step
 from dsa_dist.train.stages import is_indexer_param, resolve_stage, set_trainable
 
 

@@ -8,50 +8,17 @@
   ``step_with_ready_grads``, as in ``ChainedOptimizer.step``), with the clipping done here by one
   ``torch._foreach_mul_``: Megatron's ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() ==
   'torch.cuda.FloatTensor'`` and therefore cannot run on CPU.
-- :func:`cuda_literals_to_cpu`: on CPU, Megatron-Core 0.16 allocates a few scalars with a literal
-  ``device='cuda'`` (``FP32Optimizer.__init__``'s loss scale, ``forward_backward_no_pipelining``'s token
-  counter, the grad-norm's overflow buffer). This ``TorchFunctionMode`` rewrites such factory calls to the CPU
-  while it is active; it is entered only when CUDA is absent and patches nothing. It belongs with the other CPU
-  shims in :mod:`dsa_dist.compat` (kept here until that module takes it).
+- Megatron-Core 0.16 allocates a few scalars with a literal ``device='cuda'`` (``FP32Optimizer.__init__``'s loss
+  scale, ``forward_backward_no_pipelining``'s token counter, the grad-norm's overflow buffer); those calls run
+  under :func:`dsa_dist.compat.cuda_literals_to_cpu`.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
-from torch.overrides import TorchFunctionMode
 
+from dsa_dist.compat import cuda_literals_to_cpu
 from dsa_dist.train.stages import StagePlan, is_indexer_param
-
-
-def _is_cuda(device: object) -> bool:
-    if isinstance(device, str):
-        return device.startswith("cuda")
-    return isinstance(device, torch.device) and device.type == "cuda"
-
-
-class _CudaLiteralsToCpu(TorchFunctionMode):
-    """Maps ``device='cuda'`` (str or torch.device) in torch calls to the CPU; ``Tensor.cuda()`` is identity."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if _is_cuda(kwargs.get("device")):
-            kwargs = {**kwargs, "device": "cpu"}
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def cuda_literals_to_cpu() -> Iterator[None]:
-    """Active only without CUDA: run Megatron code that hard-codes ``device='cuda'`` on the CPU."""
-    if torch.cuda.is_available():
-        yield
-        return
-    with _CudaLiteralsToCpu():
-        yield
 
 
 def build_optimizer(ddp_model: torch.nn.Module, plan: StagePlan, optim_cfg, *, bf16: bool,

@@ -38,43 +38,7 @@ def held_out_batches(trainer, n: int = 4, seed: int = 4242) -> list:
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 600.0) -> list:
-    """``tests._dist.run_distributed`` with non-daemonic ranks.
+    """``tests._dist.run_distributed`` with non-daemonic ranks (they save checkpoints, see its docstring)."""
+    from tests._dist import run_distributed
 
-    dist_checkpointing's torch_dist writer starts a ``multiprocessing`` Manager in the saving process, which a
-    daemonic process may not do, so ranks that save checkpoints cannot be daemons. Ranks still start from the
-    shared preloaded forkserver; a failing rank's traceback is re-raised and the others are killed.
-    """
-    import queue
-    import time
-
-    from tests._dist import _CTX, _entry, _loads, free_port
-
-    port, result_q = free_port(), _CTX.Queue()
-    procs = [_CTX.Process(target=_entry, args=(fn, r, world_size, port, True, 1, args, result_q), daemon=False)
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results: dict = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(results) < world_size:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{fn.__name__} on {world_size} ranks timed out after {timeout:.0f}s")
-            try:
-                rank, ok, payload = result_q.get(timeout=1.0)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}") from None
-                continue
-            if not ok:
-                raise RuntimeError(f"rank {rank} of {world_size} failed:\n{payload}")
-            results[rank] = _loads(payload)
-    finally:
-        for p in procs:
-            p.join(timeout=30.0 if len(results) == world_size else 0.1)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5.0)
-        result_q.close()
-    return [results[r] for r in range(world_size)]
+    return run_distributed(fn, world_size, *args, timeout=timeout, daemon=False)
