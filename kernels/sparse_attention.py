@@ -15,9 +15,11 @@ Layout of the work (shaped like Triton's fused-attention tutorial):
   already in registers/shared memory (``V_IS_K``), and in backward dV is folded into dK's atomics (one fp32
   atomic per latent element instead of two); v's own gradient is returned as ``None`` and the sum reaches the
   shared latent through autograd.
-* Backward: one kernel with ``COMPUTE_DQ`` / ``COMPUTE_DKV`` switches. dQ accumulates in registers (no
-  atomics: a program owns its token's heads); dK/dV go to fp32 buffers with atomics (keys are shared by
-  many queries and there is no cheap transpose of the index lists), then are cast.
+* Backward = three launches: delta = rowsum(dO ⊙ O); a dq pass shaped like the forward (dq accumulates in
+  registers, no atomics: a program owns its token's heads); a dk/dv pass with the selected keys on M and all
+  heads of the group on N, operands streamed in 128-wide d-chunks, each chunk of dK/dV added with fp32 atomics
+  (keys are shared by many queries and there is no cheap transpose of the index lists), then cast. A single
+  fused kernel needs 279–385 KB of shared memory at 576/512 (benchmarks/NOTES_sparse_attention.md).
 * ``UPCAST`` converts dot operands to fp32 first: Triton's CPU interpreter gets bf16×bf16 ``tl.dot`` wrong
   (DESIGN.md §4), so bf16 runs there upcast; on GPU bf16 operands go to the tensor cores with fp32 accumulation.
 """
