@@ -4,7 +4,7 @@ CPU cases run under ``TRITON_INTERPRET=1`` in a subprocess (see tests/kernels/te
 gradients to q_index / k_index / weights, dense and sparse, GQA, per-key scale, every reduction, rows with a
 single valid key and rows with none. GPU tests (skipped without CUDA) use realistic shapes with fresh random
 inputs and apply the kernel-accuracy rule: error against float64 at most 2x that of the reference op run in
-the inputs' own precision (fp32 math).
+the inputs' own precision (fp32 math). The GPU benchmark is benchmarks/indexer_kl.py.
 """
 
 from __future__ import annotations
@@ -187,78 +187,3 @@ def test_indexer_kl_dense_gpu_small_model():
         lambda a, c, e: ref.indexer_kl_loss_dense(q.to(a.dtype), k.to(a.dtype), a, c, e, attn_lse=lse.to(a.dtype)),
         [qi, ki, w],
     )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# benchmark (GPU): python tests/kernels/test_indexer_kl_kernel.py bench
-# ---------------------------------------------------------------------------------------------------------------
-def _time_fwd_bwd(loss_fn, leaves):
-    import triton
-
-    leaves = [x.detach().requires_grad_(True) for x in leaves]
-    fwd = triton.testing.do_bench(lambda: loss_fn(*leaves), warmup=1, rep=300, return_mode="median")
-
-    def step():
-        for x in leaves:
-            x.grad = None
-        loss_fn(*leaves).backward()
-
-    both = triton.testing.do_bench(step, warmup=1, rep=300, return_mode="median")
-    return fwd, both
-
-
-def _bench() -> None:
-    import json
-    import os
-    from pathlib import Path
-
-    from kernels import indexer_kl
-    from kernels.indexer_kl import indexer_kl_loss_dense, indexer_kl_loss_sparse
-
-    results = []
-    for length in (8192,):  # sparse stage, V3.2 shapes: MLA absorbed (H=128, d=576, 1 KV), H_I=64, k=2048
-        h, d, hi, di, topk = 128, 576, 64, 128, 2048
-        q = torch.randn(1, length, h, d, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, length, 1, d, device="cuda", dtype=torch.bfloat16)
-        qi = torch.randn(1, length, hi, di, device="cuda", dtype=torch.bfloat16)
-        ki = torch.randn(1, length, di, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(1, length, hi, device="cuda") / hi
-        rows = torch.arange(length, device="cuda")[:, None] + 1
-        idx = (torch.rand(1, length, topk, device="cuda") * rows).long().to(torch.int32)  # random causal picks
-        idx = torch.where(torch.arange(topk, device="cuda") < rows, idx, -1)
-        lse = torch.randn(1, length, h, device="cuda") + 20.0
-        fwd, both = _time_fwd_bwd(
-            lambda a, c, e, q=q, k=k, idx=idx, lse=lse: indexer_kl_loss_sparse(q, k, a, c, e, idx, attn_lse=lse),
-            [qi, ki, w])
-        pairs = (idx >= 0).sum().item()
-        f_fwd = pairs * 2 * (h * d + hi * di)
-        f_bwd = pairs * 2 * 3 * hi * di
-        row = {"what": "kl_sparse", "L": length, "fwd_ms": fwd, "fwd_bwd_ms": both,
-               "fwd_tflops": f_fwd / fwd / 1e9, "bwd_tflops": f_bwd / max(both - fwd, 1e-9) / 1e9}
-        results.append(row)
-        print(row)
-        del q, k, qi, ki
-    for length in (8192,):  # dense warm-up, small model: H=16 (GQA 16/4), d=128, H_I=8, d_I=64
-        q = torch.randn(1, length, 16, 128, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, length, 4, 128, device="cuda", dtype=torch.bfloat16)
-        qi = torch.randn(1, length, 8, 64, device="cuda", dtype=torch.bfloat16)
-        ki = torch.randn(1, length, 64, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(1, length, 8, device="cuda") / 8
-        lse = torch.randn(1, length, 16, device="cuda") + 10.0
-        fwd, both = _time_fwd_bwd(
-            lambda a, c, e, q=q, k=k, lse=lse: indexer_kl_loss_dense(q, k, a, c, e, attn_lse=lse), [qi, ki, w])
-        pairs = length * (length + 1) / 2
-        row = {"what": "kl_dense", "L": length, "fwd_ms": fwd, "fwd_bwd_ms": both,
-               "fwd_tflops": pairs * 2 * (16 * 128 + 8 * 64) / fwd / 1e9}
-        results.append(row)
-        print(row)
-    print("fallbacks:", indexer_kl.FALLBACKS)
-    out_dir = Path(os.environ.get("OUT", "."))
-    (out_dir / "indexer_kl_bench.json").write_text(json.dumps(results, indent=1))
-
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) > 1 and sys.argv[1] == "bench":
-        _bench()
