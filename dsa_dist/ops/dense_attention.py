@@ -1,12 +1,14 @@
 """Dense causal attention that also returns the per-head log-sum-exp (stage-1 target, DSA ``dense`` mode).
 
 Causality is on global positions (``q_positions``, ``k_positions``) so a context-parallel shard attends its own
-queries over the all-gathered keys. Chunked over queries: memory O(chunk · H · Lk), never H × L × L.
+queries over the all-gathered keys. Chunked over queries and recomputed per chunk in backward: memory
+O(chunk · H · Lk) in forward and backward, never H × L × L.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from dsa_dist.ops._checks import FLOAT_DTYPES, check_dim, check_positions, check_positive_int, check_tensor
 
@@ -42,20 +44,25 @@ def dense_attention(
     k_pos = check_positions("k_positions", k_positions, k.shape[1], q.device)
     scale = d**-0.5 if softmax_scale is None else float(softmax_scale)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    kc, vc = k.to(compute), v.to(compute)
-    outs, lses = [], []
-    for start in range(0, lq, chunk_size):
-        end = min(start + chunk_size, lq)
+    def chunk(start: int, end: int, q_c, k_, v_):
         c = end - start
-        qc = q[:, start:end].to(compute).reshape(b, c, hkv, h // hkv, d)
-        logits = torch.einsum("bcgjd,bkgd->bcgjk", qc, kc) * scale  # [B, c, Hkv, G, Lk]
+        qc = q_c.to(compute).reshape(b, c, hkv, h // hkv, d)
+        logits = torch.einsum("bcgjd,bkgd->bcgjk", qc, k_.to(compute)) * scale  # [B, c, Hkv, G, Lk]
         visible = k_pos[None, :] <= q_pos[start:end, None]  # [c, Lk]
         has_any = visible.any(-1)[None, :, None, None, None]
         mask = visible[None, :, None, None, :]
         logits = torch.where(mask, logits, torch.where(has_any, float("-inf"), 0.0))
         lse = torch.logsumexp(logits, -1, keepdim=True)
         probs = torch.exp(logits - lse) * mask
-        out = torch.einsum("bcgjk,bkgd->bcgjd", probs, vc)
-        outs.append(out.reshape(b, c, h, v.shape[-1]))
-        lses.append(torch.where(has_any, lse, float("-inf")).reshape(b, c, h))
+        out = torch.einsum("bcgjk,bkgd->bcgjd", probs, v_.to(compute))
+        return out.reshape(b, c, h, v.shape[-1]), torch.where(has_any, lse, float("-inf")).reshape(b, c, h)
+
+    outs, lses = [], []
+    for start in range(0, lq, chunk_size):
+        end = min(start + chunk_size, lq)
+        # Recompute each chunk in backward: autograd would otherwise keep every chunk's [c, H, Lk] logits and
+        # probabilities alive at once — O(H · L²) memory, which is what the chunking is meant to avoid.
+        out, lse = checkpoint(chunk, start, end, q[:, start:end], k, v, use_reentrant=False)
+        outs.append(out)
+        lses.append(lse)
     return torch.cat(outs, 1).to(q.dtype), torch.cat(lses, 1).to(compute)
