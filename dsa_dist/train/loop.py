@@ -103,7 +103,14 @@ class StageTrainer:
         config.finalize_model_grads_func = finalize_model_grads
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                    use_distributed_optimizer=cfg.parallel.distributed_optimizer)
-        self.ddp = DistributedDataParallel(config, ddp_config, self.gpt)
+        module = self.gpt
+        if config.bf16:
+            # Megatron's Float16Module casts every parameter to bf16 (its local norm modules are built in fp32,
+            # which its mixed-precision optimizer cannot checkpoint), bf16 inputs in and fp32 outputs out.
+            from megatron.core.transformer.module import Float16Module
+
+            module = Float16Module(config, self.gpt)
+        self.ddp = DistributedDataParallel(config, ddp_config, module)
         self.optimizer, self.scheduler = build_optimizer(
             self.ddp, self.plan, cfg.optim, bf16=self.plan.model.params_dtype == "bfloat16",
             distributed_optimizer=cfg.parallel.distributed_optimizer)
