@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p = cfg.parallel
     world = p.tp * p.cp * p.pp * p.dp
     if "WORLD_SIZE" in os.environ or world == 1:
+        from dsa_dist.compat import destroy_parallel
         from dsa_dist.train.checkpoint import CheckpointError
         from dsa_dist.train.loop import run_pipeline
 
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         except CheckpointError as err:
             print(f"dsa-train: checkpoint error: {err}", file=sys.stderr)
             return 2
+        finally:
+            destroy_parallel()  # NCCL warns (and may leak) when the process group outlives the run
         return 0
     import torch.multiprocessing as mp
 
