@@ -18,6 +18,7 @@ collective forever), and the whole run has a wall-clock ``timeout``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing as mp
 import os
@@ -25,7 +26,7 @@ import queue
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -130,3 +131,24 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                 p.join(timeout=5.0)
         result_q.close()
     return [results[r] for r in range(world_size)]
+
+
+@contextlib.contextmanager
+def single_rank_parallel() -> Iterator[None]:
+    """TP=CP=1 Megatron parallel state in this process (a one-rank group; NCCL on CUDA, gloo on CPU).
+
+    Tears down only what it created, so a caller that already joined a process group keeps it.
+    """
+    import torch.distributed as dist
+
+    from dsa_dist.compat import destroy_parallel, init_parallel
+
+    owned = not dist.is_initialized()
+    if owned:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+    init_parallel(1, 1)
+    try:
+        yield
+    finally:
+        if owned:
+            destroy_parallel()

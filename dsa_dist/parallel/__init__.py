@@ -1,44 +1,10 @@
 """Parallelism for DSA (DESIGN.md §2): context-parallel sharding, index-key/KV exchange, distributed top-k.
 
-The public CP API is defined in :mod:`dsa_dist.parallel.context_parallel` and re-exported here.
+The public CP API is defined in :mod:`dsa_dist.parallel.context_parallel` (its ``__all__`` is the list) and
+re-exported here unchanged.
 """
 
-from dsa_dist.parallel.context_parallel import (
-    TOPK_MODES,
-    LayerCommVolume,
-    PendingSequenceGather,
-    TopkMode,
-    all_gather_sequence,
-    candidate_bytes_per_query,
-    candidate_topk,
-    check_cp_config,
-    cp_layer_comm_volume,
-    distributed_indexer_topk,
-    global_to_rank_major,
-    index_key_bytes_per_token,
-    kv_bytes_per_token,
-    query_bytes_per_token,
-    rank_major_to_global,
-    zigzag_positions,
-    zigzag_split,
-)
+from dsa_dist.parallel import context_parallel as _api
+from dsa_dist.parallel.context_parallel import *  # noqa: F403 - the API module's __all__ is the single list
 
-__all__ = [
-    "TOPK_MODES",
-    "LayerCommVolume",
-    "PendingSequenceGather",
-    "TopkMode",
-    "all_gather_sequence",
-    "candidate_bytes_per_query",
-    "candidate_topk",
-    "check_cp_config",
-    "cp_layer_comm_volume",
-    "distributed_indexer_topk",
-    "global_to_rank_major",
-    "index_key_bytes_per_token",
-    "kv_bytes_per_token",
-    "query_bytes_per_token",
-    "rank_major_to_global",
-    "zigzag_positions",
-    "zigzag_split",
-]
+__all__ = list(_api.__all__)

@@ -7,27 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsa_dist.compat import destroy_parallel, init_parallel
 from dsa_dist.model.builder import build_model, get_indexer_loss_tracker
 from dsa_dist.model.config import preset
 from dsa_dist.model.indexer_loss import IndexerLossTracker
 from dsa_dist.model.specs import dsa_attention_spec
-from tests._dist import free_port
+from tests._dist import single_rank_parallel
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _single_rank():
-    import os
-
-    import torch.distributed as dist
-
-    owned = not dist.is_initialized()
-    if owned:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
-    init_parallel(1, 1)
-    yield
-    if owned:
-        destroy_parallel()
+    with single_rank_parallel():
+        yield
 
 
 def _attention(name, init_std=0.3, **overrides):

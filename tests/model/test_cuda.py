@@ -4,7 +4,6 @@ The same model and batch run twice on one GPU: once with ``DSA_BACKEND=reference
 with the default dispatch (Triton indexer/top-k, sparse attention and KL kernels). Skipped without CUDA.
 """
 
-import os
 
 import pytest
 import torch
@@ -14,18 +13,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.fixture(scope="module")
 def _single_gpu():
-    import torch.distributed as dist
+    from tests._dist import single_rank_parallel
 
-    from dsa_dist.compat import destroy_parallel, init_parallel
-    from tests._dist import free_port
-
-    owned = not dist.is_initialized()
-    if owned:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
-    init_parallel(1, 1)
-    yield
-    if owned:
-        destroy_parallel()
+    with single_rank_parallel():
+        yield
 
 
 def _step(model, tracker, tokens, labels, backend, monkeypatch):
