@@ -34,7 +34,6 @@ def check_tensor(
     *,
     ndim: int | None = None,
     dtypes: Sequence[torch.dtype] | None = None,
-    contiguous_last: bool = False,
 ) -> torch.Tensor:
     """Check that ``x`` is a tensor with the given rank and dtype; raise naming ``name`` otherwise."""
     if not isinstance(x, torch.Tensor):
@@ -44,8 +43,6 @@ def check_tensor(
     if dtypes is not None and x.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must have dtype in ({allowed}), got {str(x.dtype).replace('torch.', '')}")
-    if contiguous_last and x.numel() > 0 and x.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dim (call .contiguous()), got strides {x.stride()}")
     if _DEBUG and x.is_floating_point() and x.dtype not in FP8_DTYPES and not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf (debug checks are on)")
     return x
