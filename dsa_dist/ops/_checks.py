@@ -78,3 +78,16 @@ def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def check_attention_qkv(q: object, k: object, v: object) -> None:
+    """``q`` [B, Lq, H, d_qk], ``k`` [B, Lk, Hkv, d_qk], ``v`` [B, Lk, Hkv, d_v] with H a multiple of Hkv."""
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("v", v, ndim=4, dtypes=FLOAT_DTYPES)
+    check_dim("k", k, 0, q.shape[0], "batch")
+    check_dim("k", k, 3, q.shape[3], "d_qk, as in q")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must be [B, Lk, Hkv, d_v] with B, Lk, Hkv as k {tuple(k.shape[:3])}, got {tuple(v.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of k heads ({k.shape[2]}) for GQA/MQA")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dsa_dist.ops._checks import FLOAT_DTYPES, check_dim, check_positions, check_positive_int, check_tensor
+from dsa_dist.ops._checks import check_attention_qkv, check_positions, check_positive_int
 
 
 def dense_attention(
@@ -28,18 +28,10 @@ def dense_attention(
     Returns ``(out [B, Lq, H, d_v] in q's dtype, lse [B, Lq, H] float32 — float64 for float64 inputs)``;
     key s is visible to query t iff ``k_positions[s] <= q_positions[t]`` (default positions: arange).
     """
-    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
-    check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
-    check_tensor("v", v, ndim=4, dtypes=FLOAT_DTYPES)
+    check_attention_qkv(q, k, v)
     check_positive_int("chunk_size", chunk_size)
     b, lq, h, d = q.shape
-    check_dim("k", k, 0, b, "batch")
-    check_dim("k", k, 3, d, "d_qk, as in q")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v must be [B, Lk, Hkv, d_v] with B, Lk, Hkv as k {tuple(k.shape[:3])}, got {tuple(v.shape)}")
     hkv = k.shape[2]
-    if h % hkv:
-        raise ValueError(f"q heads ({h}) must be a multiple of k heads ({hkv})")
     q_pos = check_positions("q_positions", q_positions, lq, q.device)
     k_pos = check_positions("k_positions", k_positions, k.shape[1], q.device)
     scale = d**-0.5 if softmax_scale is None else float(softmax_scale)

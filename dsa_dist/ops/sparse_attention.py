@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import torch
 
-from dsa_dist.ops._checks import FLOAT_DTYPES, check_dim, check_positive_int, check_same_device, check_tensor
+from dsa_dist.ops._checks import (
+    check_attention_qkv,
+    check_dim,
+    check_positive_int,
+    check_same_device,
+    check_tensor,
+)
 
 
 def _check_inputs(q, k, v, topk_indices):
-    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
-    check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
-    check_tensor("v", v, ndim=4, dtypes=FLOAT_DTYPES)
+    check_attention_qkv(q, k, v)
     check_tensor("topk_indices", topk_indices, dtypes=(torch.int32, torch.int64))
-    b, lq, h, d = q.shape
-    check_dim("k", k, 0, b, "batch")
-    check_dim("k", k, 3, d, "d_qk, as in q")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v must be [B, Lk, Hkv, d_v] with B, Lk, Hkv as k {tuple(k.shape[:3])}, got {tuple(v.shape)}")
+    b, lq = q.shape[:2]
     hkv = k.shape[2]
-    if h % hkv:
-        raise ValueError(f"q heads ({h}) must be a multiple of k heads ({hkv}) for GQA/MQA")
     if topk_indices.dim() not in (3, 4) or topk_indices.shape[:2] != (b, lq):
         raise ValueError(
             f"topk_indices must be [B, Lq, k] (shared by all heads) or [B, Lq, Hkv, k] with B={b}, Lq={lq}, "
