@@ -75,14 +75,20 @@ class _DSAAttentionBase(MegatronModule):
             raise ValueError(f"num_heads={dsa.num_heads} is not divisible by tp={self.groups.tp_size}")
         self.local_heads = dsa.num_heads // self.groups.tp_size
 
-    def _check_call(self, attention_mask: Any, packed_seq_params: Any, inference_context: Any) -> None:
+    def _enter(self, hidden_states: torch.Tensor, attention_mask: Any, packed_seq_params: Any,
+               inference_context: Any) -> tuple[torch.Tensor, int, int, torch.Tensor]:
+        """Check Megatron's call and return ``(x [b, s, hidden], b, s, global positions [s])``."""
         if attention_mask is not None:
             raise ValueError("DSA attention is causal on global token positions and takes no attention_mask; "
                              "pass attention_mask=None to GPTModel.forward")
         if packed_seq_params is not None:
             raise ValueError("packed sequences are not supported by DSA attention (packed_seq_params must be None)")
         if inference_context is not None:
-            raise ValueError("Megatron's inference_context is not supported; dsa_dist.rl decodes with its own cache")
+            raise ValueError("Megatron's inference_context is not supported: DSA decoding over a KV cache is not "
+                             "built yet")
+        x = hidden_states.transpose(0, 1)  # [b, s, hidden]
+        b, s, _ = x.shape
+        return x, b, s, local_positions(s, self.groups, x.device)
 
     def _core(self, q, k, v, *, v_dim, indexer_h, indexer_cq, positions) -> torch.Tensor:
         return dsa_core(
@@ -126,10 +132,7 @@ class DSAMLASelfAttention(_DSAAttentionBase):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 inference_context: Any = None, packed_seq_params: Any = None, **unused: Any):
-        self._check_call(attention_mask, packed_seq_params, inference_context)
-        x = hidden_states.transpose(0, 1)  # [b, s, hidden]
-        b, s, _ = x.shape
-        positions = local_positions(s, self.groups, x.device)
+        x, b, s, positions = self._enter(hidden_states, attention_mask, packed_seq_params, inference_context)
         c_q = self.q_norm(self.linear_q_down(x))  # [b, s, q_lora]
         q, _ = self.linear_q_up(c_q)
         q = q.view(b, s, self.local_heads, self.nope + self.rope)
@@ -177,10 +180,7 @@ class DSAGQASelfAttention(_DSAAttentionBase):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 inference_context: Any = None, packed_seq_params: Any = None, **unused: Any):
-        self._check_call(attention_mask, packed_seq_params, inference_context)
-        x = hidden_states.transpose(0, 1)  # [b, s, hidden]
-        b, s, _ = x.shape
-        positions = local_positions(s, self.groups, x.device)
+        x, b, s, positions = self._enter(hidden_states, attention_mask, packed_seq_params, inference_context)
         qkv, _ = self.linear_qkv(x)
         qkv = qkv.view(b, s, self.local_kv, self.group + 2, self.head_dim)  # per KV group: G queries, k, v
         q = qkv[..., : self.group, :].reshape(b, s, self.local_heads, self.head_dim)

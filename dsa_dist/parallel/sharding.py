@@ -97,24 +97,24 @@ def _chunk_permutation(cp_size: int, to_global: bool, device: torch.device) -> t
     return torch.tensor(chunk_of_slot, device=device)
 
 
-def rank_major_to_global(x: torch.Tensor, seq_dim: int, cp_size: int) -> torch.Tensor:
-    """Reorder the concatenated zigzag shards of all ranks (rank 0's first) along ``seq_dim`` to global order."""
+def _reorder_chunks(x: torch.Tensor, seq_dim: int, cp_size: int, to_global: bool) -> torch.Tensor:
     if cp_size == 1:
         return x
     seq_dim = seq_dim % x.dim()
     n = x.shape[seq_dim]
     chunks = x.unflatten(seq_dim, (2 * cp_size, n // (2 * cp_size)))
-    return chunks.index_select(seq_dim, _chunk_permutation(cp_size, True, x.device)).flatten(seq_dim, seq_dim + 1)
+    order = _chunk_permutation(cp_size, to_global, x.device)
+    return chunks.index_select(seq_dim, order).flatten(seq_dim, seq_dim + 1)
+
+
+def rank_major_to_global(x: torch.Tensor, seq_dim: int, cp_size: int) -> torch.Tensor:
+    """Reorder the concatenated zigzag shards of all ranks (rank 0's first) along ``seq_dim`` to global order."""
+    return _reorder_chunks(x, seq_dim, cp_size, to_global=True)
 
 
 def global_to_rank_major(x: torch.Tensor, seq_dim: int, cp_size: int) -> torch.Tensor:
     """Inverse of :func:`rank_major_to_global`."""
-    if cp_size == 1:
-        return x
-    seq_dim = seq_dim % x.dim()
-    n = x.shape[seq_dim]
-    chunks = x.unflatten(seq_dim, (2 * cp_size, n // (2 * cp_size)))
-    return chunks.index_select(seq_dim, _chunk_permutation(cp_size, False, x.device)).flatten(seq_dim, seq_dim + 1)
+    return _reorder_chunks(x, seq_dim, cp_size, to_global=False)
 
 
 def _stacked_to_global(stacked: torch.Tensor, seq_dim: int, cp_size: int) -> torch.Tensor:
