@@ -1,17 +1,21 @@
-"""``dsa-train [CONFIG.yaml] [key=value ...]``: run the configured stages (issue 5; docs/training.md).
+"""``dsa-train [CONFIG.yaml] [key=value ...]``: run the configured stages (docs/training.md).
 
 With no arguments it runs ``configs/tiny.yaml``: dense -> warmup -> sparse on the tiny model on CPU.
 Under ``torchrun`` (``$WORLD_SIZE`` set) every process runs the pipeline; otherwise, when the config asks for
-more than one process (tp*cp*pp*dp > 1), dsa-train starts that many local processes itself.
+more than one process (tp*cp*pp*dp > 1), dsa-train starts that many local processes itself
+(:mod:`dsa_dist.train.local_ranks`). Before anything trains, the config, the run directory, ``init_from`` and the
+data are checked; a problem is one line on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from dsa_dist.config import DEFAULT_CONFIG, TrainRunConfig, load_config
+from dsa_dist.train.local_ranks import INTERRUPTED, describe_error, run_local_ranks
 
 USAGE = """usage: dsa-train [CONFIG.yaml] [key=value ...]
 
@@ -21,29 +25,7 @@ USAGE = """usage: dsa-train [CONFIG.yaml] [key=value ...]
 Stages resume from <run_dir>/<stage>/checkpoints automatically. See docs/training.md."""
 
 
-def _spawned(rank: int, world_size: int, port: int, cfg: TrainRunConfig) -> None:
-    _quiet_known_warnings()
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    from dsa_dist.train.loop import run_pipeline
-
-    try:
-        run_pipeline(cfg)
-    finally:
-        from dsa_dist.compat import destroy_parallel
-
-        destroy_parallel()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _quiet_known_warnings() -> None:
+def quiet_known_warnings() -> None:
     """Silence warnings that say nothing actionable about a dsa-train run (they repeat on every rank)."""
     import warnings
 
@@ -53,9 +35,44 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*(load_state_dict. is deprecated|DTensor).*")
 
 
+def check_run_dir(run_dir: str) -> None:
+    """Create ``run_dir`` and prove it writable now, not at the first checkpoint; ``ValueError`` if it is not."""
+    path = Path(run_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"run_dir={run_dir!r} is a file, not a directory; choose another run_dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ValueError(f"run_dir={run_dir!r} is not a writable directory ({err.strerror or err}); choose a "
+                         "directory you can write to") from None
+
+
+def preflight(cfg: TrainRunConfig) -> None:
+    """Every check that needs the file system, before any process trains: run dir, init_from, data."""
+    from dsa_dist.train.checkpoint import read_train_state
+    from dsa_dist.train.data import check_data
+
+    check_run_dir(cfg.run_dir)
+    if cfg.checkpoint.init_from:
+        read_train_state(cfg.checkpoint.init_from)
+    check_data(cfg)
+
+
+def _train_here(cfg: TrainRunConfig) -> None:
+    from dsa_dist.compat import destroy_parallel
+    from dsa_dist.train.loop import run_pipeline
+
+    try:
+        run_pipeline(cfg)
+    finally:
+        destroy_parallel()  # NCCL warns (and may leak) when the process group outlives the run
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    _quiet_known_warnings()
+    quiet_known_warnings()
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
@@ -65,28 +82,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(path, argv)
     except ValueError as err:
-        print(f"dsa-train: config error: {err}", file=sys.stderr)
+        print(f"dsa-train: config error: {' '.join(str(err).splitlines())}", file=sys.stderr)
         return 2
-    p = cfg.parallel
-    world = p.tp * p.cp * p.pp * p.dp
-    if "WORLD_SIZE" in os.environ or world == 1:
-        from dsa_dist.compat import destroy_parallel
-        from dsa_dist.train.checkpoint import CheckpointError
-        from dsa_dist.train.loop import run_pipeline
-
-        try:
-            run_pipeline(cfg)
-        except CheckpointError as err:
-            print(f"dsa-train: checkpoint error: {err}", file=sys.stderr)
-            return 2
-        finally:
-            destroy_parallel()  # NCCL warns (and may leak) when the process group outlives the run
-        return 0
-    import torch.multiprocessing as mp
-
-    print(f"dsa-train: starting {world} local processes (tp={p.tp} cp={p.cp} pp={p.pp} dp={p.dp})", flush=True)
-    mp.start_processes(_spawned, args=(world, _free_port(), cfg), nprocs=world, start_method="spawn")
-    return 0
+    try:
+        preflight(cfg)
+        world = cfg.parallel.world_size
+        if "WORLD_SIZE" in os.environ or world == 1:
+            _train_here(cfg)
+            return 0
+        print(f"dsa-train: starting {world} local processes (tp={cfg.parallel.tp} cp={cfg.parallel.cp} "
+              f"pp={cfg.parallel.pp} dp={cfg.parallel.dp})", flush=True)
+        return run_local_ranks(cfg, world)
+    except KeyboardInterrupt:
+        print("dsa-train: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - user errors become one line; anything else is a bug: re-raise
+        known = describe_error(err)
+        if known is None:
+            raise
+        line, status = known
+        rank = f"rank {os.environ['RANK']}: " if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
+        print(f"dsa-train: {rank}{' '.join(line.splitlines())}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

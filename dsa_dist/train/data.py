@@ -1,6 +1,6 @@
 """Training data: tokenizers, Megatron-Core indexed datasets (.bin/.idx), sequence packing and a resumable sampler.
 
-Implements issue 5 §2 (DESIGN.md §3 ``train/``). Documents are stored with Megatron-Core's
+The data side of training (docs/design.md#data-and-tasks). Documents are stored with Megatron-Core's
 ``megatron.core.datasets.indexed_dataset`` format, each document followed by an end-of-document token, so
 the ``.bin`` file is one long token stream. Training samples are windows of ``seq_len + 1`` tokens cut from
 that stream (inputs = window[:-1], labels = window[1:]) -- documents are packed back to back, no padding.
@@ -23,7 +23,7 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -35,7 +35,10 @@ from megatron.core.datasets.indexed_dataset import (
     get_idx_path,
 )
 
-from dsa_dist.train.tasks import TASKS, make_task_sample
+from dsa_dist.train.tasks import TASKS, make_task_sample, min_seq_len
+
+if TYPE_CHECKING:
+    from dsa_dist.config import TrainRunConfig
 
 BYTE_TOKENIZER = "byte"
 STDLIB_CORPUS = "stdlib"
@@ -148,29 +151,65 @@ def stdlib_files(max_files: int = 0) -> list[Path]:
 
 
 def read_documents(files: Iterable[Path], json_key: str = "text") -> Iterator[str]:
-    """One document per text file; one per line (field ``json_key``) for ``.jsonl`` files."""
+    """One document per text file; one per line (field ``json_key``, a string) for ``.jsonl`` files.
+
+    Bad input is a ``ValueError`` naming the file (and line): unreadable files, text that is not UTF-8, lines
+    that are not JSON objects, a missing key or a value that is not a string (``null`` is not the text "None").
+    """
     for f in files:
-        if f.suffix == ".jsonl":
-            with open(f, encoding="utf-8") as fh:
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    record = json.loads(line)
-                    if json_key not in record:
-                        raise ValueError(f"{f}:{n}: JSON record has no key {json_key!r} (use --json-key)")
-                    yield str(record[json_key])
-        else:
-            yield f.read_text(encoding="utf-8", errors="replace")
+        try:
+            if f.suffix == ".jsonl":
+                yield from _jsonl_documents(f, json_key)
+            else:
+                yield f.read_text(encoding="utf-8", errors="replace")
+        except OSError as err:
+            raise ValueError(f"{f}: cannot read ({err.strerror or err})") from None
+
+
+def _jsonl_documents(f: Path, json_key: str) -> Iterator[str]:
+    with open(f, encoding="utf-8") as fh:
+        n = 0
+        while True:
+            try:
+                line = fh.readline()
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{f}:{n + 1}: not UTF-8 text ({err.reason}); convert the file to UTF-8") from None
+            if not line:
+                return
+            n += 1
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{f}:{n}: invalid JSON ({err.msg} at column {err.colno}); each line of a "
+                                 ".jsonl file must be one JSON object") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{f}:{n}: expected a JSON object with a {json_key!r} field, got "
+                                 f"{type(record).__name__}")
+            if json_key not in record:
+                raise ValueError(f"{f}:{n}: JSON record has no key {json_key!r} (keys: {sorted(record)[:10]}; "
+                                 "pick the text field with --json-key)")
+            text = record[json_key]
+            if not isinstance(text, str):
+                kind = "null" if text is None else type(text).__name__
+                raise ValueError(f"{f}:{n}: field {json_key!r} is {kind}, not a string; fix or drop that record")
+            yield text
+
+
+def stdlib_dataset_prefix(cache_dir: str | Path, max_files: int = 0) -> str:
+    """Where :func:`ensure_stdlib_dataset` keeps the byte-tokenized stdlib corpus of this Python version."""
+    return str(Path(cache_dir).expanduser() / (f"stdlib_py{sysconfig.get_python_version()}_byte"
+                                               + (f"_{max_files}" if max_files else "")))
 
 
 def ensure_stdlib_dataset(cache_dir: str | Path, max_files: int = 0) -> str:
     """Build (once) the byte-tokenized stdlib corpus under ``cache_dir``; return its path prefix."""
-    prefix = Path(cache_dir).expanduser() / (f"stdlib_py{sysconfig.get_python_version()}_byte"
-                                             + (f"_{max_files}" if max_files else ""))
-    if not IndexedDataset.exists(str(prefix)) or not Path(str(prefix) + ".json").exists():
+    prefix = stdlib_dataset_prefix(cache_dir, max_files)
+    if not IndexedDataset.exists(prefix) or not Path(prefix + ".json").exists():
         files = stdlib_files(max_files)
         write_indexed_dataset(read_documents(files), prefix, ByteTokenizer(), sources=[str(files[0].parent)])
-    return str(prefix)
+    return prefix
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -179,7 +218,7 @@ def ensure_stdlib_dataset(cache_dir: str | Path, max_files: int = 0) -> str:
 
 
 def dataset_metadata(prefix: str) -> dict:
-    """The sidecar metadata of a prepared dataset; a clear error when the dataset is missing."""
+    """The sidecar metadata of a prepared dataset; a clear error when the dataset is missing or broken."""
     if not IndexedDataset.exists(prefix):
         raise ValueError(f"data.corpus={prefix!r}: no {prefix}.bin/.idx found; create it with "
                          f"`dsa-prepare-data --output {prefix} <files>` or use data.corpus={STDLIB_CORPUS}")
@@ -187,7 +226,46 @@ def dataset_metadata(prefix: str) -> dict:
     if not meta_path.exists():
         raise ValueError(f"data.corpus={prefix!r}: {meta_path} is missing (the tokenizer record written by "
                          "dsa-prepare-data); re-run dsa-prepare-data")
-    return json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"data.corpus={prefix!r}: {meta_path} is unreadable ({err}); re-run dsa-prepare-data")\
+            from None
+    missing = [k for k in ("tokenizer", "vocab_size", "eod_id") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ValueError(f"data.corpus={prefix!r}: {meta_path} lacks {missing}; re-run dsa-prepare-data")
+    return meta
+
+
+def open_indexed_dataset(prefix: str) -> IndexedDataset:
+    """Open ``<prefix>.bin/.idx`` and check that they agree; ``ValueError`` naming the file when corrupt.
+
+    Megatron's reader trusts the index: a truncated ``.bin`` or a damaged ``.idx`` would otherwise surface as
+    an assertion, a crash or silently wrong tokens at some later step.
+    """
+    idx, bin_ = get_idx_path(prefix), get_bin_path(prefix)
+    fix = "the dataset is corrupt or was not written by dsa-prepare-data; re-create it with dsa-prepare-data"
+    try:
+        ds = IndexedDataset(prefix)
+    except Exception as err:  # noqa: BLE001 - any failure to parse the index means a corrupt dataset
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{idx}: cannot read the index ({reason}); {fix}") from None
+    index = ds.index
+    lengths = np.asarray(index.sequence_lengths, dtype=np.int64)
+    pointers = np.asarray(index.sequence_pointers, dtype=np.int64)
+    itemsize = np.dtype(index.dtype).itemsize
+    expected_ptr = np.concatenate([[0], np.cumsum(lengths)[:-1]]) * itemsize if len(lengths) else pointers
+    idx_size = Path(idx).stat().st_size
+    header = 34 + lengths.nbytes + pointers.nbytes + 8 * int(index.document_count)
+    if len(lengths) == 0 or (lengths <= 0).any() or not np.array_equal(pointers, expected_ptr) \
+            or idx_size != header:
+        raise ValueError(f"{idx}: the index is inconsistent ({len(lengths)} sequences, {idx_size} bytes); {fix}")
+    need = int(lengths.sum()) * itemsize
+    have = Path(bin_).stat().st_size
+    if have != need:
+        raise ValueError(f"{bin_}: {have} bytes, but its index describes {need} ({int(lengths.sum())} tokens of "
+                         f"{itemsize} bytes); {fix}")
+    return ds
 
 
 class PackedWindows:
@@ -196,7 +274,7 @@ class PackedWindows:
     def __init__(self, prefix: str, seq_len: int) -> None:
         self.prefix, self.seq_len = prefix, seq_len
         self.meta = dataset_metadata(prefix)
-        self._ds = IndexedDataset(prefix)
+        self._ds = open_indexed_dataset(prefix)
         # Start offset of every document in the concatenated stream.
         self._doc_start = np.concatenate([[0], np.cumsum(self._ds.sequence_lengths, dtype=np.int64)])
         self.num_tokens = int(self._doc_start[-1])
@@ -204,7 +282,7 @@ class PackedWindows:
         self.num_windows = (self.num_tokens - 1) // seq_len
         if self.num_windows < 1:
             raise ValueError(f"data.corpus={prefix!r} has {self.num_tokens} tokens, fewer than one window of "
-                             f"data.seq_len+1={seq_len + 1}; use a larger corpus or a smaller seq_len")
+                             f"model.seq_len+1={seq_len + 1}; use a larger corpus or a smaller model.seq_len")
 
     def __len__(self) -> int:
         return self.num_windows
@@ -337,3 +415,42 @@ def open_corpus(data_cfg) -> tuple[str, Tokenizer]:
         dist.barrier()
     prefix = ensure_stdlib_dataset(data_cfg.cache_dir, data_cfg.stdlib_max_files)
     return prefix, ByteTokenizer()
+
+
+def check_data(cfg: TrainRunConfig) -> None:
+    """The checks of a run config that need the data on disk; ``ValueError`` naming the key and the fix.
+
+    Run once by ``dsa-train`` before training starts (config validation itself does no I/O): the corpus exists
+    and is intact, it holds at least one sequence of ``model.seq_len + 1`` tokens, ``model.vocab_size`` covers
+    the tokenizer, and ``model.seq_len`` fits every task in use. The stdlib corpus is built here if missing
+    (by local rank 0 only when several processes start at once; the others then skip the corpus-size check).
+    """
+    d, m = cfg.data, cfg.model
+    if d.corpus == STDLIB_CORPUS:
+        tok: Tokenizer | None = ByteTokenizer()
+        prefix = stdlib_dataset_prefix(d.cache_dir, d.stdlib_max_files)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            ensure_stdlib_dataset(d.cache_dir, d.stdlib_max_files)
+        vocab = ByteTokenizer.vocab_size
+        built = IndexedDataset.exists(prefix) and Path(prefix + ".json").exists()
+    else:
+        prefix = d.corpus
+        meta = dataset_metadata(prefix)
+        vocab = int(meta["vocab_size"])
+        needs_tok = d.task_fraction > 0 or bool(d.eval_tasks)
+        tok = load_tokenizer(meta["tokenizer"]) if needs_tok else None
+        built = True
+    if m.vocab_size < vocab:
+        raise ValueError(f"model.vocab_size={m.vocab_size}: smaller than the tokenizer vocabulary ({vocab}) of "
+                         f"data.corpus={d.corpus!r}; use >= {vocab} (a multiple of parallel.tp={cfg.parallel.tp})")
+    needed = set(d.eval_tasks) | (set(d.tasks) if d.task_fraction > 0 else set())
+    for task in sorted(needed):
+        need = min_seq_len(task, tok)
+        if m.seq_len < need:
+            raise ValueError(f"model.seq_len={m.seq_len}: too short for the {task!r} task (needs >= {need}); raise "
+                             f"it or drop {task!r} from data.tasks/data.eval_tasks")
+    if built:
+        tokens = int(np.asarray(open_indexed_dataset(prefix).sequence_lengths, dtype=np.int64).sum())
+        if tokens < m.seq_len + 1:
+            raise ValueError(f"data.corpus={d.corpus!r} holds {tokens} tokens, fewer than one training sequence "
+                             f"(model.seq_len+1 = {m.seq_len + 1}); add documents or lower model.seq_len")

@@ -1,6 +1,6 @@
 """Generated long-context retrieval tasks: passkey, multi-key needle retrieval and associative recall.
 
-Implements issue 5 §2 (the long-context task mix and evals). Each task sample is a window of exactly
+The long-context task mix and evals of training (docs/design.md#data-and-tasks). Each task sample is a window of exactly
 ``seq_len + 1`` tokens whose *last* tokens are the answer, so accuracy needs only one forward pass: a sample
 is solved when the argmax prediction at every answer position equals the answer token (teacher forcing).
 Haystacks are real corpus text (a training window), so the needle must be found by content, not by format.
@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dsa_dist.config.train import TASK_NAMES
+
 if TYPE_CHECKING:  # only the protocol; importing data.py here would be circular
     from dsa_dist.train.data import Tokenizer
 
-TASKS = ("passkey", "multikey", "assoc")
+TASKS: tuple[str, ...] = TASK_NAMES  # the config names them (data.tasks); each has a generator below
 _MAX_PAIRS = 4000  # well below the 26**3 possible keys, so drawing unique keys stays fast
 _NAMES = ("apple", "river", "stone", "cloud", "maple", "tiger", "amber", "delta", "orbit", "cedar")
 
@@ -52,8 +54,8 @@ def _assemble(pieces: list[list[int]], cuts: list[int], filler: np.ndarray, ques
     budget = seq_len + 1 - sum(map(len, pieces)) - len(question) - len(answer)
     if budget < 0:
         need = seq_len + 1 - budget
-        raise ValueError(f"data.seq_len={seq_len} is too short for the {task!r} task (needs at least {need} "
-                         f"tokens); raise data.seq_len or remove {task!r} from data.tasks")
+        raise ValueError(f"model.seq_len={seq_len} is too short for the {task!r} task (needs at least {need} "
+                         f"tokens); raise model.seq_len or remove {task!r} from data.tasks")
     if len(filler) < budget:
         raise ValueError(f"filler of {len(filler)} tokens is shorter than the {budget} the {task!r} task needs")
     out: list[np.ndarray] = []
@@ -120,7 +122,7 @@ def assoc(rng: np.random.Generator, filler: np.ndarray, seq_len: int, tok: Token
         values.append(value)
         used += len(piece)
     if not keys:
-        raise ValueError(f"data.seq_len={seq_len} is too short for the 'assoc' task; raise data.seq_len")
+        raise ValueError(f"model.seq_len={seq_len} is too short for the 'assoc' task; raise model.seq_len")
     asked = int(rng.integers(len(keys)))
     question = tok.encode(f"\n{keys[asked]}:")
     answer = tok.encode(f" {values[asked]}")
@@ -141,7 +143,7 @@ def make_task_sample(task: str, rng: np.random.Generator, filler: np.ndarray, se
 
 
 def min_seq_len(task: str, tok: Tokenizer) -> int:
-    """Smallest ``seq_len`` at which ``task`` fits, with a little slack (used by config validation).
+    """Smallest ``seq_len`` at which ``task`` fits, with a little slack (used by :func:`dsa_dist.train.data.check_data`).
 
     Measured on a few probe samples, because with a BPE tokenizer the token count of the random digits varies.
     """

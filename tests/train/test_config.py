@@ -1,13 +1,28 @@
-"""Config loading and validation (dsa_dist/config.py): every bad case fails at load with the key named."""
+"""Config loading and validation (dsa_dist/config/): every bad case fails at load with the key named."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import copy
+import dataclasses
+
 import pytest
 
-from dsa_dist.config import DEFAULT_CONFIG, TrainRunConfig, load_config, stage_value
+from dsa_dist.config import (
+    DEFAULT_CONFIG,
+    SECTION_VALIDATORS,
+    TASK_NAMES,
+    TrainRunConfig,
+    load_config,
+    resolve_config,
+    stage_value,
+    to_yaml,
+    validate_config,
+)
+from dsa_dist.train.data import check_data
 from dsa_dist.train.stages import resolve_stage
+from dsa_dist.train.tasks import _GENERATORS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CPU = ["train.device=cpu", "model.params_dtype=float32"]
@@ -64,22 +79,23 @@ def test_model_preset_switch():
     (["pipeline=[dense,pretrain]"], 1, ["pipeline", "pretrain"]),
     (["parallel.dp=2"], 1, ["parallel.dp=2", "world size 1", "tp*cp*pp*dp"]),
     (["parallel.tp=2"], 3, ["tp*cp*pp", "world size 3"]),
-    (["parallel.cp=3", "parallel.dp=1"], 3, ["model.seq_len=256", "2*parallel.cp=6"]),
+    (["parallel.cp=3", "parallel.dp=1"], 3, ["model.seq_len=256", "2*cp=6"]),
     (["model.indexer.topk=300"], 1, ["model.indexer.topk=300", "seq_len=256"]),
     (["train.global_batch_size=5"], 1, ["global_batch_size", "multiple of micro_batch_size*dp"]),
     (["parallel.tp=3", "model.num_heads=4"], 3, ["num_heads=4", "tensor-parallel"]),
-    (["model.vocab_size=128"], 1, ["model.vocab_size=128", "257"]),
-    (["model.seq_len=128"], 1, ["model.seq_len=128", "multikey"]),
     (["data.tasks=[passkey,sorting]"], 1, ["data.tasks", "sorting"]),
     (["data.task_fraction=1.5"], 1, ["data.task_fraction=1.5", "[0, 1]"]),
     (["stages.warmup.warmup_steps=60"], 1, ["stages.warmup.warmup_steps", "60", "steps=60"]),
     (["stages.sparse.min_lr=1.0"], 1, ["stages.sparse.min_lr", "lr=0.001"]),
     (["pipeline=[sparse,dense]"], 1, ["pipeline", "order"]),
     (["model.params_dtype=bfloat16", "train.device=cpu"], 1, ["model.params_dtype", "float32"]),
-    (["data.corpus=/nonexistent/corpus"], 1, ["data.corpus", "dsa-prepare-data"]),
     (["checkpoint.keep_last=0"], 1, ["checkpoint.keep_last"]),
     (["parallel.pp=2", "parallel.dp=1"], 2, ["parallel.pp=2"]),
     (["model_preset=huge"], 1, ["model_preset", "huge", "tiny"]),
+    (["model=5"], 1, ["'model' is a config section", "vocab_size"]),
+    (["model.indexer=[1]"], 1, ["'model.indexer' is a config section", "topk"]),
+    (["train=3"], 1, ["'train' is a config section", "steps"]),
+    (["optim.adam_beta2=1.0"], 1, ["optim.adam_beta2=1.0", "[0, 1)"]),
     (["train.steps"], 1, ["key=value"]),
 ])
 def test_bad_config_raises_value_error_naming_the_key(overrides, world, needles):
@@ -97,3 +113,70 @@ def test_bad_yaml_file_names_the_file(tmp_path):
         load_config(bad, world_size=1)
     with pytest.raises(ValueError, match="does not exist"):
         load_config(tmp_path / "missing.yaml", world_size=1)
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("train:\n  steps: [1\n", ["bad.yaml:3:1", "YAML syntax error", "line 2"]),
+    ("train:\n\tsteps: 3\n", ["bad.yaml:2:1", "YAML syntax error"]),
+    ("- dense\n- sparse\n", ["bad.yaml", "top level must be a mapping", "list"]),
+    ("just a string\n", ["bad.yaml", "top level must be a mapping", "str"]),
+    ("model: 5\n", ["bad.yaml", "'model' is a config section"]),
+])
+def test_bad_yaml_structure_names_file_and_line(tmp_path, text, needles):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ValueError) as info:
+        load_config(bad, world_size=1)
+    for needle in needles:
+        assert needle in str(info.value), f"{needle!r} not in {str(info.value)!r}"
+
+
+def test_empty_yaml_is_the_defaults(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set\n")
+    assert load_config(empty, world_size=1) == load_config(None, world_size=1)
+
+
+def test_resolve_derives_dp_without_mutating_and_validate_is_pure():
+    raw = load_config(DEFAULT_CONFIG, ["parallel.cp=2", "parallel.dp=1"], world_size=2)
+    unresolved = dataclasses.replace(raw, parallel=dataclasses.replace(raw.parallel, dp=0))
+    before = copy.deepcopy(unresolved)
+    resolved = resolve_config(unresolved, world_size=4)
+    assert resolved.parallel.dp == 2 and resolved.parallel.world_size == 4
+    assert unresolved == before  # resolve returns a new config
+    frozen = copy.deepcopy(resolved)
+    assert validate_config(resolved) is resolved and resolved == frozen  # validation changes nothing
+    with pytest.raises(ValueError, match="parallel.dp=0"):
+        validate_config(unresolved)  # an unresolved config is rejected, not silently filled
+
+
+def test_validation_reads_no_files():
+    """Data checks that need files are check_data's: validation accepts a corpus path that does not exist."""
+    cfg = load_config(DEFAULT_CONFIG, ["data.corpus=/nonexistent/corpus"], world_size=1)
+    with pytest.raises(ValueError, match=r"data.corpus='/nonexistent/corpus'.*dsa-prepare-data"):
+        check_data(cfg)
+
+
+def test_validators_are_a_list_of_section_checks():
+    names = [f.__name__ for f in SECTION_VALIDATORS]
+    assert names[:3] == ["validate_run", "validate_parallel", "validate_model"] and len(set(names)) == len(names)
+    cfg = load_config(DEFAULT_CONFIG, world_size=1)
+    bad = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, keep_last=0))
+    failing = []
+    for check in SECTION_VALIDATORS:
+        try:
+            check(bad)
+        except ValueError:
+            failing.append(check.__name__)
+    assert failing == ["validate_checkpoint"]  # each rule lives in exactly one validator
+
+
+def test_yaml_roundtrip(tmp_path):
+    cfg = load_config(DEFAULT_CONFIG, ["model_preset=tiny-gqa", "train.steps=7", "parallel.dp=1"], world_size=1)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(cfg))
+    assert load_config(saved, world_size=1) == cfg
+
+
+def test_task_names_have_generators():
+    assert set(_GENERATORS) == set(TASK_NAMES)
