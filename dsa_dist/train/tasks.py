@@ -143,7 +143,7 @@ def make_task_sample(task: str, rng: np.random.Generator, filler: np.ndarray, se
 
 
 def min_seq_len(task: str, tok: Tokenizer) -> int:
-    """Smallest ``seq_len`` at which ``task`` fits, with a little slack (used by :func:`dsa_dist.train.data.check_data`).
+    """Smallest ``seq_len`` at which ``task`` fits, with a little slack (checked by ``check_data``).
 
     Measured on a few probe samples, because with a BPE tokenizer the token count of the random digits varies.
     """
