@@ -120,25 +120,33 @@ def write_indexed_dataset(documents: Iterable[str], prefix: str | Path, tokenize
     prefix.parent.mkdir(parents=True, exist_ok=True)
     # A per-process temporary name: several nodes may build the same (shared) dataset at once.
     tmp = prefix.with_name(f"{prefix.name}.partial-{socket.gethostname()}-{os.getpid()}")
+    tmp_files = [Path(get_bin_path(str(tmp))), Path(get_idx_path(str(tmp))), Path(str(tmp) + ".json")]
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    builder = IndexedDatasetBuilder(get_bin_path(str(tmp)), dtype=dtype)
-    n_docs = n_tokens = 0
-    for text in documents:
-        ids = tokenizer.encode(text)
-        if not ids:
-            continue
-        ids.append(tokenizer.eod_id)  # the EOD token separates packed documents
-        builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
-        n_docs += 1
-        n_tokens += len(ids)
-    builder.finalize(get_idx_path(str(tmp)))
-    if n_docs == 0:
-        raise ValueError(f"no non-empty documents to write to {prefix}")
-    meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id,
-            "documents": n_docs, "tokens": n_tokens, "sources": sources or []}
-    Path(get_bin_path(str(tmp))).replace(get_bin_path(str(prefix)))
-    Path(get_idx_path(str(tmp))).replace(get_idx_path(str(prefix)))
-    Path(str(prefix) + ".json").write_text(json.dumps(meta, indent=1))
+    try:
+        builder = IndexedDatasetBuilder(str(tmp_files[0]), dtype=dtype)
+        n_docs = n_tokens = 0
+        for text in documents:
+            ids = tokenizer.encode(text)
+            if not ids:
+                continue
+            ids.append(tokenizer.eod_id)  # the EOD token separates packed documents
+            builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+            n_docs += 1
+            n_tokens += len(ids)
+        builder.finalize(str(tmp_files[1]))
+        if n_docs == 0:
+            raise ValueError(f"no non-empty documents to write to {prefix}")
+        meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id,
+                "documents": n_docs, "tokens": n_tokens, "sources": sources or []}
+        tmp_files[2].write_text(json.dumps(meta, indent=1))
+        # The sidecar goes last and marks the dataset complete: a stale one must not describe the new files.
+        Path(str(prefix) + ".json").unlink(missing_ok=True)
+        tmp_files[0].replace(get_bin_path(str(prefix)))
+        tmp_files[1].replace(get_idx_path(str(prefix)))
+        tmp_files[2].replace(str(prefix) + ".json")
+    finally:
+        for f in tmp_files:
+            f.unlink(missing_ok=True)
     return meta
 
 
@@ -167,16 +175,12 @@ def read_documents(files: Iterable[Path], json_key: str = "text") -> Iterator[st
 
 
 def _jsonl_documents(f: Path, json_key: str) -> Iterator[str]:
-    with open(f, encoding="utf-8") as fh:
-        n = 0
-        while True:
+    with open(f, "rb") as fh:  # bytes, decoded per line: a decoding error then names its line
+        for n, raw in enumerate(fh, 1):
             try:
-                line = fh.readline()
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise ValueError(f"{f}:{n + 1}: not UTF-8 text ({err.reason}); convert the file to UTF-8") from None
-            if not line:
-                return
-            n += 1
+                raise ValueError(f"{f}:{n}: not UTF-8 text ({err.reason}); convert the file to UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -256,7 +260,7 @@ def open_indexed_dataset(prefix: str) -> IndexedDataset:
     itemsize = np.dtype(index.dtype).itemsize
     expected_ptr = np.concatenate([[0], np.cumsum(lengths)[:-1]]) * itemsize if len(lengths) else pointers
     idx_size = Path(idx).stat().st_size
-    header = 34 + lengths.nbytes + pointers.nbytes + 8 * int(index.document_count)
+    header = 34 + 4 * len(lengths) + 8 * len(pointers) + 8 * int(index.document_count)  # int32, int64, int64
     if len(lengths) == 0 or (lengths <= 0).any() or not np.array_equal(pointers, expected_ptr) \
             or idx_size != header:
         raise ValueError(f"{idx}: the index is inconsistent ({len(lengths)} sequences, {idx_size} bytes); {fix}")
@@ -450,7 +454,9 @@ def check_data(cfg: TrainRunConfig) -> None:
             raise ValueError(f"model.seq_len={m.seq_len}: too short for the {task!r} task (needs >= {need}); raise "
                              f"it or drop {task!r} from data.tasks/data.eval_tasks")
     if built:
-        tokens = int(np.asarray(open_indexed_dataset(prefix).sequence_lengths, dtype=np.int64).sum())
+        dataset = open_indexed_dataset(prefix)  # kept alive while its (memory-mapped) index is read
+        tokens = int(np.asarray(dataset.sequence_lengths, dtype=np.int64).sum())
+        del dataset
         if tokens < m.seq_len + 1:
             raise ValueError(f"data.corpus={d.corpus!r} holds {tokens} tokens, fewer than one training sequence "
                              f"(model.seq_len+1 = {m.seq_len + 1}); add documents or lower model.seq_len")

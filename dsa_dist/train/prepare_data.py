@@ -1,4 +1,4 @@
-"""``dsa-prepare-data``: tokenize text / JSONL files into a Megatron-Core indexed dataset (issue 5 §2).
+"""``dsa-prepare-data``: tokenize text / JSONL files into a Megatron-Core indexed dataset.
 
 Examples::
 
@@ -6,7 +6,8 @@ Examples::
     dsa-prepare-data --output data/mydocs docs/ notes.txt              # files and directories, byte tokenizer
     dsa-prepare-data --output data/web --tokenizer tokenizer.json --json-key text shard_*.jsonl
 
-Text files are one document each; ``.jsonl`` files hold one document per line (field ``--json-key``).
+Text files are one document each; ``.jsonl`` files hold one document per line (field ``--json-key``, which must
+be a string). Bad input stops the run with one line naming the file and line; nothing is written then.
 Directories are searched recursively for ``--ext`` files. The result is ``<output>.bin``, ``<output>.idx``
 (Megatron-Core ``indexed_dataset`` format, one EOD token after each document) and ``<output>.json`` (tokenizer,
 vocabulary size, EOD id, counts) -- train on it with ``data.corpus=<output>``.
@@ -60,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"dsa-prepare-data: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"dsa-prepare-data: cannot write {args.output}: {err.strerror or err} ({err.filename or ''})",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dsa-prepare-data: interrupted (no dataset written)", file=sys.stderr)
+        return 130
     print(f"wrote {args.output}.bin/.idx/.json: {meta['documents']} documents, {meta['tokens']:,} tokens, "
           f"tokenizer {meta['tokenizer']} (vocab {meta['vocab_size']}, eod {meta['eod_id']})")
     return 0

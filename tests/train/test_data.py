@@ -160,3 +160,93 @@ def test_task_answer_is_retrievable_from_the_context(task, stdlib_windows):
     assert min_seq_len(task, tok) <= 256
     with pytest.raises(ValueError, match="too short"):
         make_task_sample(task, np.random.default_rng(0), stdlib_windows[0], 8, tok)
+
+
+@pytest.mark.parametrize("line,needles", [
+    ('{"text": null}', ["bad.jsonl:2", "'text' is null, not a string"]),
+    ('{"text": 5}', ["bad.jsonl:2", "'text' is int, not a string"]),
+    ('{"text": {"a": 1}}', ["bad.jsonl:2", "'text' is dict, not a string"]),
+    ('{"text": "ok", ', ["bad.jsonl:2", "invalid JSON"]),
+    ('["a list"]', ["bad.jsonl:2", "expected a JSON object"]),
+    ('{"body": "x"}', ["bad.jsonl:2", "no key 'text'", "body", "--json-key"]),
+])
+def test_prepare_data_bad_jsonl_names_file_and_line(tmp_path, capsys, line, needles):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"text": "first document"}\n' + line + "\n")
+    out = tmp_path / "out" / "ds"
+    assert prepare_main([str(src), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dsa-prepare-data: ")
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in {err!r}"
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # nothing half-written
+
+
+def test_prepare_data_non_utf8_jsonl(tmp_path, capsys):
+    src = tmp_path / "latin.jsonl"
+    src.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    assert prepare_main([str(src), "--output", str(tmp_path / "ds")]) == 2
+    assert "latin.jsonl:2: not UTF-8" in capsys.readouterr().err
+
+
+def _small_dataset(tmp_path, text="abcdefghij" * 10):
+    (tmp_path / "doc.txt").write_text(text)
+    prefix = tmp_path / "ds"
+    assert prepare_main([str(tmp_path / "doc.txt"), "--output", str(prefix)]) == 0
+    return str(prefix)
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("truncate_bin", ".bin: 60 bytes, but its index describes 202 (101 tokens"),
+    ("extend_bin", ".bin: 212 bytes, but its index describes 202"),
+    ("garbage_idx", ".idx: cannot read the index"),
+    ("truncate_idx", ".idx: "),
+    ("bad_json", ".json is unreadable"),
+])
+def test_corrupt_dataset_is_detected_at_open(tmp_path, damage, needle):
+    prefix = _small_dataset(tmp_path)
+    bin_, idx = tmp_path / "ds.bin", tmp_path / "ds.idx"
+    if damage == "truncate_bin":
+        bin_.write_bytes(bin_.read_bytes()[:60])
+    elif damage == "extend_bin":
+        bin_.write_bytes(bin_.read_bytes() + b"\0" * 10)
+    elif damage == "garbage_idx":
+        idx.write_bytes(b"\x17" * 64)
+    elif damage == "truncate_idx":
+        idx.write_bytes(idx.read_bytes()[:40])
+    else:
+        (tmp_path / "ds.json").write_text("{not json")
+    with pytest.raises(ValueError) as info:
+        D.PackedWindows(prefix, 16)
+    assert needle in str(info.value) and "dsa-prepare-data" in str(info.value), str(info.value)
+
+
+def _data_cfg(tmp_path, corpus, *overrides):
+    from dsa_dist.config import DEFAULT_CONFIG, load_config
+
+    return load_config(DEFAULT_CONFIG, [f"data.corpus={corpus}", f"run_dir={tmp_path / 'run'}", *overrides],
+                       world_size=1)
+
+
+def test_check_data_corpus_too_short(tmp_path):
+    prefix = _small_dataset(tmp_path)  # 100 bytes + EOD = 101 tokens
+    no_tasks = ["data.eval_tasks=[]", "data.task_fraction=0", "model.indexer.topk=16"]
+    cfg = _data_cfg(tmp_path, prefix, *no_tasks, "model.seq_len=128")
+    with pytest.raises(ValueError, match=r"holds 101 tokens, fewer than one training sequence.*129"):
+        D.check_data(cfg)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        D.PackedWindows(prefix, 128)  # the reader refuses too (a second line of defence)
+    D.check_data(_data_cfg(tmp_path, prefix, *no_tasks, "model.seq_len=96"))
+
+
+@pytest.mark.parametrize("overrides,needles", [
+    (["model.vocab_size=128"], ["model.vocab_size=128", "257"]),
+    (["model.seq_len=128"], ["model.seq_len=128", "multikey"]),
+])
+def test_check_data_vocab_and_task_length(tmp_path, overrides, needles):
+    cfg = _data_cfg(tmp_path, "stdlib", "data.stdlib_max_files=3", f"data.cache_dir={tmp_path / 'cache'}",
+                    *overrides)
+    with pytest.raises(ValueError) as info:
+        D.check_data(cfg)
+    for needle in needles:
+        assert needle in str(info.value)
