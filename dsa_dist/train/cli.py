@@ -33,6 +33,8 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
     # torch.distributed.checkpoint deprecations triggered inside Megatron's torch_dist strategy.
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*(load_state_dict. is deprecated|DTensor).*")
+    # Megatron-Core 0.16 TransformerConfig default (cuda_graph_scope), unrelated to anything a user set.
+    warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
 
 
 def check_run_dir(run_dir: str) -> None:
