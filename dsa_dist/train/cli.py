@@ -73,7 +73,15 @@ def _train_here(cfg: TrainRunConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run ``dsa-train``; returns the exit status (0, 2 for any error a user can fix, 130 after Ctrl-C)."""
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        print("dsa-train: interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _main(argv: list[str]) -> int:
     quiet_known_warnings()
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
@@ -95,9 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dsa-train: starting {world} local processes (tp={cfg.parallel.tp} cp={cfg.parallel.cp} "
               f"pp={cfg.parallel.pp} dp={cfg.parallel.dp})", flush=True)
         return run_local_ranks(cfg, world)
-    except KeyboardInterrupt:
-        print("dsa-train: interrupted", file=sys.stderr)
-        return INTERRUPTED
     except Exception as err:  # noqa: BLE001 - user errors become one line; anything else is a bug: re-raise
         known = describe_error(err)
         if known is None:

@@ -9,6 +9,7 @@ the first (a peer closing a connection) -- and prints the earliest line, naming 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import signal
@@ -83,7 +84,8 @@ def _rank_main(rank: int, world_size: int, port: int, cfg: TrainRunConfig, error
     finally:
         from dsa_dist.compat import destroy_parallel
 
-        destroy_parallel()
+        with contextlib.suppress(Exception):  # after a failed collective the group may be half torn down already
+            destroy_parallel()
     sys.exit(status)
 
 
