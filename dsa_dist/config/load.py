@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from dsa_dist.config.run import TrainRunConfig
@@ -59,20 +59,26 @@ def _read_yaml(path: Path) -> DictConfig:
         raise ValueError(f"{path}: {str(err).splitlines()[0]}") from None
 
 
-def _check_sections(layer: dict, schema: DictConfig, source: str, prefix: str = "") -> None:
-    """A key that is a section in the schema must get a mapping (``model=5`` is an error naming ``model``)."""
+def _check_shapes(layer: dict, schema: DictConfig, source: str, prefix: str = "") -> None:
+    """A section must get a mapping and a list field a list: ``model=5`` or ``pipeline=dense`` name the key.
+
+    OmegaConf's own messages for these cases lose the key (``'?': None``) or name its internal node types.
+    """
     for key, value in layer.items():
         if not isinstance(key, str) or key not in schema:
             continue  # unknown keys are reported by the merge, with the valid keys listed
-        sub = schema._get_node(key)
+        sub, path = schema._get_node(key), f"{prefix}{key}"
         if isinstance(sub, DictConfig):
-            path = f"{prefix}{key}"
             if not isinstance(value, dict):
                 fields = ", ".join(str(k) for k in sub.keys())
                 raise ValueError(f"{source}: '{path}' is a config section, not a value (got {value!r}); set its "
                                  f"fields instead, e.g. {path}.{next(iter(sub.keys()), 'field')}=... "
                                  f"(fields: {fields})")
-            _check_sections(value, sub, source, f"{path}.")
+            _check_shapes(value, sub, source, f"{path}.")
+        elif isinstance(sub, ListConfig) and value is not None and not isinstance(value, list):
+            example = ",".join(str(v) for v in sub) or "a,b"
+            raise ValueError(f"{source}: '{path}' takes a list (got {value!r}); write it as {path}=[{example}] "
+                             "on the command line or as a YAML list")
 
 
 def _as_value_error(err: OmegaConfBaseException, source: str, root: DictConfig) -> ValueError:
@@ -160,7 +166,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     schema = OmegaConf.structured(TrainRunConfig(model_preset=model_preset, model=preset(model_preset)))
     merged = schema
     for source, layer in layers:
-        _check_sections(_container(layer), schema, source)
+        _check_shapes(_container(layer), schema, source)
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as err:

@@ -22,6 +22,7 @@ def require(ok: bool, key: str, value: object, fix: str) -> None:
 
 
 def validate_parallel(cfg: TrainRunConfig) -> None:
+    """Sizes of the (resolved) layout; dsa-train has no pipeline parallelism."""
     p = cfg.parallel
     for name in ("tp", "cp", "pp", "dp"):
         require(getattr(p, name) >= 1, f"parallel.{name}", getattr(p, name), "must be >= 1")
@@ -39,6 +40,7 @@ def validate_model(cfg: TrainRunConfig) -> None:
 
 
 def validate_pipeline(cfg: TrainRunConfig) -> None:
+    """At least one stage, each once, in the order dense -> warmup -> sparse."""
     stages = list(cfg.pipeline)
     require(len(stages) > 0, "pipeline", stages, "name at least one stage (dense, warmup, sparse)")
     require(len(set(stages)) == len(stages), "pipeline", stages, "a stage may appear once")
@@ -47,6 +49,7 @@ def validate_pipeline(cfg: TrainRunConfig) -> None:
 
 
 def validate_train(cfg: TrainRunConfig) -> None:
+    """Seed, eval cadence and CPU threads."""
     t = cfg.train
     require(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
     require(t.eval_interval >= 0, "train.eval_interval", t.eval_interval, "must be >= 0 (0: end of stage)")
@@ -80,6 +83,7 @@ def validate_stages(cfg: TrainRunConfig) -> None:
 
 
 def validate_optim(cfg: TrainRunConfig) -> None:
+    """AdamW hyper-parameters (LRs and the schedule are per stage: :func:`validate_stages`)."""
     o = cfg.optim
     require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     require(o.clip_grad >= 0, "optim.clip_grad", o.clip_grad, "must be >= 0 (0 disables clipping)")
@@ -89,6 +93,7 @@ def validate_optim(cfg: TrainRunConfig) -> None:
 
 
 def validate_data(cfg: TrainRunConfig) -> None:
+    """Task mix and eval settings (the corpus itself is checked by ``check_data``, with I/O)."""
     d = cfg.data
     require(bool(d.corpus), "data.corpus", d.corpus, "name a dataset prefix or 'stdlib'")
     require(0.0 <= d.task_fraction <= 1.0, "data.task_fraction", d.task_fraction, "must be in [0, 1]")
@@ -99,6 +104,7 @@ def validate_data(cfg: TrainRunConfig) -> None:
 
 
 def validate_checkpoint(cfg: TrainRunConfig) -> None:
+    """Checkpoint cadence and retention."""
     c = cfg.checkpoint
     require(c.interval >= 0, "checkpoint.interval", c.interval, "must be >= 0 (0: save at the end only)")
     require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
@@ -107,10 +113,12 @@ def validate_checkpoint(cfg: TrainRunConfig) -> None:
 
 
 def validate_logging(cfg: TrainRunConfig) -> None:
+    """Logging cadence."""
     require(cfg.logging.log_interval >= 1, "logging.log_interval", cfg.logging.log_interval, "must be >= 1")
 
 
 def validate_run(cfg: TrainRunConfig) -> None:
+    """Top-level keys of the run."""
     require(bool(cfg.run_dir), "run_dir", cfg.run_dir, "name an output directory")
 
 

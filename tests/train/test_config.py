@@ -91,6 +91,8 @@ def test_model_preset_switch():
     (["model=5"], 1, ["'model' is a config section", "vocab_size"]),
     (["model.indexer=[1]"], 1, ["'model.indexer' is a config section", "topk"]),
     (["train=3"], 1, ["'train' is a config section", "steps"]),
+    (["pipeline=dense"], 1, ["'pipeline' takes a list", "pipeline=[dense,warmup,sparse]"]),
+    (["data.tasks=passkey"], 1, ["'data.tasks' takes a list", "passkey"]),
     (["optim.adam_beta2=1.0"], 1, ["optim.adam_beta2=1.0", "[0, 1)"]),
     (["train.steps"], 1, ["key=value"]),
 ])
