@@ -8,7 +8,7 @@ Sections live beside this file (``parallel.py``, ``train.py``); the model sectio
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from dsa_dist.config.parallel import ParallelConfig
 from dsa_dist.config.train import (
@@ -22,8 +22,8 @@ from dsa_dist.config.train import (
 from dsa_dist.model.config import DSAModelConfig, preset
 
 StageName = Literal["dense", "warmup", "sparse"]
-STAGE_ORDER: tuple[str, ...] = ("dense", "warmup", "sparse")
-"""The stages in the only order they may run (each starts from the one before)."""
+"""The training stages, in the only order they may run (each starts from the one before)."""
+STAGE_ORDER: tuple[str, ...] = get_args(StageName)
 
 
 @dataclass

@@ -40,12 +40,12 @@ def validate_model(cfg: TrainRunConfig) -> None:
 
 
 def validate_pipeline(cfg: TrainRunConfig) -> None:
-    """At least one stage, each once, in the order dense -> warmup -> sparse."""
+    """At least one stage, each once, in the order of ``STAGE_ORDER``."""
     stages = list(cfg.pipeline)
-    require(len(stages) > 0, "pipeline", stages, "name at least one stage (dense, warmup, sparse)")
+    require(len(stages) > 0, "pipeline", stages, f"name at least one stage ({', '.join(STAGE_ORDER)})")
     require(len(set(stages)) == len(stages), "pipeline", stages, "a stage may appear once")
     order = [STAGE_ORDER.index(s) for s in stages]
-    require(order == sorted(order), "pipeline", stages, "stages must keep the order dense -> warmup -> sparse")
+    require(order == sorted(order), "pipeline", stages, f"stages must keep the order {' -> '.join(STAGE_ORDER)}")
 
 
 def validate_train(cfg: TrainRunConfig) -> None:

@@ -26,12 +26,17 @@ INTERRUPTED = 130  # exit status of a run stopped by Ctrl-C (128 + SIGINT), as s
 
 
 def describe_error(err: BaseException) -> tuple[str, int] | None:
-    """``(one-line message, exit status)`` for an error a user can fix, or None for an unexpected one (a bug)."""
+    """``(one-line message, exit status)`` for an error a user can fix, or None for an unexpected one (a bug).
+
+    User errors are ``ValueError`` (bad config or data), ``OSError`` (disk full, permissions: the errno name and
+    the path are printed) and every exception class defined in dsa_dist itself (``CheckpointError`` and the
+    like), whose messages are written for the user.
+    """
     from dsa_dist.train.checkpoint import CheckpointError
 
     if isinstance(err, CheckpointError):
         return f"checkpoint error: {err}", 2
-    if isinstance(err, ValueError):
+    if isinstance(err, ValueError) or type(err).__module__.startswith("dsa_dist."):
         return f"error: {err}", 2
     if isinstance(err, OSError):
         import errno

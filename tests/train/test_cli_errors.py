@@ -143,3 +143,17 @@ def test_ctrl_c_stops_without_traceback(tmp_path):
             proc.wait()
     assert proc.returncode == 130, err[-3000:]
     _assert_one_line(err, "interrupted")
+
+
+def test_error_lines_name_the_cause():
+    import errno
+
+    from dsa_dist.train.checkpoint import CheckpointError
+    from dsa_dist.train.local_ranks import describe_error
+
+    line, status = describe_error(OSError(errno.ENOSPC, "No space left on device", "/runs/x/step_10/a.distcp"))
+    assert status == 2 and "ENOSPC" in line and "/runs/x/step_10/a.distcp" in line
+    assert describe_error(CheckpointError("checkpoint /c is corrupted")) == ("checkpoint error: checkpoint /c is "
+                                                                            "corrupted", 2)
+    assert describe_error(ValueError("data.corpus='x': missing")) == ("error: data.corpus='x': missing", 2)
+    assert describe_error(RuntimeError("a bug")) is None  # unexpected errors keep their traceback

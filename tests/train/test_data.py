@@ -70,6 +70,8 @@ def test_prepare_data_errors(tmp_path, capsys):
     assert prepare_main(["--output", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "nope.json"),
                          "--stdlib", "--max-files", "1"]) == 2
     assert "tokenizer file" in capsys.readouterr().err
+    assert prepare_main(["--output", "/proc/dsa-no-such-dir/ds", "--stdlib", "--max-files", "1"]) == 2
+    assert "cannot write /proc/dsa-no-such-dir/ds" in capsys.readouterr().err
 
 
 def test_stdlib_corpus(tmp_path):
