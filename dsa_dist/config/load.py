@@ -32,12 +32,16 @@ _DOC = "docs/training.md#configuration"
 
 
 def _read_yaml(path: Path) -> DictConfig:
+    """The YAML file as a DictConfig; ``ValueError`` naming file and line for syntax errors and duplicate keys."""
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist" if not path.exists()
                          else f"config file {path} is not a file")
     try:
-        text = path.read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # syntax and the shape of the top level
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of sections (run_dir:, model:, train:, ...),"
+                             f" got a {type(data).__name__}")
+        loaded = OmegaConf.load(path)  # OmegaConf's YAML dialect: 1e-3 is a float, duplicate keys are errors
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
@@ -48,15 +52,10 @@ def _read_yaml(path: Path) -> DictConfig:
         raise ValueError(f"{where}: YAML syntax error: {problem}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"config file {path} cannot be read: {err}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a mapping of sections (run_dir:, model:, train:, ...), "
-                         f"got a {type(data).__name__}")
-    try:
-        return OmegaConf.create(data)
     except OmegaConfBaseException as err:
         raise ValueError(f"{path}: {str(err).splitlines()[0]}") from None
+    assert isinstance(loaded, DictConfig)  # a mapping at the top level was checked above
+    return loaded
 
 
 def _check_shapes(layer: dict, schema: DictConfig, source: str, prefix: str = "") -> None:

@@ -119,6 +119,7 @@ def test_bad_yaml_file_names_the_file(tmp_path):
     ("- dense\n- sparse\n", ["bad.yaml", "top level must be a mapping", "list"]),
     ("just a string\n", ["bad.yaml", "top level must be a mapping", "str"]),
     ("model: 5\n", ["bad.yaml", "'model' is a config section"]),
+    ("train:\n  steps: 3\n  steps: 4\n", ["bad.yaml:3:3", "YAML syntax error", "duplicate key"]),
 ])
 def test_bad_yaml_structure_names_file_and_line(tmp_path, text, needles):
     bad = tmp_path / "bad.yaml"
