@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -41,21 +42,36 @@ _reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.redu
 _REDUCE_SCATTER_OK: dict[str, bool] = {}
 
 # Benchmark instrumentation (see the module docstring): the active byte counter, and the compute-alone switch.
-_COUNTER: dict[str, int] | None = None
+_COUNTER: CommLog | None = None
 _LOCAL_ONLY = False
 
 
+@dataclass
+class CommLog:
+    """What :func:`count_comm_bytes` saw: bytes sent by kind, and every call as ``(kind, group, tensor bytes)``
+    (the tensor a rank passes: the shard of an all-gather, the input of a reduce-scatter / all-to-all / all-reduce,
+    the buffer of a P2P send) so a benchmark can replay the same collectives without the compute."""
+
+    sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    calls: list[tuple[str, object, int]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        """All bytes this rank sent."""
+        return sum(self.sent.values())
+
+
 @contextlib.contextmanager
-def count_comm_bytes() -> Iterator[dict[str, int]]:
-    """Count the bytes this rank sends, by collective (``"all_gather"``, ``"reduce_scatter"``, ``"all_reduce"``,
-    ``"all_to_all"``, ``"p2p"``), while the context is active; yields the (live) dict.
+def count_comm_bytes() -> Iterator[CommLog]:
+    """Log the bytes this rank sends through the collectives here, by kind (``"all_gather"``,
+    ``"reduce_scatter"``, ``"all_reduce"``, ``"all_to_all"``, ``"p2p"``), while the context is active.
 
     Sent bytes per call, for a group of ``n`` ranks and the bandwidth-optimal (ring) algorithms NCCL uses:
     all-gather of a ``T``-byte shard ``(n − 1)·T``; reduce-scatter and all-to-all of a ``T``-byte input
     ``(n − 1)/n·T``; all-reduce ``2(n − 1)/n·T``; a P2P send ``T``.
     """
     global _COUNTER
-    outer, _COUNTER = _COUNTER, defaultdict(int)
+    outer, _COUNTER = _COUNTER, CommLog()
     try:
         yield _COUNTER
     finally:
@@ -74,9 +90,14 @@ def local_only() -> Iterator[None]:
         _LOCAL_ONLY = outer
 
 
-def _count(kind: str, nbytes: float) -> None:
-    if _COUNTER is not None:
-        _COUNTER[kind] += int(nbytes)
+def _count(kind: str, group: dist.ProcessGroup | None, tensor_bytes: int) -> None:
+    if _COUNTER is None:
+        return
+    n, _ = group_size_rank(group)
+    factor = {"all_gather": n - 1, "reduce_scatter": (n - 1) / n, "all_to_all": (n - 1) / n,
+              "all_reduce": 2 * (n - 1) / n, "p2p": 1}[kind]
+    _COUNTER.sent[kind] += int(factor * tensor_bytes)
+    _COUNTER.calls.append((kind, group, tensor_bytes))
 
 
 def _nbytes(x: torch.Tensor) -> int:
@@ -121,7 +142,7 @@ def all_gather_stacked(
         flat.view(size, *wire.shape).copy_(wire.unsqueeze(0).expand(size, *wire.shape))
         work = None
     else:
-        _count("all_gather", (size - 1) * _nbytes(wire))
+        _count("all_gather", group, _nbytes(wire))
         work = _all_gather_into(flat, wire, group=group, async_op=async_op)
     out = flat.view(size, *x.shape)
     return (out.view(x.dtype) if x.dtype in FP8_DTYPES else out), work
@@ -158,7 +179,7 @@ def reduce_scatter_stacked(
         out = torch.empty(rows.shape[1:], dtype=x.dtype, device=x.device)
         try:
             _reduce_scatter_into(out, flat_in, group=group)
-            _count("reduce_scatter", (size - 1) * _nbytes(out))
+            _count("reduce_scatter", group, _nbytes(flat_in))
             return out.view(x.shape[1:])
         except RuntimeError as err:
             # A backend without reduce-scatter refuses locally, before any byte moves, on every rank alike,
@@ -169,7 +190,7 @@ def reduce_scatter_stacked(
     elif method != "all_reduce":
         raise ValueError(f"method must be 'auto', 'reduce_scatter' or 'all_reduce', got {method!r}")
     total = x.clone()
-    _count("all_reduce", 2 * (size - 1) * _nbytes(total) // size)
+    _count("all_reduce", group, _nbytes(total))
     dist.all_reduce(total, group=group)
     return total[rank]
 
@@ -183,7 +204,7 @@ def all_to_all_stacked(x: torch.Tensor, group: dist.ProcessGroup | None) -> torc
     if size == 1 or _LOCAL_ONLY:
         return x.clone()
     out = torch.empty_like(wire)
-    _count("all_to_all", (size - 1) * _nbytes(wire) // size)
+    _count("all_to_all", group, _nbytes(wire))
     dist.all_to_all_single(out, wire, group=group)
     return out.view(x.dtype) if x.dtype in FP8_DTYPES else out
 
@@ -198,7 +219,7 @@ def ring_shift(send: torch.Tensor, recv: torch.Tensor, group: dist.ProcessGroup 
     if _LOCAL_ONLY:
         recv.copy_(send)
         return []
-    _count("p2p", _nbytes(send))
+    _count("p2p", group, _nbytes(send))
     return dist.batch_isend_irecv([
         dist.P2POp(dist.isend, send, global_rank(group, (rank + 1) % size), group),
         dist.P2POp(dist.irecv, recv, global_rank(group, (rank - 1) % size), group),
