@@ -12,9 +12,10 @@ Workers are started from a ``forkserver`` that has already imported torch (and M
 installed), so each rank does not pay the multi-second import again: on the 2-core CI machine that import is
 most of a small test's time. The forkserver itself runs no torch ops, so forking from it is safe with OpenMP.
 
-``backend="nccl"`` (tests/multigpu) binds rank r to GPU r before the group is created, also when the function
-initialises the group itself (``init_process_group=False``: ``LOCAL_RANK`` is set for
-``dsa_dist.compat.init_parallel``).
+``backend="nccl"`` (tests/multigpu) starts the ranks with ``spawn`` instead (the forkserver's preloaded
+Megatron has touched CUDA, and a forked child cannot re-initialise it) and binds rank r to GPU r before the group
+is created, also when the function initialises the group itself (``init_process_group=False``: ``LOCAL_RANK`` is
+set for ``dsa_dist.compat.init_parallel``).
 
 A failing rank's traceback is re-raised in the parent, the other ranks are killed (they would otherwise wait in a
 collective forever), and the whole run has a wall-clock ``timeout``.
@@ -110,10 +111,11 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         raise ValueError(f"backend='nccl' with world_size={world_size} needs {world_size} GPUs, "
                          f"{torch.cuda.device_count()} visible; skip the test or lower world_size")
     port = free_port()
-    result_q = _CTX.Queue()
+    ctx = mp.get_context("spawn") if backend == "nccl" else _CTX
+    result_q = ctx.Queue()
     procs = [
-        _CTX.Process(target=_entry, daemon=daemon,
-                     args=(fn, r, world_size, port, init_process_group, threads, backend, args, result_q))
+        ctx.Process(target=_entry, daemon=daemon,
+                    args=(fn, r, world_size, port, init_process_group, threads, backend, args, result_q))
         for r in range(world_size)
     ]
     for p in procs:

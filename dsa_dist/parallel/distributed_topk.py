@@ -21,6 +21,7 @@ candidates are all-gathered and merged identically on every rank.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -50,6 +51,13 @@ def _local_topk(q, k, w, topk, k_scale, *, q_positions, k_positions, chunk_size)
     extra = {} if chunk_size is None else {"chunk_size": chunk_size}
     return dispatch.lightning_indexer_topk(q, k, w, topk, k_scale, q_positions=q_positions, k_positions=k_positions,
                                            **extra)
+
+
+@functools.lru_cache(maxsize=64)
+def _zigzag_rows(seq_len: int, size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Global rows of every rank's zigzag shard, built once per (length, CP size, device): the top-k runs once
+    per layer, and at small shards the launches of these ``aranges`` are a visible part of its time. Read only."""
+    return tuple(zigzag_positions(seq_len, size, j, device=device) for j in range(size))
 
 
 def _to_global(local_idx: torch.Tensor, global_rows: torch.Tensor) -> torch.Tensor:
@@ -177,7 +185,7 @@ def distributed_indexer_topk(
     check_cp_config(lk * size, size)
     device = q_index.device
     # rows[j]: global rows of rank j's shard, which is also its default positions.
-    rows = [zigzag_positions(lk * size, size, j, device=device) for j in range(size)]
+    rows = _zigzag_rows(lk * size, size, device)
     q_pos = _positions("q_positions", q_positions, rows[rank] if lq == lk else torch.empty(lq, device=device))
     k_pos_local = _positions("k_positions_local", k_positions_local, rows[rank])
     if size == 1:
