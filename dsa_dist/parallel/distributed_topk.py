@@ -2,11 +2,10 @@
 
 Exactness argument used by every mode: the top-k order is the total order (score desc, global index asc).
 Every member of the global top-k is also in the top-k of the shard that holds it, so merging the per-shard
-top-k candidate lists under that order (:func:`_merge_keys`: one int64 key per candidate, the order of
-:func:`dsa_dist.ops.topk_from_scores` with ``key_indices`` = global indices) gives the exact single-rank result,
-ties and −1 padding included — provided each shard's local tie-break (lowest local row) agrees with the global
-one, i.e. global indices increase with the local row. Zigzag shards (two chunks in ascending order) satisfy
-that by construction.
+top-k candidate lists with :func:`dsa_dist.ops.topk_from_scores` (``key_indices`` = global indices) gives the
+exact single-rank result, ties and −1 padding included — provided each shard's local tie-break (lowest local
+row) agrees with the global one, i.e. global indices increase with the local row. Zigzag shards (two chunks in
+ascending order) satisfy that by construction.
 
 Modes of :func:`distributed_indexer_topk` (training; each rank scores its own queries):
 - ``"allgather"``: all-gather the FP8 index keys + scales (d_I + 4 bytes/token), reorder to global order, one
@@ -29,7 +28,7 @@ import torch.distributed as dist
 
 from dsa_dist.ops._checks import check_positive_int, check_tensor, debug_checks_enabled
 from dsa_dist.ops.indexer import _check_score_inputs
-from dsa_dist.ops.topk import INVALID_INDEX
+from dsa_dist.ops.topk import INVALID_INDEX, topk_from_scores
 from dsa_dist.parallel._comm import (
     all_gather_stacked,
     all_to_all_stacked,
@@ -55,8 +54,9 @@ def _local_topk(q, k, w, topk, k_scale, *, q_positions, k_positions, chunk_size)
 
 @functools.lru_cache(maxsize=64)
 def _zigzag_rows(seq_len: int, size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Global rows of every rank's zigzag shard, built once per (length, CP size, device): the top-k runs once
-    per layer, and at small shards the launches of these ``aranges`` are a visible part of its time. Read only."""
+    """Global rows of every rank's zigzag shard, built once per (length, CP size, device): at small shards a CP
+    step is bound by host-side launches (docs/context_parallel.md, measured), so the 3·CP small launches that
+    build these every layer are not repeated. The tensors are shared: read only."""
     return tuple(zigzag_positions(seq_len, size, j, device=device) for j in range(size))
 
 
@@ -66,47 +66,12 @@ def _to_global(local_idx: torch.Tensor, global_rows: torch.Tensor) -> torch.Tens
     return torch.where(local_idx >= 0, mapped, INVALID_INDEX)
 
 
-_INDEX_BITS = 31  # global indices < 2**31 (int32 rows); the low 31 bits of a merge key hold 2**31 − 1 − index
-_INDEX_MASK = (1 << _INDEX_BITS) - 1
-
-
-def _merge_keys(scores: torch.Tensor, gidx: torch.Tensor) -> torch.Tensor:
-    """One int64 per candidate whose integer order is the top-k order (score desc, global index asc).
-
-    The fp32 score becomes an order-preserving unsigned 32-bit integer (sign bit flipped for positives, all bits
-    for negatives; −0.0 is first made +0.0 so it ties with 0.0 as floats do) in the high bits; the low 31 bits
-    hold ``2**31 − 1 − index`` so that, among equal scores, the lowest index has the largest key. Keys are unique
-    (indices are), so a plain ``torch.topk`` selects exactly: one selection instead of the two stable sorts of
-    :func:`dsa_dist.ops.topk_from_scores`. Empty slots (index < 0 or score −inf) get key −1, below every valid one.
-    """
-    bits = (scores.float() + 0.0).view(torch.int32).long()  # + 0.0 maps −0.0 to +0.0
-    ordered = torch.where(bits >= 0, bits + (1 << 31), -1 - bits)  # two's complement: -1-b == ~b; in [0, 2**32)
-    keys = (ordered << _INDEX_BITS) | (_INDEX_MASK - gidx.long())
-    return keys.masked_fill((gidx < 0) | torch.isneginf(scores), -1)
-
-
-def _select_keys(keys: torch.Tensor, topk: int) -> torch.Tensor:
-    """The ``topk`` largest merge keys of each row, largest first; rows with fewer candidates pad with −1."""
-    n = keys.shape[-1]
-    if n <= topk:
-        best = torch.sort(keys, dim=-1, descending=True).values
-        return torch.nn.functional.pad(best, (0, topk - n), value=-1) if n < topk else best
-    return torch.topk(keys, topk, dim=-1, largest=True, sorted=True).values
-
-
-def _decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`_merge_keys`: ``(scores float32, global indices int32)``, (−inf, −1) for empty slots."""
-    ordered = keys >> _INDEX_BITS
-    bits = torch.where(ordered >= (1 << 31), ordered - (1 << 31), -1 - ordered).to(torch.int32)
-    empty = keys < 0
-    scores = bits.view(torch.float32).masked_fill(empty, float("-inf"))
-    gidx = (_INDEX_MASK - (keys & _INDEX_MASK)).to(torch.int32).masked_fill(empty, INVALID_INDEX)
-    return scores, gidx
-
-
-def _merge(a: torch.Tensor | None, b: torch.Tensor, topk: int) -> torch.Tensor:
-    """Exact top-k (as merge keys) of the union of two candidate key lists [..., ≤k]."""
-    return b if a is None else _select_keys(torch.cat([a, b], -1), topk)
+def _merge(a: tuple[torch.Tensor, torch.Tensor] | None, b: tuple[torch.Tensor, torch.Tensor],
+           topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of the union of two candidate lists ``(scores [..., k], global indices [..., k])``."""
+    if a is None:
+        return b
+    return topk_from_scores(torch.cat([a[0], b[0]], -1), topk, key_indices=torch.cat([a[1], b[1]], -1))
 
 
 def _pack_keys(k_index: torch.Tensor, k_scale: torch.Tensor | None) -> torch.Tensor:
@@ -229,12 +194,11 @@ def _ring_topk(q, w, k_local, s_local, topk, q_pos, k_pos, rows, group, size, ra
         k, s = _unpack_keys(cur, k_local.dtype, d, s_local is not None)
         scores, local_idx = _local_topk(q, k, w, topk, s, q_positions=q_pos, k_positions=k_pos[src],
                                         chunk_size=chunk_size)
-        # Candidates are merged as int64 keys (one torch.topk per step, decoded once at the end).
-        best = _merge(best, _merge_keys(scores, _to_global(local_idx, rows[src])), topk)
+        best = _merge(best, (scores, _to_global(local_idx, rows[src])), topk)
         for req in reqs:
             req.wait()
         cur, nxt = nxt, cur
-    return _decode_keys(best)
+    return best
 
 
 def _candidates_topk(q, w, k_local, s_local, topk, q_pos, k_pos_local, rows_local, group, size, chunk_size):
@@ -263,7 +227,7 @@ def _exchange_and_merge(scores, gidx, topk, group, size, lq, *, all_to_all):
         recv = all_gather_stacked(packed, group)[0]  # [CP, B, Lq, k, 2]
     recv = recv.movedim(0, 2).flatten(2, 3)  # [B, Lq, CP·k, 2]
     cand_scores = recv[..., 0].contiguous().view(torch.float32)
-    return _decode_keys(_select_keys(_merge_keys(cand_scores, recv[..., 1]), topk))
+    return topk_from_scores(cand_scores, topk, key_indices=recv[..., 1])
 
 
 def candidate_topk(

@@ -159,12 +159,22 @@ def _model_run(groups, topk_mode: str) -> dict:
             "grads": _full_grads(model, groups)}
 
 
-def _topk_agreement(ref_topk: dict, got_topk: dict) -> dict[int, float]:
-    """Per layer: share of this rank's (row, slot) top-k entries equal to the CP=1 run's (1.0 = identical)."""
+def _topk_agreement(ref_topk: dict, got_topk: dict) -> dict[int, tuple[float, float]]:
+    """Per layer, over this rank's query rows: (share of (row, slot) entries equal to the CP=1 run's, share of
+    the CP=1 run's top-k *set* that was selected). Slot equality is what identical inputs give; the set share is
+    the meaningful one when upstream rounding differs (one key entering near the top shifts every later slot)."""
     out = {}
     for layer, (pos, idx) in got_topk.items():
-        ref = ref_topk[layer][1][:, pos.long()]
-        out[layer] = float((ref == idx).float().mean())
+        ref = ref_topk[layer][1][:, pos.long()].long()
+        got = idx.long()
+        k = ref.shape[-1]
+        slots = torch.arange(k)
+        # −1 (empty) slots must not match each other: give each a distinct negative id per side
+        both = torch.cat([torch.where(ref >= 0, ref, -1 - slots), torch.where(got >= 0, got, -1 - k - slots)], -1)
+        ordered = both.sort(-1).values
+        common = (ordered[..., 1:] == ordered[..., :-1]).sum(-1).float()  # each shared key sits twice in a row
+        valid = (ref >= 0).sum(-1).clamp_min(1).float()
+        out[layer] = (float((ref == got).float().mean()), float((common / valid).clamp(max=1.0).mean()))
     return out
 
 
@@ -208,24 +218,39 @@ def _equivalence_worker(rank: int, world: int) -> dict:
     return reports
 
 
-# bf16 tolerances (relative Frobenius error against the CP=1 run on the same GPU): the layouts differ only in the
-# summation order of fp32 accumulations (reduce-scatter vs in-kernel sums, GEMM shapes), which bf16 outputs round.
-# "grads" is all parameter gradients as one vector; "grad_max" the worst single parameter — bf16 .grad of a
-# bias or norm weight is a sum over all tokens of one rank, rounded to bf16 before the CP average (4% seen on CPU).
-TOL = {"out": 1e-2, "x_grad": 2e-2, "per_token": 1e-2, "grads": 3e-2, "grad_max": 0.1, "kl": 1e-2, "lm": 1e-3}
-MIN_TOPK_AGREEMENT = 0.999  # a bf16 rounding difference upstream may swap a near-tied FP8 score at the k-th slot
+# bf16 tolerances (relative Frobenius error against the CP=1 run on the same GPU). With TP=1 the CP layouts
+# differ only in fp32 summation order (reduce-scatter vs in-kernel sums): on 4×H100 (2026-11-26) outputs and
+# top-k were bit-identical and the worst parameter gradient was 0.9% off. TP=2 splits the GEMMs and all-reduces
+# partial bf16 outputs, so the hidden states of layer 2 differ by rounding (per-token loss 1.5e-3): there the
+# worst single parameter gradient measured 13.9% (layer 2's linear_q_up; all gradients together 1.8%) and a
+# deeper layer's top-k can differ near the k-th score. "grads" is all gradients as one vector; "grad_max" the
+# worst single parameter (a bf16 .grad of a norm weight is a sum over a rank's tokens, rounded before the average).
+TOL = {"out": 1e-2, "x_grad": 2e-2, "per_token": 1e-2, "grads": 3e-2, "kl": 1e-2, "lm": 1e-3}
+GRAD_MAX_TOL = {1: 0.05, 2: 0.2}  # by TP size
+MIN_TOPK_SET_SHARE_TP = 0.9  # TP>1, layers after the first: share of the CP=1 top-k set selected
+
+
+def _failures(layout: tuple, part: str, rep: dict) -> list[str]:
+    tp = layout[0]
+    bad = [f"{key} {rep[key]:.3e} > {tol}" for key, tol in TOL.items() if key in rep and rep[key] > tol]
+    if rep["grad_max"] > GRAD_MAX_TOL[tp]:
+        bad.append(f"grad_max {rep['grad_max']:.3e} ({rep['worst_grad']}) > {GRAD_MAX_TOL[tp]}")
+    for layer, (slots, share) in rep["topk_agree"].items():
+        if tp == 1 or layer == 1:  # identical indexer inputs: the top-k must be identical, slot by slot
+            if slots != 1.0:
+                bad.append(f"layer {layer} top-k differs in {1 - slots:.2%} of slots")
+        elif share < MIN_TOPK_SET_SHARE_TP:
+            bad.append(f"layer {layer} top-k set share {share:.4f} < {MIN_TOPK_SET_SHARE_TP}")
+    return bad
 
 
 def test_layer_and_model_match_cp1_on_nccl():
     world = _world()
     results = run_distributed(_equivalence_worker, world, backend=BACKEND, timeout=900)
+    failures = []
     for rank, reports in enumerate(results):
         for layout, parts in reports.items():
             print(f"rank {rank} tp,cp,mode={layout}: {parts}")
             for part, rep in parts.items():
-                where = f"rank {rank} {part} tp,cp,mode={layout}"
-                for key, tol in TOL.items():
-                    if key in rep:
-                        assert rep[key] <= tol, f"{where}: {key} relative error {rep[key]:.3e} > {tol} ({rep})"
-                for layer, agree in rep["topk_agree"].items():
-                    assert agree >= MIN_TOPK_AGREEMENT, f"{where}: layer {layer} top-k agreement {agree:.5f}"
+                failures += [f"rank {rank} {part} tp,cp,mode={layout}: {b}" for b in _failures(layout, part, rep)]
+    assert not failures, "\n".join(failures)
