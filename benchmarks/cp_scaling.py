@@ -3,7 +3,8 @@ long lengths, CP = 1/2/4, NCCL (docs/context_parallel.md has the byte arithmetic
 
 Run (4 GPUs; every case uses all ranks: CP=c runs world/c data-parallel replicas of one sequence each)::
 
-    python -m torch.distributed.run --nproc-per-node 4 benchmarks/cp_scaling.py --out results/ --budget-s 300
+    python -m torch.distributed.run --nproc-per-node 4 benchmarks/cp_scaling.py --out DIR --budget-s 215 \
+        --profile 32768:4          # as run for benchmarks/results/cp_scaling_h100x4.*
     python -m torch.distributed.run --nproc-per-node 2 benchmarks/cp_scaling.py --smoke   # CPU/gloo dry run
 
 Cases (``--parts``):
@@ -11,8 +12,8 @@ Cases (``--parts``):
   d_qk/d_v = 576/512, indexer H_I=64 × d_I=128, k=2048, FP8 indexer, KL of the indexer) — forward + backward from
   the absorbed queries, the KV latent and the indexer inputs (the q/kv/o projections are not included);
 - ``model``: the ``small`` preset (12 layers, MLA, vocab 512 as configs/single_gpu.yaml), sparse stage, one
-  micro-batch of one sequence: forward + backward (no optimizer step, no DP gradient reduction — the same for
-  every layout);
+  micro-batch of one sequence (``--batch B`` adds rows with B at the compare length): forward + backward (no
+  optimizer step, no DP gradient reduction — the same for every layout);
 - ``dense_layer`` / ``dense_model``: the same with dense causal attention over the KV all-gathered across CP
   (``dsa_mode="dense"``, no indexer KL), where it fits the budget.
 
