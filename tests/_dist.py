@@ -1,4 +1,4 @@
-"""Run a function on N real processes joined by a gloo process group (shared by multi-rank tests).
+"""Run a function on N real processes joined by a gloo (CPU) or NCCL (one GPU per rank) process group.
 
 Usage::
 
@@ -11,6 +11,11 @@ Usage::
 Workers are started from a ``forkserver`` that has already imported torch (and Megatron-Core when it is
 installed), so each rank does not pay the multi-second import again: on the 2-core CI machine that import is
 most of a small test's time. The forkserver itself runs no torch ops, so forking from it is safe with OpenMP.
+
+``backend="nccl"`` (tests/multigpu) starts the ranks with ``spawn`` instead (the forkserver's preloaded
+Megatron has touched CUDA, and a forked child cannot re-initialise it) and binds rank r to GPU r before the group
+is created, also when the function initialises the group itself (``init_process_group=False``: ``LOCAL_RANK`` is
+set for ``dsa_dist.compat.init_parallel``).
 
 A failing rank's traceback is re-raised in the parent, the other ranks are killed (they would otherwise wait in a
 collective forever), and the whole run has a wall-clock ``timeout``.
@@ -55,16 +60,21 @@ def _loads(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
+BACKENDS = ("gloo", "nccl")
+
+
 def _entry(fn: Callable[..., Any], rank: int, world_size: int, port: int, init: bool, threads: int,
-           args: tuple, result_q: Any) -> None:
+           backend: str, args: tuple, result_q: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(threads)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         if init:
             import torch.distributed as dist
 
-            dist.init_process_group("gloo", rank=rank, world_size=world_size,
+            dist.init_process_group(backend, rank=rank, world_size=world_size,
                                     init_method=f"tcp://127.0.0.1:{port}")
         out = fn(rank, world_size, *args)
         result_q.put((rank, True, _dumps(out)))
@@ -81,7 +91,8 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, port: int, init: 
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 240.0,
-                    init_process_group: bool = True, threads: int = 1, daemon: bool = True) -> list[Any]:
+                    init_process_group: bool = True, threads: int = 1, daemon: bool = True,
+                    backend: str = "gloo") -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes and return the results by rank.
 
     ``fn`` must be a module-level function and its arguments/results picklable (tensors are fine).
@@ -90,14 +101,21 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     ``dsa_dist.compat.init_parallel``). Raises ``RuntimeError`` with the first failing rank's traceback, or
     ``TimeoutError`` after ``timeout`` seconds. ``daemon=False`` is for ranks that start processes themselves
     (dist_checkpointing's torch_dist writer starts a multiprocessing Manager, which a daemon may not).
+    ``backend="nccl"`` puts rank r on GPU r (needs ``world_size`` visible GPUs).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "nccl" and torch.cuda.device_count() < world_size:
+        raise ValueError(f"backend='nccl' with world_size={world_size} needs {world_size} GPUs, "
+                         f"{torch.cuda.device_count()} visible; skip the test or lower world_size")
     port = free_port()
-    result_q = _CTX.Queue()
+    ctx = mp.get_context("spawn") if backend == "nccl" else _CTX
+    result_q = ctx.Queue()
     procs = [
-        _CTX.Process(target=_entry, args=(fn, r, world_size, port, init_process_group, threads, args, result_q),
-                     daemon=daemon)
+        ctx.Process(target=_entry, daemon=daemon,
+                    args=(fn, r, world_size, port, init_process_group, threads, backend, args, result_q))
         for r in range(world_size)
     ]
     for p in procs:

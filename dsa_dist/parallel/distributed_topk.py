@@ -20,6 +20,7 @@ candidates are all-gathered and merged identically on every rank.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -31,8 +32,8 @@ from dsa_dist.ops.topk import INVALID_INDEX, topk_from_scores
 from dsa_dist.parallel._comm import (
     all_gather_stacked,
     all_to_all_stacked,
-    global_rank,
     group_size_rank,
+    ring_shift,
     to_wire,
 )
 from dsa_dist.parallel.sharding import check_cp_config, rank_major_to_global, zigzag_positions
@@ -49,6 +50,14 @@ def _local_topk(q, k, w, topk, k_scale, *, q_positions, k_positions, chunk_size)
     extra = {} if chunk_size is None else {"chunk_size": chunk_size}
     return dispatch.lightning_indexer_topk(q, k, w, topk, k_scale, q_positions=q_positions, k_positions=k_positions,
                                            **extra)
+
+
+@functools.lru_cache(maxsize=64)
+def _zigzag_rows(seq_len: int, size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Global rows of every rank's zigzag shard, built once per (length, CP size, device): at small shards a CP
+    step is bound by host-side launches (docs/context_parallel.md, measured), so the 3·CP small launches that
+    build these every layer are not repeated. The tensors are shared: read only."""
+    return tuple(zigzag_positions(seq_len, size, j, device=device) for j in range(size))
 
 
 def _to_global(local_idx: torch.Tensor, global_rows: torch.Tensor) -> torch.Tensor:
@@ -141,7 +150,7 @@ def distributed_indexer_topk(
     check_cp_config(lk * size, size)
     device = q_index.device
     # rows[j]: global rows of rank j's shard, which is also its default positions.
-    rows = [zigzag_positions(lk * size, size, j, device=device) for j in range(size)]
+    rows = _zigzag_rows(lk * size, size, device)
     q_pos = _positions("q_positions", q_positions, rows[rank] if lq == lk else torch.empty(lq, device=device))
     k_pos_local = _positions("k_positions_local", k_positions_local, rows[rank])
     if size == 1:
@@ -174,20 +183,14 @@ def _allgather_topk(q, w, k_local, s_local, topk, q_pos, k_pos, group, size, chu
 
 def _ring_topk(q, w, k_local, s_local, topk, q_pos, k_pos, rows, group, size, rank, chunk_size):
     d = k_local.shape[-1]
-    send_to, recv_from = global_rank(group, (rank + 1) % size), global_rank(group, (rank - 1) % size)
     cur = _pack_keys(k_local, s_local)
     nxt = torch.empty_like(cur)
     best = None
     for step in range(size):
         src = (rank - step) % size  # owner of the shard in hand
-        reqs = []
-        if step < size - 1:
-            # Start moving the shard in hand to the next rank before scoring it: the transfer overlaps the
-            # scoring (NCCL runs it on its own stream; gloo on its own thread).
-            reqs = dist.batch_isend_irecv([
-                dist.P2POp(dist.isend, cur, send_to, group),
-                dist.P2POp(dist.irecv, nxt, recv_from, group),
-            ])
+        # Start moving the shard in hand to the next rank before scoring it: the transfer overlaps the scoring
+        # (NCCL runs it on its own stream; gloo on its own thread).
+        reqs = ring_shift(cur, nxt, group) if step < size - 1 else []
         k, s = _unpack_keys(cur, k_local.dtype, d, s_local is not None)
         scores, local_idx = _local_topk(q, k, w, topk, s, q_positions=q_pos, k_positions=k_pos[src],
                                         chunk_size=chunk_size)

@@ -1,0 +1,504 @@
+"""Context-parallel scaling of DSA on one host: a V3.2 DSA layer and the `small` model's training step at
+long lengths, CP = 1/2/4, NCCL (docs/context_parallel.md has the byte arithmetic; README the table).
+
+Run (4 GPUs; every case uses all ranks: CP=c runs world/c data-parallel replicas of one sequence each)::
+
+    python -m torch.distributed.run --nproc-per-node 4 benchmarks/cp_scaling.py --out DIR --budget-s 215 \
+        --profile 32768:4          # as run for benchmarks/results/cp_scaling_h100x4.*
+    python -m torch.distributed.run --nproc-per-node 2 benchmarks/cp_scaling.py --smoke   # CPU/gloo dry run
+
+Cases (``--parts``):
+- ``layer``: the DSA core of one DeepSeek-V3.2 attention layer (``dsa_dist.model.dsa_core``: H=128, absorbed
+  d_qk/d_v = 576/512, indexer H_I=64 × d_I=128, k=2048, FP8 indexer, KL of the indexer) — forward + backward from
+  the absorbed queries, the KV latent and the indexer inputs (the q/kv/o projections are not included);
+- ``model``: the ``small`` preset (12 layers, MLA, vocab 512 as configs/single_gpu.yaml), sparse stage, one
+  micro-batch of one sequence (``--batch B`` adds rows with B at the compare length): forward + backward (no
+  optimizer step, no DP gradient reduction — the same for every layout);
+- ``dense_layer`` / ``dense_model``: the same with dense causal attention over the KV all-gathered across CP
+  (``dsa_mode="dense"``, no indexer KL), where it fits the budget.
+
+Per case: median step time over the ranks' slowest, tokens/s per GPU (L / (CP · t)), achieved TFLOPS per GPU
+with the FLOP count written in the JSON (``flops``; formulas in :func:`layer_flops` / :func:`model_flops`),
+peak memory per GPU, bytes each rank sends per layer counted at the collectives
+(``dsa_dist.parallel._comm.count_comm_bytes``) next to ``dsa_dist.parallel.cp_layer_comm_volume``, the same
+step with every collective replaced by a local copy (``local_only``: compute alone), the collectives of one step
+replayed alone (communication alone), and exposed communication = step − compute alone; hidden share =
+1 − exposed / communication alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repo, unless dsa_dist is already importable
+
+from dsa_dist.compat import default_device  # noqa: E402
+from dsa_dist.model.config import preset  # noqa: E402
+from dsa_dist.model.dsa_core import ParallelGroups, dsa_core, local_positions  # noqa: E402
+from dsa_dist.model.indexer import LightningIndexer  # noqa: E402
+from dsa_dist.model.indexer_loss import IndexerLossTracker  # noqa: E402
+from dsa_dist.parallel import _comm, cp_layer_comm_volume  # noqa: E402
+
+K = 1024
+GIB = 2**30
+
+
+# ------------------------------------------------------------------------------------------------------- FLOPs
+def _attn_flops(cfg, length: int, sparse: bool) -> float:
+    """Forward attention FLOPs of one layer over the whole sequence: 2·H·(d_qk + d_v) per (query, key) pair —
+    k keys per query (sparse) or the causal half of L² (dense)."""
+    pairs = length * cfg.indexer.topk if sparse else length * length / 2
+    return 2.0 * cfg.num_heads * (cfg.core_qk_dim + cfg.core_v_dim) * pairs
+
+
+def _indexer_flops(cfg, length: int) -> float:
+    """Indexer scoring (forward only, top-k is not differentiated) + sparse KL (forward, and backward of its
+    indexer half): 2·H_I·d_I per causal pair, then k keys per query for the KL's H heads and H_I heads."""
+    ix = cfg.indexer
+    score = 2.0 * ix.heads * ix.head_dim * length * length / 2
+    kl = 2.0 * length * ix.topk * (cfg.num_heads * cfg.core_qk_dim + 3 * ix.heads * ix.head_dim)
+    return score + kl
+
+
+def layer_flops(cfg, length: int, sparse: bool) -> float:
+    """One DSA core forward + backward: attention 3.5× forward (backward 2.5×, as benchmarks/attention.py),
+    plus the indexer terms of :func:`_indexer_flops` in the sparse stage."""
+    return 3.5 * _attn_flops(cfg, length, sparse) + (_indexer_flops(cfg, length) if sparse else 0.0)
+
+
+def model_flops(cfg, length: int, n_linear_params: int, sparse: bool) -> float:
+    """Model forward + backward: 6 · (parameters outside the embeddings) · L for the GEMMs, plus
+    :func:`layer_flops` for each layer's core attention."""
+    return 6.0 * n_linear_params * length + cfg.num_layers * layer_flops(cfg, length, sparse)
+
+
+# ------------------------------------------------------------------------------------------------------- cases
+def _layer_cfg(smoke: bool, length: int, sparse: bool, mode: str):
+    if smoke:
+        return preset("tiny", seq_len=length, dsa_mode="sparse" if sparse else "dense", indexer={"topk": 32,
+                      "cp_topk_mode": mode})
+    return preset("v32-layer", seq_len=length, dsa_mode="sparse" if sparse else "dense",
+                  indexer={"cp_topk_mode": mode})
+
+
+def _model_cfg(smoke: bool, length: int, sparse: bool, mode: str):
+    name = "tiny" if smoke else "small"
+    topk = 32 if smoke else 512
+    return preset(name, seq_len=length, vocab_size=512 if not smoke else 128,
+                  dsa_mode="sparse" if sparse else "dense", indexer={"topk": topk, "cp_topk_mode": mode})
+
+
+def make_layer_step(cfg, groups: ParallelGroups, length: int, sparse: bool, batch: int = 1):
+    """A closure running one DSA core forward + backward on this rank's shard (inputs built once)."""
+    device = default_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = cfg.to_transformer_config(None)
+    q_in = cfg.mla.q_lora_rank
+    indexer = LightningIndexer(config, cfg, q_in).to(device)
+    local = length // groups.cp_size
+    gen = torch.Generator(device=device).manual_seed(groups.cp_rank)
+    q = torch.randn(batch, local, cfg.num_heads, cfg.core_qk_dim, device=device, dtype=dtype, generator=gen)
+    kv = torch.randn(batch, local, 1, cfg.core_qk_dim, device=device, dtype=dtype, generator=gen)
+    h = torch.randn(batch, local, cfg.hidden_size, device=device, dtype=dtype, generator=gen)
+    cq = torch.randn(batch, local, q_in, device=device, dtype=dtype, generator=gen)
+    q.requires_grad_(True)
+    kv.requires_grad_(True)
+    positions = local_positions(local, groups, device)
+    tracker = IndexerLossTracker(compute_kl=sparse)
+
+    def step() -> None:
+        tracker.reset()
+        q.grad = kv.grad = None
+        indexer.zero_grad(set_to_none=True)
+        out = dsa_core(q, kv, None, v_dim=cfg.core_v_dim, indexer=indexer, indexer_h=h, indexer_cq=cq,
+                       positions=positions, dsa=cfg, groups=groups, softmax_scale=cfg.softmax_scale,
+                       tracker=tracker, layer=1, compute_kl=sparse)
+        # The output is its own gradient (no second [L, H, d_v] tensor: memory is what limits the length).
+        roots, grads = [out], [out.detach()]
+        if sparse:
+            roots.append(tracker.total())
+            grads.append(None)
+        torch.autograd.backward(roots, grads)
+
+    return step, 1
+
+
+def make_model_step(cfg, groups: ParallelGroups, length: int, sparse: bool, batch: int = 1):
+    """A closure running the model's forward + backward on one sequence (this rank's zigzag shard)."""
+    from dsa_dist.model.builder import build_model, get_indexer_loss_tracker
+    from dsa_dist.parallel import zigzag_split
+
+    device = default_device()
+    torch.manual_seed(0)
+    model = build_model(cfg, tracker=IndexerLossTracker(compute_kl=sparse))
+    tracker = get_indexer_loss_tracker(model)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, length + 1), device=device)
+    inputs = zigzag_split(tokens[:, :-1], 1, groups.cp_size, groups.cp_rank).contiguous()
+    labels = zigzag_split(tokens[:, 1:], 1, groups.cp_size, groups.cp_rank).contiguous()
+
+    def step() -> None:
+        tracker.reset()
+        model.zero_grad(set_to_none=True)
+        lm = model(inputs, None, None, labels=labels).float().mean()
+        (lm + tracker.total() if sparse else lm).backward()
+
+    n_linear = sum(p.numel() for n, p in model.named_parameters() if "embedding" not in n and "output_layer" not in n)
+    step.n_linear = n_linear  # type: ignore[attr-defined]
+    return step, cfg.num_layers
+
+
+# ------------------------------------------------------------------------------------------------------- timing
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _time(fn, reps: int) -> float:
+    """Median seconds of ``fn`` over ``reps`` runs (synchronised; ranks aligned by a barrier first)."""
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _max_over_ranks(x: float) -> float:
+    t = torch.tensor([x], dtype=torch.float64, device=default_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _replay(calls) -> float:
+    """Seconds to run the logged collectives alone, in order, on scratch buffers (communication alone)."""
+    bufs = []
+    device = default_device()
+    for kind, group, nbytes in calls:
+        n, rank = _comm.group_size_rank(group)
+        if kind == "all_gather":
+            src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            bufs.append(("ag", group, src, torch.empty(n * nbytes, dtype=torch.uint8, device=device)))
+        elif kind in ("reduce_scatter", "all_reduce"):
+            src = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
+            out = torch.empty(nbytes // 4 // n, dtype=torch.float32, device=device)
+            bufs.append(("rs" if kind == "reduce_scatter" else "ar", group, src, out))
+        elif kind == "all_to_all":
+            src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            bufs.append(("a2a", group, src, torch.empty_like(src)))
+        else:
+            src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            bufs.append(("p2p", group, src, torch.empty_like(src)))
+
+    def run() -> None:
+        for kind, group, src, out in bufs:
+            if kind == "ag":
+                dist.all_gather_into_tensor(out, src, group=group)
+            elif kind == "rs":
+                dist.reduce_scatter_tensor(out, src, group=group)
+            elif kind == "ar":
+                dist.all_reduce(src, group=group)
+            elif kind == "a2a":
+                dist.all_to_all_single(out, src, group=group)
+            else:
+                for req in _comm.ring_shift(src, out, group):
+                    req.wait()
+
+    run()
+    return _time(run, 3)
+
+
+def measure(make, cfg, groups, length: int, sparse: bool, reps: int, batch: int = 1) -> dict:
+    """Time one case; returns the row (also on OOM: ``{"error": "OOM"}``, agreed by all ranks)."""
+    row: dict = {}
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        step, layers = make(cfg, groups, length, sparse, batch)
+        step()  # warm-up: Triton compile, NCCL communicators, allocator
+        _sync()
+        first = _max_over_ranks(_time(step, 1))
+        reps = reps if first < 1.0 else 1  # long steps: one more sample, fits the budget
+        row["step_s"] = first if reps == 1 else _max_over_ranks(_time(step, reps))
+        if torch.cuda.is_available():
+            row["peak_gib"] = _max_over_ranks(torch.cuda.max_memory_allocated() / GIB)
+        if hasattr(_comm, "count_comm_bytes") and groups.cp_size > 1:
+            with _comm.count_comm_bytes() as log:
+                step()
+            row["sent_bytes_per_layer"] = log.total / layers
+            row["sent_by_kind_per_layer"] = {k: v / layers for k, v in log.sent.items()}
+            with _comm.local_only():
+                step()
+                row["compute_alone_s"] = _max_over_ranks(_time(step, reps))
+            row["comm_alone_s"] = _max_over_ranks(_replay(log.calls))
+            exposed = max(row["step_s"] - row["compute_alone_s"], 0.0)
+            row["exposed_comm_s"] = exposed
+            row["hidden_share"] = 1.0 - min(exposed / max(row["comm_alone_s"], 1e-9), 1.0)
+        row["n_linear"] = getattr(step, "n_linear", None)
+        del step
+    except torch.OutOfMemoryError:
+        row = {"error": "OOM"}
+    failed = _max_over_ranks(1.0 if "error" in row else 0.0)
+    if failed and "error" not in row:
+        row = {"error": "OOM on another rank"}
+    return row
+
+
+# ------------------------------------------------------------------------------------------------------- driver
+def set_layout(cp: int) -> ParallelGroups:
+    """Megatron's parallel state for TP=1 × CP=``cp`` (× DP) over the already-initialised world.
+
+    Built directly with ``create_gloo_process_groups=False``: the benchmark switches layouts many times, and
+    re-creating Megatron's gloo groups on every switch failed once on a 4-GPU machine (a TCP mesh race).
+    """
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        if ps.get_context_parallel_world_size() == cp:
+            return ParallelGroups.from_megatron()
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(1, 1, context_parallel_size=cp, create_gloo_process_groups=False,
+                                 distributed_timeout_minutes=5)
+    return ParallelGroups.from_megatron()
+
+
+def _cases(args, world: int) -> list[dict]:
+    """Cases in priority order (the budget cuts the tail):
+
+    1. the model at ``--compare-length`` for every CP (CP versus DP at the same length);
+    2. the 512K targets at the largest CP: the model and the V3.2 layer;
+    3. 128K at the largest CP: model, layer, dense model, dense layer (the communication-hiding target);
+    4. at the compare length and the largest CP: the other top-k modes, and ``--batch`` sequences (CP=1 too);
+    5. everything else, largest CP first, growing lengths.
+    """
+    cps = sorted({c for c in args.cps if world % c == 0}, reverse=True)
+    top = cps[0]
+
+    def case(part, length, cp, mode=args.mode, batch=1):
+        return dict(part=part, L=length, cp=cp, mode=mode, batch=batch)
+
+    out = [case("model", args.compare_length, c) for c in sorted(cps)]
+    if not args.only_compare:
+        out += [case(p, 512 * K, top) for p in ("model", "layer") if p in args.parts]
+        out += [case(p, 128 * K, top) for p in args.parts]
+    if top > 1:
+        out += [case("model", args.compare_length, top, mode=m) for m in args.extra_modes if m != args.mode]
+    if args.batch > 1:
+        out += [case("model", args.compare_length, c, batch=args.batch) for c in sorted({1, top})]
+    if not args.only_compare:
+        for cp in cps:
+            for part in args.parts:
+                for length in sorted(args.model_lengths if part.endswith("model") else args.layer_lengths):
+                    out.append(case(part, length, cp))
+    unique, keys = [], set()
+    for c in out:
+        key = tuple(c.values())
+        if key not in keys and (c["L"] in args.model_lengths + args.layer_lengths + [args.compare_length]):
+            keys.add(key)
+            unique.append(c)
+    return unique
+
+
+def _shorter(seen: dict, key: tuple, length: int) -> dict | None:
+    """The longest measured row of the same (part, cp, mode, batch) below ``length`` (for predictions)."""
+    rows = [r for (k, L), r in seen.items() if k == key and L < length]
+    return max(rows, key=lambda r: r["L"]) if rows else None
+
+
+def _skip_reason(case: dict, cfg, last: dict | None, elapsed: float, args) -> str | None:
+    """Why a case is not run: its shorter twin failed, or it is predicted to exceed memory or the budget."""
+    sparse = not case["part"].startswith("dense")
+    grow = 1.0 if last is None else case["L"] / last["L"]
+    growth = grow if sparse else grow * grow  # dense attention is quadratic
+    if elapsed > args.budget_s:
+        return "skipped: budget"
+    if last is None:
+        flops = (model_flops(cfg, case["L"], 0, sparse) if case["part"].endswith("model")
+                 else layer_flops(cfg, case["L"], sparse))
+        rate = args.guess_tflops if sparse else args.guess_dense_tflops
+        guess = flops / case["cp"] / (rate * 1e12)  # no shorter run to scale from
+        if not args.smoke and elapsed + guess * (2 * args.reps + 4) > args.budget_s:
+            return f"skipped: budget ({guess:.1f} s/step guessed at {rate:g} TFLOPS)"
+        return None
+    if "error" in last:
+        return "skipped: " + last["error"].removeprefix("skipped: ") + f" at {last['L'] // K}K"
+    if last.get("peak_gib", 0) * grow > args.mem_gib:
+        return f"skipped: predicted {last['peak_gib'] * grow:.0f} GiB > {args.mem_gib:g}"
+    if elapsed + last["step_s"] * growth * (2 * args.reps + 4) > args.budget_s:
+        return f"skipped: budget ({last['step_s'] * growth:.1f} s/step predicted)"
+    return None
+
+
+def _finish_row(row: dict, cfg, sparse: bool, is_model: bool) -> None:
+    """Throughput, FLOPs and the arithmetic byte count next to the measured one."""
+    length, cp, batch = row["L"], row["cp"], row["batch"]
+    n_linear = row.pop("n_linear", None)
+    if "step_s" not in row:
+        return
+    flops = batch * (model_flops(cfg, length, n_linear, sparse) if is_model else layer_flops(cfg, length, sparse))
+    row["flops"] = flops
+    row["tokens_per_s_per_gpu"] = batch * length / cp / row["step_s"]
+    row["tflops_per_gpu"] = flops / cp / row["step_s"] / 1e12
+    if cp > 1:
+        vol = cp_layer_comm_volume(length, cp, d_index=cfg.indexer.head_dim, index_heads=cfg.indexer.heads,
+                                   kv_dim=cfg.core_qk_dim, kv_dtype=cfg.torch_dtype, topk=cfg.indexer.topk,
+                                   kl_key_dtype=cfg.torch_dtype if sparse else None)
+        sparse_terms = vol.index_keys_fwd + vol.kl_keys_fwd + vol.dindex_keys_bwd if sparse else 0
+        if sparse and row["mode"] == "candidates":
+            sparse_terms += vol.candidates_mode_fwd - vol.index_keys_fwd
+        row["arith_bytes_per_layer"] = batch * (vol.kv_fwd + vol.dkv_bwd + sparse_terms)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", nargs="+", default=["model", "layer", "dense_model", "dense_layer"],
+                        choices=["model", "layer", "dense_model", "dense_layer"])
+    parser.add_argument("--model-lengths", nargs="+", type=int, default=[128 * K, 256 * K, 512 * K, 1024 * K])
+    parser.add_argument("--layer-lengths", nargs="+", type=int, default=[128 * K, 256 * K, 512 * K])
+    parser.add_argument("--compare-length", type=int, default=32 * K, help="model length of the CP-vs-DP rows")
+    parser.add_argument("--cps", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--mode", default="ring", choices=["ring", "allgather", "candidates"],
+                        help="CP top-k exchange (dsa_dist.parallel.distributed_indexer_topk)")
+    parser.add_argument("--extra-modes", nargs="*", default=["allgather"],
+                        help="other top-k modes timed at the compare length and the largest CP")
+    parser.add_argument("--batch", type=int, default=4,
+                        help="also time this many sequences per micro-batch at the compare length (CP=1, max CP)")
+    parser.add_argument("--only-compare", action="store_true", help="only the compare-length rows")
+    parser.add_argument("--reps", type=int, default=3, help="timed steps per case (median)")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="start no case after this many seconds")
+    parser.add_argument("--mem-gib", type=float, default=76.0, help="skip a case predicted to need more")
+    parser.add_argument("--guess-tflops", type=float, default=150.0,
+                        help="rate assumed to predict a case with no shorter run (budget check)")
+    parser.add_argument("--guess-dense-tflops", type=float, default=15.0,
+                        help="the same for dense attention (chunked reference path: ~12 TFLOPS in the dense stage)")
+    parser.add_argument("--tag", default="", help="label stored in every row and the file names (before/after)")
+    parser.add_argument("--out", type=Path, default=None, help="write cp_scaling_<tag>.json / .md here")
+    parser.add_argument("--profile", default=None, metavar="L:CP",
+                        help="first profile two model steps at this length and CP size (top ops, rank 0)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, any backend (CPU gloo dry run)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.model_lengths, args.layer_lengths, args.compare_length, args.reps = [512], [256], 256, 1
+    start = time.monotonic()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=5))
+    rank = dist.get_rank()
+    if args.profile:
+        profile(args, rank)
+    rows: list[dict] = []
+    seen: dict[tuple, dict] = {}  # ((part, cp, mode, batch), L) -> row that ran: predicts time and memory
+    for case in _cases(args, world):
+        part, length, cp = case["part"], case["L"], case["cp"]
+        if length % (2 * cp):
+            continue
+        sparse, is_model = not part.startswith("dense"), part.endswith("model")
+        cfg = (_model_cfg if is_model else _layer_cfg)(args.smoke, length, sparse, case["mode"])
+        row = {**case, "dp": world // cp, "tag": args.tag}
+        key = (part, cp, case["mode"], case["batch"])
+        reason = _skip_reason(case, cfg, _shorter(seen, key, length), time.monotonic() - start, args)
+        if reason:
+            row["error"] = reason
+        else:
+            groups = set_layout(cp)
+            make = make_model_step if is_model else make_layer_step
+            row.update(measure(make, cfg, groups, length, sparse, args.reps, case["batch"]))
+            seen[(key, length)] = row
+        _finish_row(row, cfg, sparse, is_model)
+        rows.append(row)
+        if rank == 0:
+            print(json.dumps(row), flush=True)
+            write(rows, args)  # after every case: a run cut short keeps what it measured
+    if rank == 0:
+        print(table(rows), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def profile(args, rank: int) -> None:
+    """torch.profiler over two model steps at ``--profile L:CP``: the top ops by self device time (rank 0)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    length, cp = (int(x) for x in args.profile.split(":"))
+    groups = set_layout(cp)
+    step, _ = make_model_step(_model_cfg(args.smoke, length, True, args.mode), groups, length, True)
+    step()
+    _sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        _sync()
+    del step
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if rank == 0:
+        key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        events = prof.key_averages()
+        text = events.table(sort_by=key, row_limit=45, max_name_column_width=70)
+        # (no device total: kernels count under their op and again as kernel rows)
+        cpu_us = sum(e.self_cpu_time_total for e in events)
+        text += f"\nprofile {args.tag} L={length} CP={cp}, 2 steps: self CPU total {cpu_us / 1e3:.1f} ms\n"
+        print(text, flush=True)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"profile_{args.tag or 'run'}_{length // K}k_cp{cp}.txt").write_text(text)
+
+
+def _fmt(x, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table of the rows (one line per case)."""
+    head = ("| part | L | B | CP×DP | top-k mode | step s | tok/s/GPU | TFLOPS/GPU | peak GiB | sent MB/layer (arith.) "
+            "| compute alone s | comm alone s | exposed s | hidden |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['part']} | {r['L'] / K:g}K | {r['batch']} | {r['cp']}×{r['dp']} | {r['mode']} | "
+                         f"{r['error']} |" + " |" * 8)
+            continue
+        sent = r.get("sent_bytes_per_layer")
+        arith = r.get("arith_bytes_per_layer")
+        sent_s = "—" if sent is None else f"{sent / 1e6:.1f} ({arith / 1e6:.1f})"
+        hidden = r.get("hidden_share")
+        lines.append(
+            f"| {r['part']} | {r['L'] / K:g}K | {r['batch']} | {r['cp']}×{r['dp']} | {r['mode']} | "
+            f"{r['step_s']:.3f} | "
+            f"{r['tokens_per_s_per_gpu']:,.0f} | {r['tflops_per_gpu']:.0f} | {_fmt(r.get('peak_gib'), '.1f')} | "
+            f"{sent_s} | {_fmt(r.get('compute_alone_s'), '.3f')} | {_fmt(r.get('comm_alone_s'), '.4f')} | "
+            f"{_fmt(r.get('exposed_comm_s'), '.3f')} | {'—' if hidden is None else f'{hidden:.0%}'} |")
+    return "\n".join(lines)
+
+
+def write(rows: list[dict], args) -> None:
+    meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "gpus": int(os.environ.get("WORLD_SIZE", "1")), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d", time.gmtime()), "args": {k: str(v) for k, v in vars(args).items()}}
+    md = table(rows)
+    if args.out is None:
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"cp_scaling{'_' + args.tag if args.tag else ''}"
+    (args.out / f"{stem}.json").write_text(json.dumps({**meta, "results": rows}, indent=1))
+    (args.out / f"{stem}.md").write_text(f"{json.dumps(meta)}\n\n{md}\n")
+
+
+if __name__ == "__main__":
+    main()
