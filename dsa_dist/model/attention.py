@@ -121,8 +121,8 @@ class _DSAAttentionBase(MegatronModule):
         if packed_seq_params is not None:
             raise ValueError("packed sequences are not supported by DSA attention (packed_seq_params must be None)")
         if inference_context is not None:
-            raise ValueError("Megatron's inference_context is not supported: DSA decoding over a KV cache is not "
-                             "built yet")
+            raise ValueError("Megatron's inference_context is not supported: a KV-cache decoder calls project(), "
+                             "the steps of dsa_dist.model.dsa_core and project_output() itself")
         x = hidden_states.transpose(0, 1)  # [b, s, hidden]
         return x, self.dims.local_positions(x.shape[1], x.device)
 
