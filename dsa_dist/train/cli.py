@@ -63,7 +63,7 @@ def preflight(cfg: TrainRunConfig) -> None:
 
 
 def _train_here(cfg: TrainRunConfig) -> None:
-    from dsa_dist.compat import destroy_parallel
+    from dsa_dist.parallel import destroy_parallel
     from dsa_dist.train.loop import run_pipeline
 
     try:

@@ -87,7 +87,7 @@ def _rank_main(rank: int, world_size: int, port: int, cfg: TrainRunConfig, error
         record = {"time": time.time(), "rank": rank, "line": line, "status": status}
         (Path(error_dir) / f"rank{rank}.json").write_text(json.dumps(record))
     finally:
-        from dsa_dist.compat import destroy_parallel
+        from dsa_dist.parallel import destroy_parallel
 
         with contextlib.suppress(Exception):  # after a failed collective the group may be half torn down already
             destroy_parallel()

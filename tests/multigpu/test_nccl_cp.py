@@ -191,7 +191,7 @@ def _compare(ref: dict, got: dict, seq_dim: int, field: str) -> dict:
 
 
 def _equivalence_worker(rank: int, world: int) -> dict:
-    from dsa_dist.compat import init_parallel
+    from dsa_dist.parallel import init_parallel
     from dsa_dist.model.dsa_core import ParallelGroups
 
     layouts = [(1, 2, m) for m in ("ring", "allgather", "candidates")]
