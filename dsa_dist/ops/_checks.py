@@ -77,7 +77,7 @@ def check_index_range(name: str, indices: torch.Tensor, n_keys: int) -> None:
     """
     if indices.numel() == 0:
         return
-    lo, hi = (int(v) for v in torch.aminmax(indices))
+    lo, hi = torch.stack(torch.aminmax(indices)).tolist()  # one device-to-host copy
     if hi >= n_keys or lo < -1:
         raise ValueError(f"{name} must hold key rows in [0, {n_keys}) or -1 for an empty slot, got min {lo} and "
                          f"max index {hi} with L = {n_keys} keys")
