@@ -121,6 +121,26 @@ def _case_dispatch():
     k8, k_scale = fp8_block_quant(plain.k_index, 64, ue8m0=True)
     assert torch.equal(prep.k_index.view(torch.uint8), k8.view(torch.uint8))
     assert torch.equal(prep.k_scale, k_scale[..., 0])
+    # a failing kernel fails the call: no layer catches it and runs the reference op instead
+    import kernels.indexer_kl as kk
+    from dsa_dist.ops.dense_attention import dense_attention
+
+    def failing_launch(*args):
+        raise RuntimeError("simulated kernel failure")
+
+    q, k = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 1, 16)
+    qi, ki, w = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 16), torch.randn(1, 8, 2)
+    _, lse = dense_attention(q, k, k)
+    real_apply = kk._IndexerKL.apply
+    kk._IndexerKL.apply = failing_launch
+    try:
+        dispatch.indexer_kl_loss_dense(q, k, qi, ki, w, attn_lse=lse)
+        raise AssertionError("the failing kernel was not reported")
+    except RuntimeError as err:
+        assert "simulated kernel failure" in str(err)
+    finally:
+        kk._IndexerKL.apply = real_apply
+    assert torch.isfinite(dispatch.indexer_kl_loss_dense(q, k, qi, ki, w, attn_lse=lse))
 
 
 CASES = ["_case_exact_ties_and_short_rows", "_case_positions_shapes_dtypes", "_case_random_scores",
