@@ -1,4 +1,4 @@
-"""GPU benchmark of the Triton indexer KL losses (kernels/indexer_kl.py; DESIGN.md §1, issue 7).
+"""GPU benchmark of the Triton indexer KL losses (kernels/indexer_kl.py; docs/design.md, "Indexer losses").
 
     python benchmarks/indexer_kl.py [--lengths 8192 ...] [--kinds sparse dense] [--out DIR]
 
@@ -12,9 +12,8 @@ extra memory of one forward + backward (``max_memory_allocated`` after a reset, 
 FLOPs: sparse forward 2·(H·d + H_I·d_I) per valid (query, slot) pair (target logits + indexer scores);
 sparse backward 3·2·H_I·d_I per pair (indexer gradients only: the target is detached), divided by
 (fwd+bwd − fwd) ms; dense forward 2·(H·d + H_I·d_I) per causal pair, L(L+1)/2 pairs (no backward figure).
-Prints a markdown table and the kernel's fallbacks to the reference op (``kernels.indexer_kl.FALLBACKS``: a
-non-empty list means a row timed the reference, not the kernel); with ``--out`` writes ``indexer_kl.json`` and
-``indexer_kl.md`` there. Results: benchmarks/NOTES_indexer.md.
+Prints a markdown table (the kernel never falls back to the reference op: a failure raises); with ``--out``
+writes ``indexer_kl.json`` and ``indexer_kl.md`` there. Results: benchmarks/NOTES_indexer.md.
 """
 
 from __future__ import annotations
@@ -120,8 +119,6 @@ def main(argv: list[str] | None = None) -> None:
         for length in args.lengths:
             results.append((bench_sparse if kind == "sparse" else bench_dense)(length))
             print(results[-1], flush=True)
-    print("fallbacks:", indexer_kl.FALLBACKS)
-    meta["fallbacks"] = list(indexer_kl.FALLBACKS)
     write_results(args.out, "indexer_kl", meta, results, table(results))
 
 

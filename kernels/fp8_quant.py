@@ -1,4 +1,4 @@
-"""Triton block-scaled FP8 (e4m3) quantisation for the lightning indexer (DESIGN.md §1, issue 7 item 4).
+"""Triton block-scaled FP8 (e4m3) quantisation for the lightning indexer (docs/design.md, "Lightning indexer").
 
 Same function as :func:`dsa_dist.ops.fp8.fp8_block_quant`: one fp32 scale per ``block_size`` consecutive values
 along the last dim, ``scale = max(amax, amax_floor) / 448`` (optionally rounded *up* to a power of two, ue8m0),
@@ -13,16 +13,14 @@ ue8m0 rounding is done on the exponent bits (round up unless the mantissa is zer
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from dsa_dist.ops import fp8 as _ref
-from dsa_dist.ops._checks import FLOAT_DTYPES, check_positive_int, check_tensor
+from kernels._checks import FLOAT_DTYPES, check_launchable, check_positive_int, check_tensor
 
 E4M3_MAX = 448.0
+AMAX_FLOOR = 1e-4  # the reference op's default: an all-zero block gets scale 1e-4 / 448, not 0
 
 
 @triton.jit
@@ -92,23 +90,19 @@ def _fp8_block_quant_kernel(
     tl.store(s_ptr + rows, scale, mask=rows < n_blocks)
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def fp8_block_quant(
     x: torch.Tensor,
     block_size: int = 128,
     *,
     ue8m0: bool = False,
-    amax_floor: float = _ref.AMAX_FLOOR,
+    amax_floor: float = AMAX_FLOOR,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise ``x`` [..., D] (fp16/bf16/fp32/fp64) to e4m3 with one fp32 scale per ``block_size`` values.
 
     Returns ``(x_fp8 [..., D] float8_e4m3fn, scale [..., D // block_size] float32)`` with
     ``x ≈ x_fp8.float() * scale`` blockwise. ``D`` must be a multiple of ``block_size``. Not differentiable
-    (use :func:`dsa_dist.ops.fp8_fake_quant` for a straight-through path). CPU tensors without
-    ``TRITON_INTERPRET=1`` go to the reference op.
+    (use :func:`dsa_dist.ops.fp8_fake_quant` for a straight-through path). CUDA tensors, or CPU tensors under
+    Triton's interpreter.
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_positive_int("block_size", block_size)
@@ -116,8 +110,7 @@ def fp8_block_quant(
         raise ValueError(f"x's last dim must be a multiple of block_size={block_size}, got shape {tuple(x.shape)}")
     if amax_floor <= 0:
         raise ValueError(f"amax_floor must be > 0, got {amax_floor}")
-    if not _use_triton(x):
-        return _ref.fp8_block_quant(x, block_size, ue8m0=ue8m0, amax_floor=amax_floor)
+    check_launchable(_fp8_block_quant_kernel, x)
     xc = x.contiguous()
     q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(*x.shape[:-1], x.shape[-1] // block_size, dtype=torch.float32, device=x.device)

@@ -1,4 +1,4 @@
-"""Triton indexer KL losses, forward and backward, streamed over keys (DESIGN.md §1 "Losses"; issue 7 item 3).
+"""Triton indexer KL losses, forward and backward, streamed over keys (docs/design.md, "Indexer losses").
 
 Same functions as :mod:`dsa_dist.ops.kl`:
 
@@ -26,17 +26,27 @@ gradient dots use 3xTF32 on the GPU, which keeps them at fp32 accuracy. ``k_scal
 
 from __future__ import annotations
 
-import os
-import warnings
+from typing import Literal
 
 import torch
 import triton
 import triton.language as tl
 
-from dsa_dist.ops import kl as _ref
-from dsa_dist.ops._checks import FLOAT_DTYPES, check_dim, check_positions, check_positive_int, check_tensor
-from dsa_dist.ops.indexer import _check_score_inputs
-from dsa_dist.ops.sparse_attention import _check_inputs as _check_sparse_inputs
+from kernels._checks import (
+    FLOAT_DTYPES,
+    check_dim,
+    check_indexer_inputs,
+    check_launchable,
+    check_positions,
+    check_positive_int,
+    check_reduction,
+    check_same_batch,
+    check_tensor,
+)
+from kernels.indexer_topk import _row_lengths
+from kernels.sparse_attention import check_sparse_inputs
+
+Reduction = Literal["mean", "sum", "none"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,20 +263,6 @@ def _kl_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # wrapper
 # ----------------------------------------------------------------------------------------------------------------
-# Launches that failed to compile on this device and fell back to the reference op (the GPU tests require it to
-# stay empty; in training a compiler problem on an untested GPU/Triton then costs speed, not the run).
-FALLBACKS: list[str] = []
-
-
-def _fallback(where: str, err: Exception) -> None:
-    FALLBACKS.append(f"{where}: {type(err).__name__}: {str(err)[:300]}")
-    warnings.warn(f"indexer KL Triton kernel failed ({FALLBACKS[-1]}); using the reference op", stacklevel=3)
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _operands(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A common dot dtype for two operands: equal dtypes stay (fp8/fp16/bf16/fp32), anything else → fp32."""
     if x.dtype != y.dtype or x.dtype == torch.float64:
@@ -328,10 +324,9 @@ class _IndexerKL(torch.autograd.Function):
             _kl_fwd_kernel[(lq, b)](*args, p_buf, kl_rows, lse_i, p_tot, lq, lk, n_slots, scale, *strides,
                                     num_warps=warps, num_stages=1, **meta)
         ctx.save_for_backward(q_index, k_index, weights, p_buf, lse_i, p_tot)
-        ctx.reference = (q, k, attn_lse, k_scale, topk_indices, q_pos, k_pos, scale)
         ctx.launch = (args, strides, meta, warps, scale, (b, lq, lk, hi, di, n_slots))
         ctx.reduction = reduction
-        return _ref._reduce(kl_rows, reduction)
+        return _reduce(kl_rows, reduction)
 
     @staticmethod
     def backward(ctx, grad):
@@ -348,54 +343,38 @@ class _IndexerKL(torch.autograd.Function):
         dki = torch.zeros(b, lk, di, dtype=torch.float32, device=dev)
         dw = torch.empty(b, lq, hi, dtype=torch.float32, device=dev)
         prec = "tf32x3" if dev.type == "cuda" else "ieee"
-        try:
-            if lq:
-                _kl_bwd_kernel[(lq, b)](*args, p_buf, lse_i, p_tot, g_rows, dqi, dki, dw, lq, lk, n_slots, scale,
-                                        *strides, num_warps=warps, num_stages=1, PREC=prec, **meta)
-        except Exception as err:  # noqa: BLE001 — compiler failure on this device: reference gradients instead
-            if dev.type != "cuda":
-                raise
-            _fallback("backward", err)
-            return (*_reference_grads(ctx, q_index, k_index, weights, grad), *([None] * 10))
+        if lq:
+            _kl_bwd_kernel[(lq, b)](*args, p_buf, lse_i, p_tot, g_rows, dqi, dki, dw, lq, lk, n_slots, scale,
+                                    *strides, num_warps=warps, num_stages=1, PREC=prec, **meta)
         return (dqi.to(q_index.dtype), dki.to(k_index.dtype), dw.to(weights.dtype),
                 None, None, None, None, None, None, None, None, None, None)
 
 
-def _reference_grads(ctx, q_index, k_index, weights, grad):
-    """Gradients of the reference op (chunked, no [L, L] tensor) for the three indexer inputs."""
-    q, k, attn_lse, k_scale, topk_indices, q_pos, k_pos, scale = ctx.reference
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_(True) for x in (q_index, k_index, weights)]
-        if topk_indices is None:
-            loss = _ref.indexer_kl_loss_dense(q, k, *leaves, attn_lse=attn_lse, softmax_scale=scale, k_scale=k_scale,
-                                              q_positions=q_pos, k_positions=k_pos, reduction=ctx.reduction)
-        else:
-            loss = _ref.indexer_kl_loss_sparse(q, k, *leaves, topk_indices, attn_lse=attn_lse, softmax_scale=scale,
-                                               k_scale=k_scale, reduction=ctx.reduction)
-        return torch.autograd.grad(loss, leaves, grad)
+def _reduce(per_row: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+    if reduction == "mean":
+        return per_row.mean()
+    return per_row.sum() if reduction == "sum" else per_row
 
 
-def _apply(q_index, k_index, weights, q, k, attn_lse, k_scale, topk_indices, q_pos, k_pos, row_len, scale,
-           reduction):
-    """Run the kernels; on a compiler failure on the GPU fall back to the reference op (recorded in FALLBACKS)."""
-    try:
-        return _IndexerKL.apply(q_index, k_index, weights, q, k, attn_lse, k_scale, topk_indices, q_pos, k_pos,
-                                row_len, scale, reduction)
-    except Exception as err:  # noqa: BLE001
-        if not q.is_cuda:
-            raise
-        _fallback("forward", err)
-        if topk_indices is None:
-            return _ref.indexer_kl_loss_dense(q, k, q_index, k_index, weights, attn_lse=attn_lse,
-                                              softmax_scale=scale, k_scale=k_scale, q_positions=q_pos,
-                                              k_positions=k_pos, reduction=reduction)
-        return _ref.indexer_kl_loss_sparse(q, k, q_index, k_index, weights, topk_indices, attn_lse=attn_lse,
-                                           softmax_scale=scale, k_scale=k_scale, reduction=reduction)
-
-
-def _check_reduction(reduction: str) -> None:
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+def _check_common(q, k, q_index, k_index, weights, k_scale, attn_lse, reduction, chunk_size) -> None:
+    """Checks shared by both losses: the indexer inputs belong to q's batch and rows, k's keys; attn_lse given."""
+    check_indexer_inputs(q_index, k_index, weights, k_scale)
+    check_same_batch("q", q, q_index=q_index, k_index=k_index)
+    check_dim("q_index", q_index, 1, q.shape[1], "query length, as in q")
+    check_dim("k_index", k_index, 1, k.shape[1], "key length, as in k")
+    if attn_lse is None:
+        raise ValueError(
+            "attn_lse is required by the Triton indexer KL: pass the log-sum-exp the attention returns "
+            "(out, attn_lse = dense_attention(...) for the dense loss, sparse_attention(...) for the sparse one)"
+        )
+    check_tensor("attn_lse", attn_lse, ndim=3, dtypes=(torch.float32, torch.float64))
+    if attn_lse.shape != q.shape[:3]:
+        raise ValueError(f"attn_lse must be [B, Lq, H] = {tuple(q.shape[:3])} as q's first dims, "
+                         f"got {tuple(attn_lse.shape)}")
+    check_reduction(reduction)
+    if chunk_size is not None:
+        check_positive_int("chunk_size", chunk_size)
+    check_launchable(_kl_fwd_kernel, q)
 
 
 def indexer_kl_loss_dense(
@@ -411,7 +390,7 @@ def indexer_kl_loss_dense(
     q_positions: torch.Tensor | None = None,
     k_positions: torch.Tensor | None = None,
     chunk_size: int | None = None,
-    reduction: _ref.Reduction = "mean",
+    reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Dense warm-up KL(p ‖ softmax(I)) over all causal keys, streamed over key blocks.
 
@@ -419,7 +398,7 @@ def indexer_kl_loss_dense(
         q: [B, Lq, H, d] main-attention queries; k: [B, Lk, Hkv, d] keys (H a multiple of Hkv; detached).
         q_index: [B, Lq, H_I, d_I], k_index: [B, Lk, d_I] (e4m3, fp16, bf16 or fp32), weights: [B, Lq, H_I],
         k_scale: [B, Lk] or None — the indexer inputs, as for ``lightning_indexer_scores``.
-        attn_lse: [B, Lq, H] fp32 log-sum-exp of the dense attention (None → the reference op, which recomputes).
+        attn_lse: [B, Lq, H] log-sum-exp of the dense attention — required (the attention returns it).
         q_positions / k_positions: [Lq] / [Lk] global positions for the causal rule.
         chunk_size: accepted for signature compatibility (the kernel streams keys itself).
         reduction: over the B·Lq query rows: 'mean', 'sum' or 'none' ([B, Lq]).
@@ -428,29 +407,17 @@ def indexer_kl_loss_dense(
     """
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
-    _check_score_inputs(q_index, k_index, weights, k_scale)
-    _check_reduction(reduction)
-    if chunk_size is not None:
-        check_positive_int("chunk_size", chunk_size)
     b, lq, h, d = q.shape
+    check_same_batch("q", q, k=k)
     check_dim("k", k, 3, d, "d_qk, as in q")
-    check_dim("q_index", q_index, 1, lq, "query length, as in q")
-    check_dim("k_index", k_index, 1, k.shape[1], "key length, as in k")
     if h % k.shape[2]:
         raise ValueError(f"q heads ({h}) must be a multiple of k heads ({k.shape[2]})")
-    _ref._check_attention_lse(attn_lse, q)
-    if attn_lse is None or not _use_triton(q):
-        return _ref.indexer_kl_loss_dense(
-            q, k, q_index, k_index, weights, attn_lse=attn_lse, softmax_scale=softmax_scale, k_scale=k_scale,
-            q_positions=q_positions, k_positions=k_positions, chunk_size=chunk_size or 128, reduction=reduction,
-        )
-    from kernels.indexer_topk import _row_lengths
-
-    q_pos = check_positions("q_positions", q_positions, lq, q.device).contiguous()
-    k_pos = check_positions("k_positions", k_positions, k.shape[1], q.device).contiguous()
+    _check_common(q, k, q_index, k_index, weights, k_scale, attn_lse, reduction, chunk_size)
+    q_pos = check_positions("q_positions", q_positions, lq, q.device)
+    k_pos = check_positions("k_positions", k_positions, k.shape[1], q.device)
     scale = d**-0.5 if softmax_scale is None else float(softmax_scale)
-    return _apply(q_index, k_index, weights, q, k, attn_lse, k_scale, None, q_pos, k_pos,
-                  _row_lengths(q_pos, k_pos), scale, reduction)
+    return _IndexerKL.apply(q_index, k_index, weights, q, k, attn_lse, k_scale, None, q_pos, k_pos,
+                            _row_lengths(q_pos, k_pos), scale, reduction)
 
 
 def indexer_kl_loss_sparse(
@@ -465,31 +432,21 @@ def indexer_kl_loss_sparse(
     softmax_scale: float | None = None,
     k_scale: torch.Tensor | None = None,
     chunk_size: int | None = None,
-    reduction: _ref.Reduction = "mean",
+    reduction: Reduction = "mean",
 ) -> torch.Tensor:
     """Sparse-stage KL on the selected set S_t only, target from the sparse attention's log-sum-exp.
 
     Args as :func:`indexer_kl_loss_dense`, plus ``topk_indices`` [B, Lq, k] int32/int64 (shared by all heads,
-    −1 = empty slot) and ``attn_lse`` [B, Lq, H] from the sparse attention. Extra memory: p on the slots,
-    4·B·Lq·k bytes, kept for the backward.
+    −1 = empty slot, else a row of k) and ``attn_lse`` [B, Lq, H] from the sparse attention (required).
+    Extra memory: p on the slots, 4·B·Lq·k bytes, kept for the backward.
     """
-    _check_sparse_inputs(q, k, k[..., :1], topk_indices)
+    # the sparse attention's checks (shapes, devices, index range), with a one-dim view of k standing in for v
+    check_sparse_inputs(q, k, k[..., :1], topk_indices, dtypes=FLOAT_DTYPES)
     if topk_indices.dim() != 3:
         raise ValueError(f"topk_indices must be [B, Lq, k] for the indexer KL, got {tuple(topk_indices.shape)}")
-    _check_score_inputs(q_index, k_index, weights, k_scale)
-    check_dim("q_index", q_index, 1, q.shape[1], "query length, as in q")
-    check_dim("k_index", k_index, 1, k.shape[1], "key length, as in k")
-    _ref._check_attention_lse(attn_lse, q)
-    _check_reduction(reduction)
-    if chunk_size is not None:
-        check_positive_int("chunk_size", chunk_size)
-    if attn_lse is None or not _use_triton(q):
-        return _ref.indexer_kl_loss_sparse(
-            q, k, q_index, k_index, weights, topk_indices, attn_lse=attn_lse, softmax_scale=softmax_scale,
-            k_scale=k_scale, chunk_size=chunk_size or 256, reduction=reduction,
-        )
+    _check_common(q, k, q_index, k_index, weights, k_scale, attn_lse, reduction, chunk_size)
     lq = q.shape[1]
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     q_pos = torch.zeros(1, dtype=torch.int64, device=q.device)  # unused in the sparse mode
-    return _apply(q_index, k_index, weights, q, k, attn_lse, k_scale, topk_indices, q_pos, q_pos,
-                  torch.zeros(max(lq, 1), dtype=torch.int32, device=q.device), scale, reduction)
+    return _IndexerKL.apply(q_index, k_index, weights, q, k, attn_lse, k_scale, topk_indices, q_pos, q_pos,
+                            torch.zeros(max(lq, 1), dtype=torch.int32, device=q.device), scale, reduction)

@@ -1,4 +1,4 @@
-"""Triton FP8 lightning indexer fused with an exact top-k (DESIGN.md §1, §5; issue 7 item 1).
+"""Triton FP8 lightning indexer fused with an exact top-k (docs/design.md, "Lightning indexer" and "Top-k").
 
 Same function as :func:`dsa_dist.ops.topk.lightning_indexer_topk`:
 
@@ -36,15 +36,11 @@ selected scores with gradients).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from dsa_dist.ops import topk as _ref
-from dsa_dist.ops._checks import check_positions, check_positive_int
-from dsa_dist.ops.indexer import _check_score_inputs
+from kernels._checks import check_indexer_inputs, check_launchable, check_positions, check_positive_int
 
 INT64_MIN = -(2**63)
 INT64_MIN_C: tl.constexpr = tl.constexpr(INT64_MIN)  # empty slot in the packed buffer (sorts last)
@@ -370,10 +366,6 @@ def _sort_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # wrapper
 # ----------------------------------------------------------------------------------------------------------------
-def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _score_config(heads_p: int, dim_p: int, on_gpu: bool) -> dict:
     """Block shapes of the score kernel: 128 (query, head) columns per MMA, 128-key tiles, one warpgroup
     (measured best of 6 tile configs on the H100 at H_I=64, d_I=128: 874 TFLOPS at 16K)."""
@@ -516,15 +508,11 @@ def lightning_indexer_topk(
         ties to the lowest index, (−inf, −1) in slots with no valid key. Peak extra memory:
         ``4·B·chunk·Lk + 8·B·chunk·next_pow2(k)`` bytes.
     """
-    _check_score_inputs(q_index, k_index, weights, k_scale)
+    check_indexer_inputs(q_index, k_index, weights, k_scale)
     check_positive_int("topk", topk)
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
-    if not _use_triton(q_index):
-        return _ref.lightning_indexer_topk(
-            q_index, k_index, weights, topk, k_scale, q_positions=q_positions, k_positions=k_positions,
-            chunk_size=chunk_size or 512,
-        )
+    check_launchable(_score_kernel, q_index)
     b, lq = q_index.shape[:2]
     lk = k_index.shape[1]
     dev = q_index.device

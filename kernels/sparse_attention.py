@@ -1,4 +1,4 @@
-"""Triton sparse attention over per-query top-k key sets, forward and backward (DESIGN.md §1, issue 7).
+"""Triton sparse attention over per-query top-k key sets, forward and backward (docs/design.md, "Sparse attention").
 
     u_t = softmax_{s ∈ S_t}(scale · q_t·K[s]) V[s]
 
@@ -21,26 +21,29 @@ Layout of the work (shaped like Triton's fused-attention tutorial):
   (keys are shared by many queries and there is no cheap transpose of the index lists), then cast. A single
   fused kernel needs 279–385 KB of shared memory at 576/512 (benchmarks/NOTES_sparse_attention.md).
 * ``UPCAST`` converts dot operands to fp32 first: Triton's CPU interpreter gets bf16×bf16 ``tl.dot`` wrong
-  (DESIGN.md §4), so bf16 runs there upcast; on GPU bf16 operands go to the tensor cores with fp32 accumulation.
+  (docs/design.md, "Testing"), so bf16 runs there upcast; on GPU bf16 operands go to the tensor cores with fp32
+  accumulation.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from dsa_dist.ops._checks import FLOAT_DTYPES
-from dsa_dist.ops.sparse_attention import _check_inputs
+from kernels._checks import (
+    check_dim,
+    check_index_range,
+    check_launchable,
+    check_same_batch,
+    check_same_device,
+    check_tensor,
+)
 
 _LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -427,19 +430,20 @@ def _block_h(group: int, cap: int = 64) -> int:
     return min(cap, max(16, triton.next_power_of_2(group)))
 
 
-def default_fwd_config(group: int, d_qk: int, d_v: int) -> KernelConfig:
-    """Forward tiles per shape; measured on H100 (benchmarks/NOTES_sparse_attention.md)."""
-    if _interpreting():
+def default_fwd_config(group: int, d_qk: int, d_v: int, on_gpu: bool = True) -> KernelConfig:
+    """Forward tiles per shape; measured on H100 (benchmarks/NOTES_sparse_attention.md). ``on_gpu=False``: small
+    tiles for Triton's CPU interpreter."""
+    if not on_gpu:
         return KernelConfig(_block_h(group), 32, 4, 1)
     if d_qk > 256 or d_v > 256:  # MLA 576/512: 8 warps hold the [64, 512] fp32 accumulator without spills
         return KernelConfig(_block_h(group), 64, 8, 2)
     return KernelConfig(_block_h(group), 64, 4, 2)
 
 
-def default_bwd_config(group: int, d_qk: int, d_v: int) -> BwdConfig:
+def default_bwd_config(group: int, d_qk: int, d_v: int, on_gpu: bool = True) -> BwdConfig:
     """Backward tiles per shape. The dk/dv pass takes all heads of the group at once (up to 128) so each key
     row gets one atomic per token; its operands stream in 128-wide d-chunks, so registers stay low."""
-    if _interpreting():
+    if not on_gpu:
         return BwdConfig(KernelConfig(_block_h(group), 32, 4, 1), KernelConfig(_block_h(group, 128), 32, 4, 1))
     if d_qk > 256 or d_v > 256:  # measured at 8K: dq 32.5 ms (BLOCK_N 32: 41.0), dkv 30.0 ms (BLOCK_N 64: 42.7)
         return BwdConfig(KernelConfig(_block_h(group), 64, 8, 1), KernelConfig(_block_h(group, 128), 128, 8, 2))
@@ -456,15 +460,35 @@ def _v_is_k(k: torch.Tensor, v: torch.Tensor, d1: int) -> bool:
     )
 
 
+def check_sparse_inputs(q: object, k: object, v: object, topk_indices: object,
+                        dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> None:
+    """q [B, Lq, H, d_qk], k [B, Lk, Hkv, d_qk], v [B, Lk, Hkv, d_v] (H a multiple of Hkv, float ``dtypes``) and
+    topk_indices [B, Lq, k] or [B, Lq, Hkv, k] holding rows in [0, Lk) or −1, all on one device."""
+    check_tensor("q", q, ndim=4, dtypes=dtypes)
+    check_tensor("k", k, ndim=4, dtypes=dtypes)
+    check_tensor("v", v, ndim=4, dtypes=dtypes)
+    check_tensor("topk_indices", topk_indices, dtypes=(torch.int32, torch.int64))
+    check_same_batch("q", q, k=k, v=v, topk_indices=topk_indices)
+    check_dim("k", k, 3, q.shape[3], "d_qk, as in q")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must be [B, Lk, Hkv, d_v] with B, Lk, Hkv as k {tuple(k.shape[:3])}, got {tuple(v.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of k heads ({k.shape[2]}) for GQA/MQA")
+    if topk_indices.dim() not in (3, 4) or topk_indices.shape[1] != q.shape[1]:
+        raise ValueError(f"topk_indices must be [B, Lq, k] (shared by all heads) or [B, Lq, Hkv, k] with "
+                         f"Lq={q.shape[1]}, got {tuple(topk_indices.shape)}")
+    if topk_indices.dim() == 4:
+        check_dim("topk_indices", topk_indices, 2, k.shape[2], "KV groups")
+    check_same_device(q=q, k=k, v=v, topk_indices=topk_indices)
+    check_index_range("topk_indices", topk_indices, k.shape[1])
+
+
 def _prepare(q, k, v, topk_indices, softmax_scale):
-    _check_inputs(q, k, v, topk_indices)
-    if not (q.is_cuda or _interpreting()):
-        raise ValueError("kernels.sparse_attention needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    check_sparse_inputs(q, k, v, topk_indices)
+    check_launchable(_sparse_attn_fwd_kernel, q)
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
-    if q.dtype not in FLOAT_DTYPES or q.dtype == torch.float64:
-        raise TypeError(f"q must be float16/bfloat16/float32 for the Triton kernel, got {q.dtype}")
     d_qk = q.shape[-1]
     if d_qk < 16 or v.shape[-1] < 16:
         raise ValueError(f"d_qk and d_v must be >= 16 for tl.dot, got {d_qk} and {v.shape[-1]}")
@@ -480,8 +504,8 @@ def _idx_strides(idx: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def _upcast(x: torch.Tensor) -> bool:
-    # bf16 × bf16 tl.dot is wrong in the interpreter (DESIGN.md §4); fp32/fp16 are fine there.
-    return _interpreting() and x.dtype == torch.bfloat16
+    # bf16 × bf16 tl.dot is wrong in the CPU interpreter; fp32/fp16 are fine there.
+    return (not x.is_cuda) and x.dtype == torch.bfloat16
 
 
 def sparse_attention_fwd(
@@ -500,7 +524,7 @@ def sparse_attention_fwd(
     hkv, d_v = k.shape[2], v.shape[3]
     group = h // hkv
     d1, d2, d2p = _split_dim(d_qk)
-    cfg = config or default_fwd_config(group, d_qk, d_v)
+    cfg = config or default_fwd_config(group, d_qk, d_v, q.is_cuda)
     v_is_k = _v_is_k(k, v, d1)
     out = torch.empty((b, lq, h, d_v), device=q.device, dtype=q.dtype) if out is None else out
     lse = torch.empty((b, lq, h), device=q.device, dtype=torch.float32) if lse is None else lse
@@ -539,7 +563,7 @@ def sparse_attention_bwd(
     group = h // hkv
     d1, d2, d2p = _split_dim(d_qk)
     dvp = max(16, triton.next_power_of_2(d_v))
-    cfg = config or default_bwd_config(group, d_qk, d_v)
+    cfg = config or default_bwd_config(group, d_qk, d_v, q.is_cuda)
     need_q, need_k, need_v = needs
     v_is_k = _v_is_k(k, v, d1)
     # Fold dV into dK only when both are wanted: the latent then receives their sum through autograd.
@@ -640,9 +664,10 @@ def sparse_attention(
 
 
 def sparse_attention_flops(tokens: int, heads: int, topk: int, d_qk: int, d_v: int, backward: bool = False) -> float:
-    """Useful FLOPs: 2·H·k·(d_qk + d_v) per query forward, 2.5× that backward (DESIGN.md §5)."""
+    """Useful FLOPs: 2·H·k·(d_qk + d_v) per query forward, 2.5× that backward (docs/design.md, "Cost")."""
     fwd = 2.0 * tokens * heads * topk * (d_qk + d_v)
     return 2.5 * fwd if backward else fwd
 
 
-__all__ = ["BwdConfig", "KernelConfig", "sparse_attention", "sparse_attention_bwd", "sparse_attention_fwd"]
+__all__ = ["BwdConfig", "KernelConfig", "check_sparse_inputs", "sparse_attention", "sparse_attention_bwd",
+           "sparse_attention_fwd"]

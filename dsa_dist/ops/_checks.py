@@ -62,6 +62,27 @@ def check_dim(name: str, x: torch.Tensor, dim: int, expected: int, what: str) ->
         )
 
 
+def check_same_batch(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every tensor in ``others`` has ``ref``'s batch size (dim 0); the message names both shapes."""
+    for name, x in others.items():
+        if x is not None and x.shape[0] != ref.shape[0]:
+            raise ValueError(f"{name} has batch size {x.shape[0]} (shape {tuple(x.shape)}) but {ref_name} has "
+                             f"{ref.shape[0]} (shape {tuple(ref.shape)}): pass the same batch to both")
+
+
+def check_index_range(name: str, indices: torch.Tensor, n_keys: int) -> None:
+    """Entries of ``indices`` lie in [−1, n_keys): −1 is an empty slot, anything else a key row.
+
+    One min/max reduction (a host sync on the GPU) instead of a gather past the end of the keys.
+    """
+    if indices.numel() == 0:
+        return
+    lo, hi = torch.stack(torch.aminmax(indices)).tolist()  # one device-to-host copy
+    if hi >= n_keys or lo < -1:
+        raise ValueError(f"{name} must hold key rows in [0, {n_keys}) or -1 for an empty slot, got min {lo} and "
+                         f"max index {hi} with L = {n_keys} keys")
+
+
 def check_positions(name: str, positions: torch.Tensor | None, length: int, device: torch.device) -> torch.Tensor:
     """Return int64 positions of shape [length] (default ``arange(length)``)."""
     if positions is None:

@@ -1,4 +1,4 @@
-"""Lightning indexer (DESIGN.md §1): per-token preparation and the score ``I[t, s]``.
+"""Lightning indexer (docs/design.md, "Lightning indexer"): per-token preparation and the score ``I[t, s]``.
 
     I[t, s] = k_scale[s] · Σ_h w[t, h] · ReLU(q_I[t, h] · k_I[s])     for key position ≤ query position
     I[t, s] = −inf                                                      otherwise
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsa_dist.ops import dispatch
 from dsa_dist.ops._checks import (
     FLOAT_DTYPES,
     FP8_DTYPES,
@@ -25,7 +26,6 @@ from dsa_dist.ops._checks import (
     check_same_device,
     check_tensor,
 )
-from dsa_dist.ops.fp8 import fp8_block_quant
 from dsa_dist.ops.rotary import apply_rope, hadamard_transform
 
 
@@ -55,7 +55,8 @@ def prepare_indexer_qk(
     """Rope (first ``rope_dim`` dims, rotate-half), optional Hadamard, optional FP8 with per-vector scales.
 
     ``q_index`` [B, Lq, H_I, d_I] and ``k_index`` [B, Lk, d_I] are the raw projections (k after its LayerNorm);
-    ``weights`` [B, Lq, H_I] already carries ``H_I^-1/2 · d_I^-1/2``.
+    ``weights`` [B, Lq, H_I] already carries ``H_I^-1/2 · d_I^-1/2``. The FP8 quantisation goes through
+    :mod:`dsa_dist.ops.dispatch`: the Triton kernel on CUDA (bit-identical to the reference op).
     """
     check_tensor("q_index", q_index, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("k_index", k_index, ndim=3, dtypes=FLOAT_DTYPES)
@@ -72,8 +73,8 @@ def prepare_indexer_qk(
     weights = weights.float()
     if not fp8:
         return IndexerInputs(q_index, k_index, weights, None)
-    q_fp8, q_scale = fp8_block_quant(q_index, d, ue8m0=ue8m0)  # q_scale [B, Lq, H_I, 1]
-    k_fp8, k_scale = fp8_block_quant(k_index, d, ue8m0=ue8m0)  # k_scale [B, Lk, 1]
+    q_fp8, q_scale = dispatch.fp8_block_quant(q_index, d, ue8m0=ue8m0)  # q_scale [B, Lq, H_I, 1]
+    k_fp8, k_scale = dispatch.fp8_block_quant(k_index, d, ue8m0=ue8m0)  # k_scale [B, Lk, 1]
     return IndexerInputs(q_fp8, k_fp8, weights * q_scale.squeeze(-1), k_scale.squeeze(-1))
 
 

@@ -1,4 +1,5 @@
-"""Indexer KL losses (DESIGN.md §1), chunked over queries: no [H, L, L] or [L, L] tensor is ever held.
+"""Indexer KL losses (docs/design.md, "Indexer losses"), chunked over queries: no [H, L, L] or [L, L] tensor
+is ever held.
 
 Dense warm-up:  L_I = Σ_t KL(p[t, :] ‖ softmax(I[t, :])),  p[t, s] = (1/H) Σ_h exp(scale·q_h[t]·k[s] − lse_h[t])
 Sparse stage:   L_I = Σ_t KL(p[t, S_t] ‖ softmax(I[t, S_t])) with p and lse from the *sparse* attention.
@@ -20,6 +21,7 @@ from dsa_dist.ops._checks import (
     check_dim,
     check_positions,
     check_positive_int,
+    check_same_batch,
     check_tensor,
 )
 from dsa_dist.ops.indexer import _check_score_inputs, _scores_block
@@ -82,6 +84,7 @@ def indexer_kl_loss_dense(
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
     _check_score_inputs(q_index, k_index, weights, k_scale)
+    check_same_batch("q", q, k=k, q_index=q_index, k_index=k_index)
     check_positive_int("chunk_size", chunk_size)
     b, lq, h, d = q.shape
     check_dim("k", k, 3, d, "d_qk, as in q")
@@ -141,6 +144,7 @@ def indexer_kl_loss_sparse(
     if topk_indices.dim() != 3:
         raise ValueError(f"topk_indices must be [B, Lq, k] for the indexer KL, got {tuple(topk_indices.shape)}")
     _check_score_inputs(q_index, k_index, weights, k_scale)
+    check_same_batch("q", q, q_index=q_index, k_index=k_index)
     check_dim("q_index", q_index, 1, q.shape[1], "query length, as in q")
     check_dim("k_index", k_index, 1, k.shape[1], "key length, as in k")
     _check_attention_lse(attn_lse, q)

@@ -1,4 +1,4 @@
-"""Sparse attention over per-query top-k key sets (DESIGN.md §1), reference implementation.
+"""Sparse attention over per-query top-k key sets (docs/design.md, "Sparse attention"), reference implementation.
 
     u_t = softmax_{s ∈ S_t}(scale · q_t·K[s]) V[s]
 
@@ -15,6 +15,7 @@ import torch
 from dsa_dist.ops._checks import (
     check_attention_qkv,
     check_dim,
+    check_index_range,
     check_positive_int,
     check_same_device,
     check_tensor,
@@ -34,6 +35,7 @@ def _check_inputs(q, k, v, topk_indices):
     if topk_indices.dim() == 4:
         check_dim("topk_indices", topk_indices, 2, hkv, "KV groups")
     check_same_device(q=q, k=k, v=v, topk_indices=topk_indices)
+    check_index_range("topk_indices", topk_indices, k.shape[1])
 
 
 def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -60,7 +62,7 @@ def sparse_attention(
         k: [B, Lk, Hkv, d_qk]
         v: [B, Lk, Hkv, d_v]   (d_v may differ from d_qk, e.g. MLA 576/512)
         topk_indices: [B, Lq, k] shared by all heads, or [B, Lq, Hkv, k] per KV group; int32/int64 rows of
-            k/v, −1 for an empty slot.
+            k/v (< Lk), −1 for an empty slot; anything else raises ValueError.
         softmax_scale: default ``d_qk ** -0.5``.
 
     Returns:
@@ -109,5 +111,5 @@ def sparse_attention(
 
 
 def sparse_attention_flops(tokens: int, heads: int, topk: int, d_qk: int, d_v: int) -> float:
-    """Forward FLOPs: 2·H·k·(d_qk + d_v) per query (DESIGN.md §5). Backward is 2.5× this."""
+    """Forward FLOPs: 2·H·k·(d_qk + d_v) per query (docs/design.md, "Cost"). Backward is 2.5× this."""
     return 2.0 * tokens * heads * topk * (d_qk + d_v)

@@ -1,4 +1,4 @@
-"""Deterministic causal top-k over lightning-indexer scores (DESIGN.md §1).
+"""Deterministic causal top-k over lightning-indexer scores (docs/design.md, "Top-k").
 
 Rules every implementation (Triton kernel, CP merge, decode) must match exactly:
 - keys are ranked by score descending; **ties go to the lowest key index**, so every TP/CP rank picks one set;

@@ -1,11 +1,9 @@
-"""Triton lightning indexer + exact top-k (kernels/indexer_topk.py) against the reference op (DESIGN.md §1).
+"""Triton lightning indexer + exact top-k (kernels/indexer_topk.py) against the reference op.
 
-CPU: the kernels run under ``TRITON_INTERPRET=1`` in a fresh subprocess (the interpreter is chosen when a
-``@triton.jit`` function is created, so it must be set before anything imports the kernels; another test module
-of the same pytest process may already have imported triton). Inputs are integer-valued so every score is exact
-in fp32 and the top-k must equal the reference bit for bit, ties included.
+CPU: the kernels run under Triton's interpreter in one subprocess (tests/_interpret.py). Inputs are
+integer-valued so every score is exact in fp32 and the top-k must equal the reference bit for bit, ties included.
 
-GPU (skipped without CUDA): realistic shapes, fresh random inputs, poisoned outputs. Random fp32 scores are
+GPU (``-m gpu``): realistic shapes, fresh random inputs (seed logged), poisoned outputs. Random fp32 scores are
 only equal up to summation order (the MMA adds the 128 products of a dot in a different order than torch), so
 against the reference the set is checked by recall@k; exactness of the selection itself is checked against the
 kernel's own scores.
@@ -15,41 +13,16 @@ The GPU benchmark quoted in benchmarks/NOTES_indexer.md is benchmarks/indexer_to
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-CUDA = torch.cuda.is_available()
-
-
-def run_interpreted(target: str, timeout: float = 240.0) -> None:
-    """Run ``module:function`` in a new Python with ``TRITON_INTERPRET=1``; fail with its output if it fails."""
-    module, name = target.split(":")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", f"import {module} as m; m.{name}()"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-    )
-    assert proc.returncode == 0, f"{target} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+from tests._inputs import integer_indexer_inputs, poison_cuda_cache
+from tests._interpret import check_interpreted, run_interpreted
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # cases run inside the interpreter subprocess
 # ---------------------------------------------------------------------------------------------------------------
-def _int_inputs(b, lq, lk, h, d, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randint(-2, 3, (b, lq, h, d), generator=g).to(dtype)
-    k = torch.randint(-2, 3, (b, lk, d), generator=g).to(dtype)
-    w = torch.randint(-1, 3, (b, lq, h), generator=g).float()  # negative weights too
-    ks = torch.randint(1, 3, (b, lk), generator=g).float()
-    return q, k, w, ks
-
-
 def _assert_topk_equal(got, want):
     (s1, i1), (s2, i2) = got, want
     assert i1.dtype == torch.int32 and s1.dtype == torch.float32 and i1.shape == i2.shape
@@ -65,7 +38,7 @@ def _case_exact_ties_and_short_rows():
     from dsa_dist.ops.topk import lightning_indexer_topk as ref
 
     # small integers: many exactly equal scores, so ties decide; rows t < k have fewer than k valid keys
-    q, k, w, ks = _int_inputs(2, 100, 100, 4, 32)
+    q, k, w, ks = integer_indexer_inputs(2, 100, 100, 4, 32)
     for fast in (True, False):  # threshold-counting fast path (falls back to radix on ties), or radix only
         kt.FAST_SELECT = fast
         got = kt.lightning_indexer_topk(q, k, w, 16, ks, chunk_size=40)
@@ -83,18 +56,18 @@ def _case_positions_shapes_dtypes():
     from dsa_dist.ops.topk import lightning_indexer_topk as ref
 
     # CP-style query shard (positions 64..127 against all 128 keys), non-power-of-2 heads and dim, no k_scale
-    q, k, w, _ = _int_inputs(1, 64, 128, 3, 48, seed=1)
+    q, k, w, _ = integer_indexer_inputs(1, 64, 128, 3, 48, seed=1)
     qp = torch.arange(64, 128)
     _assert_topk_equal(kt.lightning_indexer_topk(q, k, w, 20, q_positions=qp), ref(q, k, w, 20, q_positions=qp))
     # unsorted key positions (every key block visited, causality per element); k > Lk pads with (−inf, −1)
-    q, k, w, ks = _int_inputs(1, 40, 40, 4, 32, seed=2)
+    q, k, w, ks = integer_indexer_inputs(1, 40, 40, 4, 32, seed=2)
     perm = torch.randperm(40, generator=torch.Generator().manual_seed(3))
     got = kt.lightning_indexer_topk(q, k, w, 48, ks, q_positions=perm, k_positions=perm)
     _assert_topk_equal(got, ref(q, k, w, 48, ks, q_positions=perm, k_positions=perm))
     assert (got[1][..., 40:] == -1).all() and torch.isneginf(got[0][..., 40:]).all()
     # operand dtypes: e4m3 (the production path), bf16 (upcast under the interpreter), fp16
     for dtype in (torch.float8_e4m3fn, torch.bfloat16, torch.float16):
-        q, k, w, ks = _int_inputs(1, 64, 64, 4, 64, dtype=dtype, seed=4)
+        q, k, w, ks = integer_indexer_inputs(1, 64, 64, 4, 64, dtype=dtype, seed=4)
         _assert_topk_equal(kt.lightning_indexer_topk(q, k, w, 8, ks), ref(q.float(), k.float(), w, 8, ks))
 
 
@@ -121,11 +94,10 @@ def _case_random_scores():
 
 
 def _case_dispatch():
-    """dsa_dist.ops.dispatch with DSA_BACKEND=triton reaches these kernels with the reference signatures."""
-    import os
-
-    os.environ["DSA_BACKEND"] = "triton"
-    from dsa_dist.ops import dispatch
+    """dsa_dist.ops.dispatch with DSA_BACKEND=triton (set by the interpreter child) reaches these kernels with the
+    reference signatures, and prepare_indexer_qk's FP8 quantisation runs the kernel with the reference's bits."""
+    import kernels.fp8_quant as kq
+    from dsa_dist.ops import dispatch, prepare_indexer_qk
     from dsa_dist.ops.fp8 import fp8_block_quant
     from dsa_dist.ops.topk import lightning_indexer_topk as ref
 
@@ -133,19 +105,56 @@ def _case_dispatch():
     assert dispatch.resolve("fp8_block_quant", torch.device("cpu")).__module__ == "kernels.fp8_quant"
     for op in ("indexer_kl_loss_dense", "indexer_kl_loss_sparse"):
         assert dispatch.resolve(op, torch.device("cpu")).__module__ == "kernels.indexer_kl"
-    q, k, w, ks = _int_inputs(1, 48, 48, 2, 32, seed=6)
+    q, k, w, ks = integer_indexer_inputs(1, 48, 48, 2, 32, seed=6)
     got = dispatch.lightning_indexer_topk(q, k, w, 8, ks, q_positions=None, k_positions=None, chunk_size=16)
     _assert_topk_equal(got, ref(q, k, w, 8, ks))
-    x = torch.randn(4, 256)
-    q8, sc = dispatch.fp8_block_quant(x, 128, ue8m0=True)
-    q8r, scr = fp8_block_quant(x, 128, ue8m0=True)
-    assert torch.equal(q8.view(torch.uint8), q8r.view(torch.uint8)) and torch.equal(sc, scr)
+    calls = []
+    real = kq.fp8_block_quant
+    kq.fp8_block_quant = lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw)
+    try:
+        x = torch.randn(2, 16, 4, 64)
+        prep = prepare_indexer_qk(x, x[:, :, 0], torch.ones(2, 16, 4), rope_dim=16, fp8=True, ue8m0=True)
+    finally:
+        kq.fp8_block_quant = real
+    assert calls == [(2, 16, 4, 64), (2, 16, 64)], calls  # q and k went through the kernel
+    plain = prepare_indexer_qk(x, x[:, :, 0], torch.ones(2, 16, 4), rope_dim=16, fp8=False)
+    k8, k_scale = fp8_block_quant(plain.k_index, 64, ue8m0=True)
+    assert torch.equal(prep.k_index.view(torch.uint8), k8.view(torch.uint8))
+    assert torch.equal(prep.k_scale, k_scale[..., 0])
+    # a failing kernel fails the call: no layer catches it and runs the reference op instead
+    import kernels.indexer_kl as kk
+    from dsa_dist.ops.dense_attention import dense_attention
+
+    def failing_launch(*args):
+        raise RuntimeError("simulated kernel failure")
+
+    q, k = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 1, 16)
+    qi, ki, w = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 16), torch.randn(1, 8, 2)
+    _, lse = dense_attention(q, k, k)
+    real_apply = kk._IndexerKL.apply
+    kk._IndexerKL.apply = failing_launch
+    try:
+        dispatch.indexer_kl_loss_dense(q, k, qi, ki, w, attn_lse=lse)
+        raise AssertionError("the failing kernel was not reported")
+    except RuntimeError as err:
+        assert "simulated kernel failure" in str(err)
+    finally:
+        kk._IndexerKL.apply = real_apply
+    assert torch.isfinite(dispatch.indexer_kl_loss_dense(q, k, qi, ki, w, attn_lse=lse))
 
 
-@pytest.mark.parametrize("case", ["_case_exact_ties_and_short_rows", "_case_positions_shapes_dtypes",
-                                  "_case_random_scores", "_case_dispatch"])
-def test_indexer_topk_interpreted(case):
-    run_interpreted(f"tests.kernels.test_indexer_kernels:{case}")
+CASES = ["_case_exact_ties_and_short_rows", "_case_positions_shapes_dtypes", "_case_random_scores",
+         "_case_dispatch"]
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    return run_interpreted(__name__, CASES)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_indexer_topk_interpreted(interpreted, case):
+    check_interpreted(interpreted, case)
 
 
 def test_indexer_topk_rejects_bad_input():
@@ -154,28 +163,30 @@ def test_indexer_topk_rejects_bad_input():
     q, k, w = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 16), torch.randn(1, 8, 2)
     with pytest.raises(ValueError, match="k_index"):
         lightning_indexer_topk(q, torch.randn(1, 8, 12), w, 4)
+    with pytest.raises(ValueError, match=r"k_index has batch size 2 \(shape \(2, 8, 16\)\) but q_index has 1"):
+        lightning_indexer_topk(q, torch.randn(2, 8, 16), w, 4)
     with pytest.raises(ValueError, match="topk"):
         lightning_indexer_topk(q, k, w, 0)
     with pytest.raises(ValueError, match="chunk_size"):
         lightning_indexer_topk(q, k, w, 4, chunk_size=0)
 
 
+def test_kernels_refuse_cpu_tensors_outside_the_interpreter():
+    """Without TRITON_INTERPRET the kernels do not quietly run something else on CPU tensors: they say why."""
+    from kernels.indexer_topk import lightning_indexer_topk
+
+    q, k, w = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 16), torch.randn(1, 8, 2)
+    with pytest.raises(ValueError, match="need CUDA tensors.*TRITON_INTERPRET=1"):
+        lightning_indexer_topk(q, k, w, 4)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------------------------
-def poison_cuda_cache(nbytes: int) -> None:
-    """Fill ``nbytes`` of the caching allocator's free memory with 0xFF (NaN in fp32 and e4m3, −1 in int32) and
-    release it, so outputs a kernel allocates with ``torch.empty`` start poisoned and unwritten entries show."""
-    junk = torch.full((nbytes,), 255, dtype=torch.uint8, device="cuda")
-    del junk
-
-
-def make_indexer_inputs(b, length, heads, dim, device="cuda", seed=None):
+def make_indexer_inputs(b, length, heads, dim, device="cuda"):
     """FP8 indexer inputs as the model makes them (prepare_indexer_qk without rope): e4m3 q/k, folded weights."""
     from dsa_dist.ops import prepare_indexer_qk
 
-    if seed is not None:
-        torch.manual_seed(seed)
     q = torch.randn(b, length, heads, dim, device=device, dtype=torch.bfloat16)
     k = torch.randn(b, length, dim, device=device, dtype=torch.bfloat16)
     w = torch.randn(b, length, heads, device=device) * (heads * dim) ** -0.5
@@ -187,7 +198,7 @@ def _check_gpu_topk(b, length, heads, dim, topk, chunk_size=None):
     from dsa_dist.ops.topk import lightning_indexer_topk as ref
     from dsa_dist.ops.topk import topk_from_scores
 
-    inp = make_indexer_inputs(b, length, heads, dim, seed=int(torch.randint(0, 2**31 - 1, ()).item()))
+    inp = make_indexer_inputs(b, length, heads, dim)
     poison_cuda_cache(b * length * topk * 8 + 2**28)
     got_s, got_i = kt.lightning_indexer_topk(inp.q_index, inp.k_index, inp.weights, topk, inp.k_scale,
                                              chunk_size=chunk_size)
@@ -246,12 +257,12 @@ def _scaled_mm_score_error(inp, start, rows=256):
     return ((base[causal] - want[causal]).norm() / want[causal].norm()).item()
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("heads,dim,length,topk", [(64, 128, 8192, 2048), (8, 64, 4096, 512)])
-def test_indexer_topk_gpu(heads, dim, length, topk):
+def test_indexer_topk_gpu(heads, dim, length, topk, gpu_seed):
     _check_gpu_topk(1, length, heads, dim, topk)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_indexer_topk_gpu_chunked_batched():
+@pytest.mark.gpu
+def test_indexer_topk_gpu_chunked_batched(gpu_seed):
     _check_gpu_topk(2, 4096, 64, 128, 2048, chunk_size=1000)

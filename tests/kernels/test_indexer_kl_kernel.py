@@ -1,10 +1,10 @@
-"""Triton indexer KL losses (kernels/indexer_kl.py) against the reference ops in float64 (DESIGN.md §1).
+"""Triton indexer KL losses (kernels/indexer_kl.py) against the reference ops in float64.
 
-CPU cases run under ``TRITON_INTERPRET=1`` in a subprocess (see tests/kernels/test_indexer_kernels.py): loss and
-gradients to q_index / k_index / weights, dense and sparse, GQA, per-key scale, every reduction, rows with a
-single valid key and rows with none. GPU tests (skipped without CUDA) use realistic shapes with fresh random
-inputs and apply the kernel-accuracy rule: error against float64 at most 2x that of the reference op run in
-the inputs' own precision (fp32 math). The GPU benchmark is benchmarks/indexer_kl.py.
+CPU cases run under Triton's interpreter in one subprocess (tests/_interpret.py): loss and gradients to
+q_index / k_index / weights, dense and sparse, GQA, per-key scale, every reduction, rows with a single valid key
+and rows with none. GPU tests (``-m gpu``) use realistic shapes with fresh random inputs (seed logged) and apply
+the kernel-accuracy rule: error against float64 at most 2x that of the reference op run in the inputs' own
+precision (fp32 math). The GPU benchmark is benchmarks/indexer_kl.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.kernels.test_indexer_kernels import poison_cuda_cache, run_interpreted
+from tests._inputs import poison_cuda_cache
+from tests._interpret import check_interpreted, run_interpreted
 
 
 def _loss_and_grads(fn, *leaves):
@@ -104,20 +105,45 @@ def _case_sparse():
     assert rows[0, 30].item() == 0.0 and abs(rows[0, 0].item()) < 1e-6  # no slot / one slot
 
 
-@pytest.mark.parametrize("case", ["_case_dense", "_case_sparse"])
-def test_indexer_kl_interpreted(case):
-    run_interpreted(f"tests.kernels.test_indexer_kl_kernel:{case}")
+CASES = ["_case_dense", "_case_sparse"]
 
 
-def test_indexer_kl_without_lse_falls_back_to_reference():
-    from dsa_dist.ops import kl as ref
-    from kernels.indexer_kl import indexer_kl_loss_dense
+@pytest.fixture(scope="module")
+def interpreted():
+    return run_interpreted(__name__, CASES)
 
-    p = _problem(1, 12, 2, 1, 8, 2, 16, seed=2)
-    got = indexer_kl_loss_dense(p["q"], p["k"], p["qi"], p["ki"], p["w"])
-    torch.testing.assert_close(got, ref.indexer_kl_loss_dense(p["q"], p["k"], p["qi"], p["ki"], p["w"]))
+
+@pytest.mark.parametrize("case", CASES)
+def test_indexer_kl_interpreted(interpreted, case):
+    check_interpreted(interpreted, case)
+
+
+@pytest.mark.parametrize("variant", ["dense", "sparse"])
+def test_indexer_kl_kernel_rejects_bad_input(variant):
+    """The kernel needs the attention's lse (it never recomputes it with the reference op), and every input must
+    belong to q's batch: a different batch would be read past the end of the smaller buffer."""
+    from kernels.indexer_kl import indexer_kl_loss_dense, indexer_kl_loss_sparse
+
+    p = _problem(1, 12, 2, 1, 16, 2, 16, seed=2)
+    lse = torch.zeros(1, 12, 2)
+    idx = torch.zeros(1, 12, 4, dtype=torch.int32)
+
+    def call(q, qi, ki, w, **kw):
+        if variant == "dense":
+            return indexer_kl_loss_dense(q, p["k"], qi, ki, w, **kw)
+        return indexer_kl_loss_sparse(q, p["k"], qi, ki, w, idx, **kw)
+
+    with pytest.raises(ValueError, match="attn_lse is required.*the attention returns"):
+        call(p["q"], p["qi"], p["ki"], p["w"])
+    qi2, ki2, w2 = (x.expand(2, *x.shape[1:]) for x in (p["qi"], p["ki"], p["w"]))
+    with pytest.raises(ValueError, match=r"q_index has batch size 2 \(shape \(2, 12, 2, 16\)\) but q has 1 "
+                                         r"\(shape \(1, 12, 2, 16\)\)"):
+        call(p["q"], qi2, ki2, w2, attn_lse=lse)
     with pytest.raises(ValueError, match="reduction"):
-        indexer_kl_loss_dense(p["q"], p["k"], p["qi"], p["ki"], p["w"], reduction="max")
+        call(p["q"], p["qi"], p["ki"], p["w"], attn_lse=lse, reduction="max")
+    if variant == "sparse":
+        with pytest.raises(ValueError, match=r"max index 12 with L = 12"):
+            indexer_kl_loss_sparse(p["q"], p["k"], p["qi"], p["ki"], p["w"], idx + 12, attn_lse=lse)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,21 +158,17 @@ def _check_accuracy(kernel_fn, ref_fn, leaves, loss_floor=1e-6):
     for name, g1, g0, g2 in zip(("dq_index", "dk_index", "dweights"), grads, base_grads, want_grads):
         report[name] = (_rel(g1, g2), _rel(g0, g2))
     print({n: f"kernel {a:.2e} / torch fp32 {b:.2e}" for n, (a, b) in report.items()})
-    from kernels import indexer_kl
-
-    assert not indexer_kl.FALLBACKS, indexer_kl.FALLBACKS  # the Triton kernels ran, not the reference
     for name, (err, base_err) in report.items():
         assert err <= 2 * base_err + (loss_floor if name == "loss" else 1e-6), (name, err, base_err)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_indexer_kl_sparse_gpu_v32_shapes():
+@pytest.mark.gpu
+def test_indexer_kl_sparse_gpu_v32_shapes(gpu_seed):
     from dsa_dist.ops import kl as ref
     from dsa_dist.ops.sparse_attention import sparse_attention
     from dsa_dist.ops.topk import lightning_indexer_topk
     from kernels.indexer_kl import indexer_kl_loss_sparse
 
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
     b, length, topk = 1, 2048, 512
     q = torch.randn(b, length, 128, 576, device="cuda", dtype=torch.bfloat16)  # MLA absorbed: MQA over 576
     k = torch.randn(b, length, 1, 576, device="cuda", dtype=torch.bfloat16)
@@ -168,13 +190,12 @@ def test_indexer_kl_sparse_gpu_v32_shapes():
     )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_indexer_kl_dense_gpu_small_model():
+@pytest.mark.gpu
+def test_indexer_kl_dense_gpu_small_model(gpu_seed):
     from dsa_dist.ops import kl as ref
     from dsa_dist.ops.dense_attention import dense_attention
     from kernels.indexer_kl import indexer_kl_loss_dense
 
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
     b, length = 1, 2048
     q = torch.randn(b, length, 16, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(b, length, 4, 128, device="cuda", dtype=torch.bfloat16)  # GQA 16/4

@@ -1,26 +1,19 @@
 """Triton sparse attention (kernels/sparse_attention.py) against the reference op (dsa_dist.ops).
 
-CPU: the kernels run under Triton's interpreter in ONE subprocess started with ``TRITON_INTERPRET=1`` (the
-interpreter is chosen when ``@triton.jit`` runs, so it cannot be switched on in a pytest process where another
-module may already have imported the kernels). The subprocess computes every case and prints the errors as
-JSON; each parametrized test checks its case. References are float64 on upcast inputs.
+CPU: the kernels run under Triton's interpreter, every case in one subprocess (tests/_interpret.py); each
+parametrized test reports its case. References are float64 on upcast inputs.
 
-GPU (skipped without CUDA): realistic V3.2 shapes, poisoned outputs, accuracy rule of flash-attn's tests:
-kernel error vs float64 ≤ 2× the error of plain PyTorch attention run in bf16 (+ small slack).
+GPU (``-m gpu``): realistic V3.2 shapes, fresh inputs (seed logged), poisoned outputs, accuracy rule of
+flash-attn's tests: kernel error vs float64 ≤ 2× the error of plain PyTorch attention run in bf16 (+ slack).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests._inputs import random_causal_indices
+from tests._interpret import check_interpreted, run_interpreted
 
 # name -> (B, L, H, Hkv, d_qk, d_v, topk, dtype, v_mode, idx_mode, config)
 #   v_mode: "view" = v is k[..., :d_v] (MLA absorbed), "sep" = separate tensor, "strided" = non-contiguous v
@@ -39,20 +32,6 @@ CPU_CASES = {
 CPU_TOL = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 8e-3}
 
 
-def causal_topk_indices(b: int, lq: int, lk: int, topk: int, gen: torch.Generator, device="cpu") -> torch.Tensor:
-    """Random causal top-k sets [B, Lq, k] int32 (−1 where the row has fewer than k keys), slots shuffled so
-    that −1 also appears between valid slots."""
-    scores = torch.rand(b, lq, lk, generator=gen, device=device)
-    future = torch.ones(lq, lk, dtype=torch.bool, device=device).triu(1 + lk - lq)
-    scores = scores.masked_fill(future, -1.0)
-    vals, idx = scores.topk(min(topk, lk), dim=-1)
-    idx = torch.where(vals < 0, -1, idx)
-    if idx.shape[-1] < topk:
-        idx = torch.cat([idx, idx.new_full((b, lq, topk - idx.shape[-1]), -1)], -1)
-    perm = torch.randperm(topk, generator=gen, device=device)
-    return idx[..., perm].int()
-
-
 def _make_case(case, gen, device="cpu"):
     b, n, h, hkv, d, dv, topk, dtype, v_mode, idx_mode, _ = case
     dt = getattr(torch, dtype)
@@ -65,9 +44,9 @@ def _make_case(case, gen, device="cpu"):
     else:
         v = None  # view of k, built inside the graph
     if idx_mode == "group":
-        idx = torch.stack([causal_topk_indices(b, n, n, topk, gen, device) for _ in range(hkv)], dim=2)
+        idx = torch.stack([random_causal_indices(b, n, n, topk, gen, device) for _ in range(hkv)], dim=2)
     else:
-        idx = causal_topk_indices(b, n, n, topk, gen, device)
+        idx = random_causal_indices(b, n, n, topk, gen, device)
         idx[0, n // 2, :] = -1  # one row with no valid key: lse -inf, output 0
     grad = torch.randn(b, n, h, dv, generator=gen, device=device).to(dt)
     return q, k, v, idx, grad
@@ -96,7 +75,8 @@ def _lse_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a[fin].double() - b[fin].double()).abs().max().item()
 
 
-def _cpu_case(name: str) -> dict:
+def _cpu_case(name: str) -> None:
+    """Forward and backward of one CPU case under the interpreter against the float64 reference."""
     from dsa_dist.ops.sparse_attention import sparse_attention as reference
     from kernels import sparse_attention as ks
 
@@ -130,40 +110,24 @@ def _cpu_case(name: str) -> dict:
 
     got = _run(kernel_fn, q, k, v, idx, grad, dv, dtype)
     ref = _run(reference, q, k, v, idx.long(), grad, dv, torch.float64)
-    res = {
-        "out": _rel(got["out"], ref["out"]),
-        "lse": _lse_err(got["lse"], ref["lse"]),
-        "dq": _rel(got["dq"], ref["dq"]),
-        "dk": _rel(got["dk"], ref["dk"]),
-        "dtypes_ok": got["out"].dtype == dtype and got["lse"].dtype == torch.float32,
-        "empty_row_zero": bool((got["out"][0, case[1] // 2] == 0).all()) if case[9] == "shared" else True,
-    }
-    if ref["dv"] is not None:
-        res["dv"] = _rel(got["dv"], ref["dv"])
-    return res
+    assert got["out"].dtype == dtype and got["lse"].dtype == torch.float32
+    if case[9] == "shared":
+        assert (got["out"][0, case[1] // 2] == 0).all()  # the row with no valid key
+    tol = CPU_TOL[case[7]]
+    assert _lse_err(got["lse"], ref["lse"]) <= 10 * tol
+    for key in ("out", "dq", "dk", "dv"):
+        if ref[key] is not None:
+            assert _rel(got[key], ref[key]) <= tol, (key, _rel(got[key], ref[key]))
 
 
 @pytest.fixture(scope="module")
-def interpreter_results() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, __file__, "--cpu-worker"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def interpreted() -> dict:
+    return run_interpreted(__name__, [f"_cpu_case:{name}" for name in CPU_CASES])
 
 
 @pytest.mark.parametrize("name", list(CPU_CASES))
-def test_interpreter_matches_reference(interpreter_results: dict, name: str) -> None:
-    res = interpreter_results[name]
-    assert "error" not in res, res.get("error")
-    tol = CPU_TOL[CPU_CASES[name][7]]
-    assert res["dtypes_ok"] and res["empty_row_zero"], res
-    assert res["lse"] <= 10 * tol, res
-    for key in ("out", "dq", "dk", "dv"):
-        if key in res:
-            assert res[key] <= tol, (key, res)
+def test_interpreter_matches_reference(interpreted: dict, name: str) -> None:
+    check_interpreted(interpreted, f"_cpu_case:{name}")
 
 
 def test_rejects_bad_inputs() -> None:
@@ -174,6 +138,21 @@ def test_rejects_bad_inputs() -> None:
         sparse_attention(q, q[:, :, :1], q[:, :, :1], torch.zeros(1, 3, 2, dtype=torch.int32))
     with pytest.raises(ValueError, match="multiple"):
         sparse_attention(q, torch.randn(1, 4, 3, 16), torch.randn(1, 4, 3, 16), torch.zeros(1, 4, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"topk_indices has batch size 2 .* but q has 1"):
+        sparse_attention(q, q[:, :, :1], q[:, :, :1], torch.zeros(2, 4, 2, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("bad,match", [(4, r"max index 4 with L = 4"), (1 << 30, r"max index 1073741824"),
+                                       (-2, r"got min -2")])
+def test_rejects_indices_outside_the_keys(bad: int, match: str) -> None:
+    """An index ≥ L (or < −1) would be gathered past the end of k/v: refused before any launch."""
+    from kernels.sparse_attention import sparse_attention
+
+    q = torch.randn(1, 4, 2, 16)
+    idx = torch.zeros(1, 4, 2, dtype=torch.int32)
+    idx[0, 3, 1] = bad
+    with pytest.raises(ValueError, match=match):
+        sparse_attention(q, q[:, :, :1], q[:, :, :1], idx)
 
 
 # ---------------------------------------------------------------------------------------------- GPU tests
@@ -221,15 +200,15 @@ GPU_CASES = {
 }
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", list(GPU_CASES))
-def test_gpu_matches_reference(name: str) -> None:
+def test_gpu_matches_reference(name: str, gpu_seed: int) -> None:
     from dsa_dist.ops.sparse_attention import sparse_attention as reference
     from kernels import sparse_attention as ks
 
     case = GPU_CASES[name]
     dv = case[5]
-    gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))  # fresh inputs
+    gen = torch.Generator(device="cuda").manual_seed(gpu_seed)  # fresh inputs, seed logged
     q, k, v, idx, grad = _make_case(case, gen, device="cuda")
     scale = case[4] ** -0.5
     v_in = k[..., :dv] if v is None else v
@@ -261,13 +240,3 @@ def test_gpu_matches_reference(name: str) -> None:
         else:
             err, base = _rel(got[i], ref[i]), _rel(naive[i], ref[i])
             assert err <= 2 * base + 1e-3, (key, err, base)
-
-
-if __name__ == "__main__" and "--cpu-worker" in sys.argv:
-    results = {}
-    for case_name in CPU_CASES:
-        try:
-            results[case_name] = _cpu_case(case_name)
-        except Exception as exc:  # reported per case by the parent test
-            results[case_name] = {"error": f"{type(exc).__name__}: {exc}"}
-    print(json.dumps(results))

@@ -87,3 +87,44 @@ def test_nan_inputs_rejected_only_with_debug_checks():
             dense_attention(q.nan_to_num(), k.masked_fill(torch.ones_like(k, dtype=torch.bool), float("inf")), v)
     finally:
         set_debug_checks(False)
+
+
+@pytest.mark.parametrize("entry", ["reference", "dispatch"])
+@pytest.mark.parametrize("variant", ["dense", "sparse"])
+def test_kl_batch_mismatch_names_both_shapes(entry, variant):
+    """q with batch 1, indexer inputs with batch 2: once silently scored against batch 0 of q; now refused."""
+    from dsa_dist.ops import dispatch, indexer_kl_loss_sparse
+
+    q, k, _, idx = _attn(b=1, h=2, d=8)
+    qi, ki, w = _index(b=2, hi=2, di=8)
+    lse = torch.zeros(1, 8, 2)
+    fn = {("reference", "dense"): indexer_kl_loss_dense, ("reference", "sparse"): indexer_kl_loss_sparse,
+          ("dispatch", "dense"): dispatch.indexer_kl_loss_dense,
+          ("dispatch", "sparse"): dispatch.indexer_kl_loss_sparse}[entry, variant]
+    extra = (idx,) if variant == "sparse" else ()
+    with pytest.raises(ValueError, match=r"q_index has batch size 2 \(shape \(2, 8, 2, 8\)\) but q has 1 "
+                                         r"\(shape \(1, 8, 2, 8\)\)"):
+        fn(q, k, qi, ki, w, *extra, attn_lse=lse)
+
+
+@pytest.mark.parametrize("entry", ["reference", "dispatch"])
+@pytest.mark.parametrize("bad,match", [(8, r"max index 8 with L = 8 keys"), (10**9, r"max index 1000000000 with L = 8"),
+                                       (-2, r"got min -2")])
+def test_sparse_attention_index_out_of_range(entry, bad, match):
+    """Indices ≥ L (or < −1) would gather past the keys (garbage, or a crash): refused with the max and L."""
+    from dsa_dist.ops import dispatch
+
+    q, k, v, idx = _attn()
+    idx[0, 5, 2] = bad
+    fn = sparse_attention if entry == "reference" else dispatch.sparse_attention
+    with pytest.raises(ValueError, match=match):
+        fn(q, k, v, idx)
+
+
+def test_sparse_kl_index_out_of_range():
+    from dsa_dist.ops import indexer_kl_loss_sparse
+
+    q, k, _, idx = _attn(h=2)
+    idx[0, 7, 0] = 8
+    with pytest.raises(ValueError, match=r"topk_indices must hold key rows in \[0, 8\).*max index 8"):
+        indexer_kl_loss_sparse(q, k, *_index(), idx, attn_lse=torch.zeros(1, 8, 2))

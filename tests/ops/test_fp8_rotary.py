@@ -7,6 +7,7 @@ import torch
 
 from dsa_dist.ops import apply_rope, fp8_block_dequant, fp8_block_quant, fp8_fake_quant, hadamard_transform
 from dsa_dist.ops.fp8 import E4M3_MAX
+from tests._inputs import rope_reference
 
 
 @pytest.mark.parametrize("block", [32, 128])
@@ -29,13 +30,28 @@ def test_fp8_round_trip_within_e4m3_bounds(block, ue8m0):
         torch.testing.assert_close(amax / scale, torch.full_like(amax, E4M3_MAX))
 
 
-def test_ue8m0_scales_are_powers_of_two_and_round_up():
+def _pow2_at_or_above(v: float) -> float:
+    m, e = math.frexp(v)  # exact: v = m · 2^e with 0.5 <= m < 1
+    return 2.0 ** (e - 1) if m == 0.5 else 2.0**e
+
+
+def test_ue8m0_scales_are_the_next_power_of_two_exactly():
     x = torch.randn(10, 128) * 37.0
     _, scale = fp8_block_quant(x, 128, ue8m0=True)
-    exponent = torch.log2(scale)
-    torch.testing.assert_close(exponent, exponent.round(), rtol=0, atol=0)
     _, plain = fp8_block_quant(x, 128)
-    assert (scale >= plain).all() and (scale < 2 * plain).all()
+    assert scale.flatten().tolist() == [_pow2_at_or_above(v) for v in plain.flatten().tolist()]
+    # amax/448 one or two ulps above 2^-10: exp2(ceil(log2(.))) gave 2^-10 here (a scale below amax/448)
+    x = torch.zeros(1, 128)
+    x[0, 0] = 0.4375000596046448
+    _, scale = fp8_block_quant(x, 128, ue8m0=True)
+    _, plain = fp8_block_quant(x, 128)
+    assert plain.item() > 2.0**-10 and scale.item() == 2.0**-9
+    # exact powers of two stay, everything near them goes up
+    bits = torch.tensor([2.0**-10, 2.0**-3, 1.0, 4.0]).view(torch.int32)
+    near = torch.stack([bits + d for d in (-2, -1, 0, 1, 2)], 1).flatten().view(torch.float32)
+    _, scale = fp8_block_quant((near * 448.0)[:, None].expand(-1, 128).contiguous(), 128, ue8m0=True)
+    _, plain = fp8_block_quant((near * 448.0)[:, None].expand(-1, 128).contiguous(), 128)
+    assert scale.flatten().tolist() == [_pow2_at_or_above(v) for v in plain.flatten().tolist()]
 
 
 def test_amax_floor_and_clamp():
@@ -50,27 +66,17 @@ def test_fake_quant_straight_through_gradient():
     y = fp8_fake_quant(x, 128)
     y.sum().backward()
     torch.testing.assert_close(x.grad, torch.ones_like(x))
-    q, s = fp8_block_quant(x.detach(), 128)
-    torch.testing.assert_close(y.detach(), fp8_block_dequant(q, s, 128))
-
-
-def _naive_rope(x, positions, rope_dim, base):
-    out = x.clone()
-    half = rope_dim // 2
-    for t, p in enumerate(positions.tolist()):
-        for i in range(half):
-            theta = p * base ** (-2.0 * i / rope_dim)
-            a, b = x[:, t, ..., i], x[:, t, ..., i + half]
-            out[:, t, ..., i] = a * math.cos(theta) - b * math.sin(theta)
-            out[:, t, ..., i + half] = b * math.cos(theta) + a * math.sin(theta)
-    return out
+    # forward: each value rounded onto the e4m3 grid of its block's scale, written out by hand
+    scale = x.detach().abs().amax(-1, keepdim=True) / 448.0
+    grid = (x.detach() / scale).to(torch.float8_e4m3fn).double() * scale.double()
+    torch.testing.assert_close(y.detach().double(), grid, rtol=1e-6, atol=0)
 
 
 def test_rope_is_rotate_half_on_first_dims():
     x = torch.randn(2, 7, 3, 24, dtype=torch.float64)
     positions = torch.tensor([0, 3, 5, 100, 101, 4000, 9])
     y = apply_rope(x, positions, rope_dim=16, base=10000.0)
-    torch.testing.assert_close(y, _naive_rope(x, positions, 16, 10000.0))
+    torch.testing.assert_close(y, rope_reference(x, positions, 16, 10000.0))
     torch.testing.assert_close(y[..., 16:], x[..., 16:])  # dims past rope_dim untouched
 
 

@@ -11,6 +11,7 @@ from dsa_dist.ops import (
     prepare_indexer_qk,
     topk_from_scores,
 )
+from tests._inputs import integer_indexer_inputs
 
 
 def _naive_scores(q, k, w, k_scale, q_pos, k_pos):
@@ -112,6 +113,14 @@ def test_ties_pick_lowest_index():
     scores = torch.tensor([[[3.0, 1.0, 3.0, 2.0, 3.0, float("-inf")]]])
     vals, idx = topk_from_scores(scores, 4)
     assert idx.tolist() == [[[0, 2, 4, 3]]] and vals.tolist() == [[[3.0, 3.0, 3.0, 2.0]]]
+
+
+def test_integer_scores_with_many_ties_match_naive_sort():
+    """Small-integer inputs: exact scores with many equal values, k_scale and negative weights included."""
+    q, k, w, k_scale = integer_indexer_inputs(2, 24, 24, 3, 8)
+    _, idx = lightning_indexer_topk(q, k, w, 7, k_scale, chunk_size=5)
+    naive = _naive_scores(q, k, w, k_scale, torch.arange(24), torch.arange(24))
+    assert torch.equal(idx, _naive_topk(naive, 7))
 
 
 def test_candidate_merge_uses_global_index_ties():

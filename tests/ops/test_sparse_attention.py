@@ -5,14 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dsa_dist.ops import dense_attention, sparse_attention
-
-
-def _all_causal_indices(b, lq, k, positions=None):
-    """[B, Lq, k] with every causal key (k ≥ L): row t holds 0..t then −1."""
-    pos = torch.arange(lq) if positions is None else positions
-    cols = torch.arange(k)
-    idx = torch.where(cols[None, :] <= pos[:, None], cols[None, :], -1)
-    return idx.expand(b, lq, k).to(torch.int32).contiguous()
+from tests._inputs import all_causal_indices
 
 
 def _sdpa(q, k, v):
@@ -32,7 +25,7 @@ def test_k_ge_L_equals_dense_sdpa_with_grads(h, hkv, dqk, dv):
     q = torch.randn(b, L, h, dqk, dtype=torch.float64, requires_grad=True)
     k = torch.randn(b, L, hkv, dqk, dtype=torch.float64, requires_grad=True)
     v = torch.randn(b, L, hkv, dv, dtype=torch.float64, requires_grad=True)
-    idx = _all_causal_indices(b, L, L + 5)  # k > L: padded tail
+    idx = all_causal_indices(b, L, L + 5)  # k > L: padded tail
     out, lse = sparse_attention(q, k, v, idx, chunk_size=7)
     ref = _sdpa(q, k, v)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -51,19 +44,20 @@ def test_permuted_index_order_and_mla_value_view():
     b, L, h = 1, 16, 4
     latent = torch.randn(b, L, 1, 20, dtype=torch.float64)
     q = torch.randn(b, L, h, 20, dtype=torch.float64)
-    idx = _all_causal_indices(b, L, L)
+    idx = all_causal_indices(b, L, L)
     perm = torch.argsort(torch.rand(b, L, L), dim=-1)
-    out1, lse1 = sparse_attention(q, latent, latent[..., :16], idx)
-    out2, lse2 = sparse_attention(q, latent, latent[..., :16], idx.gather(-1, perm))
-    torch.testing.assert_close(out1, out2)
-    torch.testing.assert_close(lse1, lse2)
+    _, dense_lse = dense_attention(q, latent, latent[..., :16])
+    for order in (idx, idx.gather(-1, perm)):
+        out, lse = sparse_attention(q, latent, latent[..., :16], order)
+        torch.testing.assert_close(out, _sdpa(q, latent, latent[..., :16]))
+        torch.testing.assert_close(lse, dense_lse)
 
 
 def test_subset_matches_masked_dense():
     b, L, h, d, topk = 1, 20, 4, 8, 5
     q, k, v = (torch.randn(b, L, n, d, dtype=torch.float64) for n in (h, 1, 1))
     idx = torch.stack([torch.randperm(t + 1)[:topk].sort().values for t in range(topk - 1, L)])  # rows ≥ k
-    idx = torch.cat([_all_causal_indices(1, topk - 1, topk)[0].long(), idx]).unsqueeze(0)
+    idx = torch.cat([all_causal_indices(1, topk - 1, topk)[0].long(), idx]).unsqueeze(0)
     out, _ = sparse_attention(q, k, v, idx.int())
     mask = torch.zeros(L, L, dtype=torch.bool)
     for t in range(L):
@@ -78,13 +72,19 @@ def test_per_group_indices_for_gqa():
     q = torch.randn(b, L, h, d, dtype=torch.float64)
     k = torch.randn(b, L, hkv, d, dtype=torch.float64)
     v = torch.randn(b, L, hkv, d, dtype=torch.float64)
-    shared = _all_causal_indices(b, L, 4)
+    shared = all_causal_indices(b, L, 4)
     other = torch.where(shared >= 0, torch.clamp(torch.arange(L)[None, :, None] - shared, min=0), -1).int()
     per_group = torch.stack([shared, other], dim=2)  # [B, L, Hkv, k]
     out, _ = sparse_attention(q, k, v, per_group)
-    out0, _ = sparse_attention(q[:, :, :2], k[:, :, :1], v[:, :, :1], shared)
-    out1, _ = sparse_attention(q[:, :, 2:], k[:, :, 1:], v[:, :, 1:], other)
-    torch.testing.assert_close(out, torch.cat([out0, out1], 2))
+    for g, sets in enumerate((shared, other)):  # group g (heads 2g, 2g+1) against masked dense attention
+        mask = torch.zeros(L, L, dtype=torch.bool)
+        for t in range(L):
+            mask[t, sets[0, t][sets[0, t] >= 0].long()] = True
+        heads = slice(2 * g, 2 * g + 2)
+        ref = F.scaled_dot_product_attention(q[:, :, heads].transpose(1, 2),
+                                             k[:, :, g:g + 1].expand(-1, -1, 2, -1).transpose(1, 2),
+                                             v[:, :, g:g + 1].expand(-1, -1, 2, -1).transpose(1, 2), attn_mask=mask)
+        torch.testing.assert_close(out[:, :, heads], ref.transpose(1, 2))
 
 
 def test_gradcheck_float64():
@@ -92,7 +92,7 @@ def test_gradcheck_float64():
     q = torch.randn(b, L, h, d, dtype=torch.float64, requires_grad=True)
     k = torch.randn(b, L, 1, d, dtype=torch.float64, requires_grad=True)
     v = torch.randn(b, L, 1, 3, dtype=torch.float64, requires_grad=True)
-    idx = _all_causal_indices(b, L, L)[..., :topk].contiguous()
+    idx = all_causal_indices(b, L, L)[..., :topk].contiguous()
     assert torch.autograd.gradcheck(lambda *x: sparse_attention(*x, idx)[0], (q, k, v))
 
 
