@@ -41,6 +41,10 @@ class ParallelConfig:
     """Data-parallel size; 0 derives it from the world size (world_size / (tp*cp*pp))."""
     distributed_optimizer: bool = False
     """Shard optimizer state over DP (Megatron DistributedOptimizer, CUDA only); checkpoints stay reshardable."""
+    timeout_s: float = 1800.0
+    """Collective timeout in seconds: a rank that waits this long for a peer stops the run with an error naming
+    the rank(s) that stopped responding (per-rank heartbeats in <run_dir>/.heartbeat). Keep it above the longest
+    step + checkpoint save."""
 
 
 @dataclass
@@ -83,6 +87,9 @@ class TrainConfig:
     """Run the task evals every N steps (0: only at the end of each stage)."""
     threads: int = 0
     """torch CPU threads per process (0: leave torch's default)."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss or gradient norm is NaN/inf is skipped (no update, counted in train/skipped_steps); this
+    many skipped steps in a row stop the run with an error (divergence)."""
 
 
 @dataclass
@@ -156,7 +163,11 @@ class CheckpointConfig:
     keep_last: int = 2
     """Keep the newest K checkpoints of each stage (older ones are deleted after a successful save)."""
     resume: bool = True
-    """Resume each stage from its latest complete checkpoint, skip stages that already finished."""
+    """Resume each stage from its newest verified checkpoint, skip stages that already finished. On resume the
+    current config's LR schedule applies from the restored step (changes are reported)."""
+    on_existing: Literal["error", "move_aside"] = "error"
+    """With resume=false and checkpoints of a pipeline stage already in run_dir: 'error' refuses to start;
+    'move_aside' renames each such <stage> directory to <stage>.old-<UTC time> and starts fresh."""
     init_from: str | None = None
     """Checkpoint dir whose model weights start the first stage of the pipeline (e.g. a finished 'dense' or
     'warmup' stage of another run); later stages start from the previous stage's final checkpoint."""
@@ -355,6 +366,11 @@ def validate_config(cfg: TrainRunConfig, world_size: int | None = None) -> None:
     c = cfg.checkpoint
     _require(c.interval >= 0, "checkpoint.interval", c.interval, "must be >= 0 (0: save at the end only)")
     _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
+    _require(c.on_existing in ("error", "move_aside"), "checkpoint.on_existing", c.on_existing,
+             "choose 'error' or 'move_aside'")
+    _require(p.timeout_s > 0, "parallel.timeout_s", p.timeout_s, "must be > 0 seconds (e.g. 1800)")
+    _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps,
+             "must be >= 1 (consecutive non-finite steps before the run stops)")
     _require(cfg.logging.log_interval >= 1, "logging.log_interval", cfg.logging.log_interval, "must be >= 1")
 
 

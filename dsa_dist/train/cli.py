@@ -21,14 +21,23 @@ USAGE = """usage: dsa-train [CONFIG.yaml] [key=value ...]
 Stages resume from <run_dir>/<stage>/checkpoints automatically. See docs/training.md."""
 
 
-def _spawned(rank: int, world_size: int, port: int, cfg: TrainRunConfig) -> None:
+def _spawned(rank: int, world_size: int, port: int, cfg: TrainRunConfig, parent_pid: int) -> None:
+    import signal
+
+    from dsa_dist.train.procguard import die_with_parent
+
+    die_with_parent(signal.SIGKILL, parent_pid)  # a local rank never outlives dsa-train (kill -9 included)
     _quiet_known_warnings()
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    from dsa_dist.train.loop import run_pipeline
+    from dsa_dist.train.errors import TrainingError
+    from dsa_dist.train.pipeline import run_pipeline
 
     try:
         run_pipeline(cfg)
+    except TrainingError as err:
+        print(f"dsa-train: rank {rank}: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     finally:
         from dsa_dist.compat import destroy_parallel
 
@@ -71,13 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     world = p.tp * p.cp * p.pp * p.dp
     if "WORLD_SIZE" in os.environ or world == 1:
         from dsa_dist.compat import destroy_parallel
-        from dsa_dist.train.checkpoint import CheckpointError
-        from dsa_dist.train.loop import run_pipeline
+        from dsa_dist.train.errors import TrainingError
+        from dsa_dist.train.pipeline import run_pipeline
 
         try:
             run_pipeline(cfg)
-        except CheckpointError as err:
-            print(f"dsa-train: checkpoint error: {err}", file=sys.stderr)
+        except TrainingError as err:
+            print(f"dsa-train: error: {err}", file=sys.stderr)
             return 2
         finally:
             destroy_parallel()  # NCCL warns (and may leak) when the process group outlives the run
@@ -85,7 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch.multiprocessing as mp
 
     print(f"dsa-train: starting {world} local processes (tp={p.tp} cp={p.cp} pp={p.pp} dp={p.dp})", flush=True)
-    mp.start_processes(_spawned, args=(world, _free_port(), cfg), nprocs=world, start_method="spawn")
+    context = mp.start_processes(_spawned, args=(world, _free_port(), cfg, os.getpid()), nprocs=world,
+                                 start_method="spawn", join=False)
+    try:
+        # When a rank fails, the others get SIGTERM after 3 s and SIGKILL 3 s later (a stopped rank ignores TERM).
+        while not context.join(grace_period=3.0):
+            pass
+    except mp.ProcessExitedException as err:
+        print(f"dsa-train: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -25,7 +25,7 @@ def _changed(before: dict, after: dict) -> dict[str, bool]:
 def _stages_worker(rank: int, world_size: int, run_dir: str) -> dict:
     from dsa_dist.compat import init_parallel
     from dsa_dist.train.checkpoint import latest_checkpoint
-    from dsa_dist.train.loop import StageTrainer
+    from dsa_dist.train.trainer import StageTrainer
 
     cfg = tiny_config(run_dir)
     init_parallel(1, 1)
