@@ -103,9 +103,16 @@ def test_save_never_replaces_an_existing_checkpoint(tmp_path):
 
 
 def _load_value_worker(rank: int, world_size: int, path: str) -> float:
-    from tests.train.test_checkpoint import _load_worker
+    """The value every tensor of a ``fake_state(step, 1 << 10)`` checkpoint holds (they are all equal)."""
+    from dsa_dist.compat import init_parallel
+    from dsa_dist.train.checkpoint import load_checkpoint
+    from tests.train.test_checkpoint import fake_state
 
-    return _load_worker(rank, world_size, path)
+    init_parallel(1, 1)
+    state = load_checkpoint(path, fake_state(0, 1 << 10))
+    values = torch.stack([state[k] for k in sorted(state)])
+    assert bool((values == values.flatten()[0]).all())
+    return float(values.flatten()[0])
 
 
 # ------------------------------------------------------------------------------------------------ B2 lock
@@ -160,9 +167,13 @@ def _skip_worker(rank: int, world_size: int, run_dir: str) -> dict:
 
     init_parallel(1, 1)
     trainer = StageTrainer(tiny_config(run_dir, **DENSE), "dense")
-    snaps = {}
-    trainer.gpt.register_forward_pre_hook(
-        lambda m, i: snaps.setdefault(trainer.step, [p.detach().clone() for p in trainer.gpt.parameters()]))
+    snaps: dict[int, list[torch.Tensor]] = {}
+
+    def snapshot(module, inputs) -> None:  # parameters at the start of each step (before its update)
+        if trainer.step not in snaps:
+            snaps[trainer.step] = [p.detach().clone() for p in trainer.gpt.parameters()]
+
+    trainer.gpt.register_forward_pre_hook(snapshot)
     _nan_at(trainer, {2})  # the third step
     history = trainer.run()
     unchanged = all(torch.equal(a, b) for a, b in zip(snaps[2], snaps[3]))
@@ -288,14 +299,14 @@ def _enospc_worker(rank: int, world_size: int, root: str) -> dict:
 
     init_parallel(1, 1)
     state = {"step": 1, "stage": "t", "consumed_samples": 0, "layout": {}}
-    save_checkpoint(root, 1, fake_state(1, 1 << 12), state, keep_last=1)
+    save_checkpoint(root, 1, fake_state(1, 1 << 10), state, keep_last=1)
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     filesystem_async._write_item = disk_full  # inherited by the forked writer processes
     try:
-        save_checkpoint(root, 2, fake_state(2, 1 << 12), dict(state, step=2), keep_last=1)
+        save_checkpoint(root, 2, fake_state(2, 1 << 10), dict(state, step=2), keep_last=1)
     except CheckpointError as err:
         return {"error": str(err)}
     return {"error": None}
