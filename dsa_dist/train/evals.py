@@ -1,4 +1,4 @@
-"""Long-context task evals during training: exact-answer accuracy and answer loss (issue 5 §2).
+"""Long-context task evals during training: exact-answer accuracy and answer loss (docs/training.md).
 
 One forward pass per batch (teacher forcing): a sample counts as solved when the argmax prediction at every
 answer position equals the answer token. Works under TP (logits are gathered over the vocabulary shards) and

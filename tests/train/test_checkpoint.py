@@ -1,4 +1,5 @@
-"""Checkpoints (dsa_dist/train/checkpoint.py, loop.py): exact resume, resharding, crash safety, clear errors."""
+"""Checkpoints (dsa_dist/train/checkpoint.py, checkpoint_manager.py, trainer.py): exact resume, resharding, crash
+safety, clear errors."""
 
 from __future__ import annotations
 

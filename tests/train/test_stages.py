@@ -1,4 +1,4 @@
-"""The three stages on the tiny model (DESIGN.md §1 "Losses"): what each one trains and that it learns.
+"""The three stages on the tiny model (docs/design.md "Losses"): what each one trains and that it learns.
 
 One process runs dense -> warmup -> sparse (tests/_dist.py worker, gloo world of 1); the assertions check:
 - dense: the indexers stay frozen (bitwise) while the model trains;
