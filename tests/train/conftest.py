@@ -1,10 +1,11 @@
-"""The training tests leave nothing running: a session-end check of every process they started.
+"""The training tests leave nothing running: an end-of-package check of every process they started.
 
 This pytest process becomes a *child subreaper* (``prctl(PR_SET_CHILD_SUBREAPER)``, Linux): a process orphaned by
 a test (e.g. the child of a run the test killed with SIGKILL) is re-parented to pytest instead of init, so it is
-still found among pytest's descendants. At the end of the session every descendant but the long-lived helpers of
-multiprocessing (forkserver, resource tracker) must be gone within a few seconds; leftovers are listed, killed,
-and fail the session.
+still found among pytest's descendants. After the last test of ``tests/train`` every process started since its
+first test (except the long-lived helpers of multiprocessing: forkserver, resource tracker) must be gone within a
+few seconds; leftovers are listed, killed, and fail the run. Processes that were already running when the
+package started (e.g. a Ray cluster of another test package) and their children are not counted.
 """
 
 from __future__ import annotations
@@ -37,14 +38,26 @@ def _helpers() -> set[int]:
     return {p for p in pids if p}
 
 
-def leftover_processes(grace_s: float = 8.0) -> list[psutil.Process]:
-    """Descendants of this process still alive after ``grace_s`` (zombies are reaped and not counted)."""
+def _preexisting(before: set[int]) -> set[int]:
+    """``before`` and the current descendants of those of them still alive."""
+    out = set(before)
+    for pid in before:
+        try:
+            out.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+def leftover_processes(grace_s: float = 8.0, before: set[int] = frozenset()) -> list[psutil.Process]:
+    """Descendants of this process (not ``before`` or theirs) alive after ``grace_s``; zombies are reaped."""
     me = psutil.Process()
     deadline = time.monotonic() + grace_s
     while True:
         alive = []
+        skip = _helpers() | _preexisting(before)
         for proc in me.children(recursive=True):
-            if proc.pid in _helpers():
+            if proc.pid in skip:
                 continue
             try:
                 if proc.status() == psutil.STATUS_ZOMBIE:
@@ -59,11 +72,12 @@ def leftover_processes(grace_s: float = 8.0) -> list[psutil.Process]:
         time.sleep(0.5)
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="package", autouse=True)
 def no_leftover_processes():
-    """Fail the session when a training test leaves a process running (after killing it)."""
+    """Fail when a training test leaves a process running (after killing it)."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     yield
-    left = leftover_processes()
+    left = leftover_processes(before=before)
     if left:
         desc = []
         for proc in left:

@@ -442,7 +442,7 @@ def test_killed_run_leaves_no_process(tmp_path, sig):
         proc.kill()
         proc.wait()
     time.sleep(5)
-    left = [p for p in leftover_processes(grace_s=5.0) if p.pid not in before]
+    left = leftover_processes(grace_s=5.0, before=before)
     assert not left, [" ".join(p.cmdline())[:160] for p in left]
     # whatever the moment of the kill, the newest checkpoint is complete and verifies
     verify_checkpoint(list_checkpoints(tmp_path / "run" / "dense" / "checkpoints")[-1])
@@ -476,5 +476,5 @@ def test_stopped_rank_ends_the_run_naming_it(tmp_path):
     assert "parallel.timeout_s=15" in out
     assert elapsed < timeout_s + 60, elapsed
     time.sleep(5)
-    left = [p for p in leftover_processes(grace_s=5.0) if p.pid not in before]
+    left = leftover_processes(grace_s=5.0, before=before)
     assert not left, [" ".join(p.cmdline())[:160] for p in left]
