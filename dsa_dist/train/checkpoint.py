@@ -35,6 +35,7 @@ only when the layout is unchanged (see checkpoint_manager.py).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -265,7 +266,12 @@ def save_checkpoint(root: str | Path, step: int, sharded_state_dict: dict[str, A
         except OSError as err:
             error = _describe_write_error(err, tmp)
         except CheckpointError as err:
-            error = f"checkpoint {final} failed verification right after the save: {err}"
+            aside = root / (CORRUPT_PREFIX + final.name)
+            with contextlib.suppress(OSError):  # never leave an unverified checkpoint where resume looks
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(final, aside)
+            error = (f"checkpoint {final} failed verification right after the save ({err}); moved it aside to "
+                     f"{aside}. The file system lost or changed data: check it before resuming")
     if error := _agree(error):
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)

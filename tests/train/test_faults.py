@@ -115,6 +115,40 @@ def _load_value_worker(rank: int, world_size: int, path: str) -> float:
     return float(values.flatten()[0])
 
 
+def _lossy_fs_worker(rank: int, world_size: int, root: str) -> dict:
+    from dsa_dist.compat import init_parallel
+    from dsa_dist.train import checkpoint as ckpt
+    from tests.train.test_checkpoint import fake_state
+
+    init_parallel(1, 1)
+    state = {"stage": "t", "consumed_samples": 0, "layout": {}}
+    ckpt.save_checkpoint(root, 1, fake_state(1, 1 << 10), dict(state, step=1), keep_last=1)
+    real_replace = ckpt.os.replace
+
+    def publish_and_lose_a_shard(src, dst):  # a file system that drops data at the rename
+        real_replace(src, dst)
+        if Path(dst).name == "step_00000002":
+            next(Path(dst).glob("*.distcp")).unlink()
+
+    ckpt.os.replace = publish_and_lose_a_shard
+    try:
+        ckpt.save_checkpoint(root, 2, fake_state(2, 1 << 10), dict(state, step=2), keep_last=1)
+        return {"error": None}
+    except ckpt.CheckpointError as err:
+        return {"error": str(err), "listed": [p.name for p in ckpt.list_checkpoints(root)]}
+    finally:
+        ckpt.os.replace = real_replace
+
+
+@pytest.mark.timeout(120)
+def test_save_reports_failure_when_the_published_checkpoint_does_not_verify(tmp_path):
+    out = _run(_lossy_fs_worker, str(tmp_path / "c"))
+    assert out["error"] and "failed verification right after the save" in out["error"], out
+    assert out["listed"] == ["step_00000001"]  # the broken one is moved aside; keep_last deleted nothing
+    assert (tmp_path / "c" / ".corrupt.step_00000002").is_dir()
+    verify_checkpoint(tmp_path / "c" / "step_00000001")
+
+
 # ------------------------------------------------------------------------------------------------ B2 lock
 
 
@@ -427,12 +461,16 @@ def _descendants() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
+_CP2 = dict(parallel__cp=2, parallel__dp=1, train__micro_batch_size=1, train__global_batch_size=2)
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
-def test_killed_run_leaves_no_process(tmp_path, sig):
+@pytest.mark.parametrize("sig,layout", [(signal.SIGKILL, {}), (signal.SIGTERM, {}), (signal.SIGKILL, _CP2)],
+                         ids=["kill-9", "sigterm", "cp2-launcher-kill-9"])
+def test_killed_run_leaves_no_process(tmp_path, sig, layout):
     before = _descendants()
     proc = _cli(["configs/tiny.yaml", *tiny_overrides(tmp_path / "run", pipeline="[dense]", stages__dense__steps=500,
-                                                      checkpoint__interval=1)])
+                                                      checkpoint__interval=1, **layout)])
     try:
         _wait_for(proc, "saved", 240)  # the checkpoint writer (Manager + forked writers) is running now
         _wait_for(proc, "step 2 |", 60)
@@ -454,9 +492,7 @@ def test_stopped_rank_ends_the_run_naming_it(tmp_path):
     before = _descendants()
     timeout_s = 15
     proc = _cli(["configs/tiny.yaml", *tiny_overrides(run, pipeline="[dense]", stages__dense__steps=500,
-                                                      parallel__cp=2, parallel__dp=1, train__micro_batch_size=1,
-                                                      train__global_batch_size=2,
-                                                      parallel__timeout_s=timeout_s)])
+                                                      parallel__timeout_s=timeout_s, **_CP2)])
     stopped = None
     try:
         _wait_for(proc, "step 2 |", 300)
