@@ -16,6 +16,8 @@ accumulation and CP/DP layout. The indexer KL is a per-row mean, hence the scali
 Non-finite guard: a step whose reduced loss or global grad norm is NaN/inf changes nothing (parameters, Adam
 moments and LR schedule stay as they were; the data stream moves on); :class:`StepFunction` counts such steps
 and raises :class:`~dsa_dist.train.errors.NonFiniteError` after ``train.max_nonfinite_steps`` in a row.
+Megatron's own checks do not fit here: DDP's ``check_for_nan_in_grad`` raises at the first NaN instead of
+skipping, and the optimizer's ``found_inf`` skip exists only with an fp16 loss scaler (it is honoured too).
 """
 
 from __future__ import annotations
