@@ -11,6 +11,9 @@
   decides, every rank gets the same answer).
 - :meth:`~CheckpointManager.restore` — a full resume (model, optimizer, scheduler, train state, RNG when the
   layout is unchanged) or weights only (the start of the next stage).
+- Lineage: :func:`lineage_of` describes the checkpoint a stage starts from (path, stage, step, content digest);
+  trainers store it in their train state, and :func:`check_lineage` refuses to resume a stage whose recorded
+  origin differs from the checkpoint the run would start it from now.
 
 RNG: Python, NumPy and torch CPU generators always; CUDA and Megatron's model-parallel tracker states on GPU.
 The states are per rank (a ShardedObject per rank), so they are restored only under the same layout; a
@@ -186,3 +189,22 @@ class CheckpointManager:
             parts.gpt.load_state_dict(state["model"])
             parts.optimizer.reload_model_params()  # refresh fp32 master weights from the loaded bf16 ones
         return saved
+
+
+def lineage_of(path: str | Path, state: dict) -> dict:
+    """What a stage was initialised from: the checkpoint's path, stage, step and content digest."""
+    return {"init_from": str(path), "stage": state.get("stage"), "step": state.get("step"),
+            "digest": ckpt.checkpoint_digest(state)}
+
+
+def check_lineage(stage: str, latest: Path, recorded: dict | None, now: dict) -> None:
+    """Refuse to resume ``stage`` from ``latest`` when it was initialised from another checkpoint than ``now``."""
+    if recorded is not None and recorded.get("digest") == now["digest"]:
+        return
+    was = (f"{recorded['init_from']} ({recorded['stage']} step {recorded['step']})" if recorded
+           else "no checkpoint (random weights)")
+    raise CheckpointError(
+        f"cannot resume stage {stage!r} from {latest}: it was initialised from {was}, but the run now starts it "
+        f"from {now['init_from']} ({now['stage']} step {now['step']}), a different checkpoint (the earlier stage "
+        f"was extended or re-trained since). Move {latest.parent.parent} aside to train {stage!r} again from the "
+        "new result, or restore the earlier stage's checkpoints to continue this one")

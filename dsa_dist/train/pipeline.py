@@ -23,14 +23,14 @@ import torch.distributed as dist
 from dsa_dist.compat import init_parallel
 from dsa_dist.config import TrainRunConfig, to_yaml
 from dsa_dist.train import checkpoint as ckpt
-from dsa_dist.train.checkpoint_manager import CheckpointManager, verified
+from dsa_dist.train.checkpoint_manager import CheckpointManager, check_lineage, lineage_of, verified
 from dsa_dist.train.cpu_scope import megatron_cpu_scope
 from dsa_dist.train.errors import RunDirError, StuckRankError
 from dsa_dist.train.heartbeat import Heartbeat, describe_stale, stale_ranks
 from dsa_dist.train.procguard import guard_child_processes
 from dsa_dist.train.run_dir import RunDirLock, check_fresh_start
 from dsa_dist.train.stages import resolve_stage
-from dsa_dist.train.trainer import StageTrainer, check_lineage, lineage_of
+from dsa_dist.train.trainer import StageTrainer
 
 HEARTBEAT_S = 1.0
 

@@ -31,10 +31,9 @@ import torch.distributed as dist
 from dsa_dist.compat import current_parallel_dims, default_device
 from dsa_dist.config import TrainRunConfig
 from dsa_dist.train import checkpoint as ckpt
-from dsa_dist.train.checkpoint_manager import CheckpointManager, verified
+from dsa_dist.train.checkpoint_manager import CheckpointManager, check_lineage, lineage_of, verified
 from dsa_dist.train.cpu_scope import in_megatron_cpu_scope
 from dsa_dist.train.data import DataStream, PackedWindows, open_corpus
-from dsa_dist.train.errors import CheckpointError
 from dsa_dist.train.evaluator import Evaluator
 from dsa_dist.train.heartbeat import Heartbeat
 from dsa_dist.train.metrics import MetricsLogger, peak_memory_gb
@@ -51,12 +50,6 @@ def stage_schedule(cfg: TrainRunConfig, plan: StagePlan) -> dict:
     return {"steps": plan.steps, "lr": plan.lr, "min_lr": plan.min_lr, "indexer_lr": plan.indexer_lr,
             "indexer_min_lr": plan.indexer_min_lr, "warmup_steps": plan.warmup_steps,
             "decay_style": cfg.optim.decay_style}
-
-
-def lineage_of(path: str | Path, state: dict) -> dict:
-    """What a stage was initialised from: the checkpoint's path, stage, step and content digest."""
-    return {"init_from": str(path), "stage": state.get("stage"), "step": state.get("step"),
-            "digest": ckpt.checkpoint_digest(state)}
 
 
 class StageTrainer:
@@ -205,16 +198,3 @@ class StageTrainer:
         finally:
             log.close()
         return history
-
-
-def check_lineage(stage: str, latest: Path, recorded: dict | None, now: dict) -> None:
-    """Refuse to resume ``stage`` from ``latest`` when it was initialised from another checkpoint than ``now``."""
-    if recorded is not None and recorded.get("digest") == now["digest"]:
-        return
-    was = (f"{recorded['init_from']} ({recorded['stage']} step {recorded['step']})" if recorded
-           else "no checkpoint (random weights)")
-    raise CheckpointError(
-        f"cannot resume stage {stage!r} from {latest}: it was initialised from {was}, but the run now starts it "
-        f"from {now['init_from']} ({now['stage']} step {now['step']}), a different checkpoint (the earlier stage "
-        f"was extended or re-trained since). Move {latest.parent.parent} aside to train {stage!r} again from the "
-        "new result, or restore the earlier stage's checkpoints to continue this one")
