@@ -19,6 +19,10 @@ class ParallelConfig:
     """Data-parallel size; 0 derives it from the world size (world_size / (tp*cp*pp)) when the config is loaded."""
     distributed_optimizer: bool = False
     """Shard optimizer state over DP (Megatron DistributedOptimizer, CUDA only); checkpoints stay reshardable."""
+    timeout_s: float = 1800.0
+    """Collective timeout in seconds: a rank that waits this long for a peer stops the run with an error naming
+    the rank(s) that stopped responding (per-rank heartbeats in <run_dir>/.heartbeat). Keep it above the longest
+    step + checkpoint save."""
 
     @property
     def world_size(self) -> int:

@@ -54,6 +54,9 @@ class TrainConfig:
     """Run the task evals every N steps (0: only at the end of each stage)."""
     threads: int = 0
     """torch CPU threads per process (0: leave torch's default)."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss or gradient norm is NaN/inf is skipped (no update, counted in train/skipped_steps); this
+    many skipped steps in a row stop the run with an error (divergence)."""
 
 
 @dataclass
@@ -128,6 +131,9 @@ class CheckpointConfig:
     """Keep the newest K checkpoints of each stage (older ones are deleted after a successful save)."""
     resume: bool = True
     """Resume each stage from its latest complete checkpoint, skip stages that already finished."""
+    on_existing: Literal["error", "move_aside"] = "error"
+    """With resume=false and checkpoints of a pipeline stage already in run_dir: 'error' refuses to start;
+    'move_aside' renames each such <stage> directory to <stage>.old-<UTC time> and starts fresh."""
     init_from: str | None = None
     """Checkpoint dir whose model weights start the first stage of the pipeline (e.g. a finished 'dense' or
     'warmup' stage of another run); later stages start from the previous stage's final checkpoint."""

@@ -27,6 +27,7 @@ def validate_parallel(cfg: TrainRunConfig) -> None:
     for name in ("tp", "cp", "pp", "dp"):
         require(getattr(p, name) >= 1, f"parallel.{name}", getattr(p, name), "must be >= 1")
     require(p.pp == 1, "parallel.pp", p.pp, "dsa-train runs without pipeline parallelism; set parallel.pp=1")
+    require(p.timeout_s > 0, "parallel.timeout_s", p.timeout_s, "must be > 0 seconds (e.g. 1800)")
 
 
 def validate_model(cfg: TrainRunConfig) -> None:
@@ -54,6 +55,8 @@ def validate_train(cfg: TrainRunConfig) -> None:
     require(t.seed >= 0, "train.seed", t.seed, "must be >= 0")
     require(t.eval_interval >= 0, "train.eval_interval", t.eval_interval, "must be >= 0 (0: end of stage)")
     require(t.threads >= 0, "train.threads", t.threads, "must be >= 0 (0: torch's default)")
+    require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps,
+            "must be >= 1 (consecutive non-finite steps before the run stops)")
 
 
 def validate_stages(cfg: TrainRunConfig) -> None:
@@ -108,6 +111,8 @@ def validate_checkpoint(cfg: TrainRunConfig) -> None:
     c = cfg.checkpoint
     require(c.interval >= 0, "checkpoint.interval", c.interval, "must be >= 0 (0: save at the end only)")
     require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
+    require(c.on_existing in ("error", "move_aside"), "checkpoint.on_existing", c.on_existing,
+            "choose 'error' or 'move_aside'")
     require(c.init_from is None or bool(c.init_from), "checkpoint.init_from", c.init_from,
             "give a checkpoint directory or leave it unset (null)")
 

@@ -64,7 +64,7 @@ def preflight(cfg: TrainRunConfig) -> None:
 
 def _train_here(cfg: TrainRunConfig) -> None:
     from dsa_dist.parallel import destroy_parallel
-    from dsa_dist.train.loop import run_pipeline
+    from dsa_dist.train.pipeline import run_pipeline
 
     try:
         run_pipeline(cfg)

@@ -1,4 +1,4 @@
-"""Long-context task evals during training: exact-answer accuracy and answer loss (issue 5 §2).
+"""Long-context task evals during training: exact-answer accuracy and answer loss (docs/training.md).
 
 One forward pass per batch (teacher forcing): a sample counts as solved when the argmax prediction at every
 answer position equals the answer token. Works under TP (logits are gathered over the vocabulary shards) and
@@ -24,6 +24,9 @@ def evaluate_task(model: torch.nn.Module, batches: list[tuple[Batch, torch.Tenso
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+    from dsa_dist.model.builder import get_indexer_loss_tracker
+
+    tracker = get_indexer_loss_tracker(model)
     was_training = model.training
     model.eval()
     solved = total = 0
@@ -33,6 +36,7 @@ def evaluate_task(model: torch.nn.Module, batches: list[tuple[Batch, torch.Tenso
         for batch, answer_mask in batches:
             tokens, labels = shard(batch.tokens).to(device), shard(batch.labels).to(device)
             mask = shard(answer_mask).to(device)
+            tracker.begin_forward()  # plain forward: no recall, no recorded or replayed top-k
             logits = model(tokens, None, None)  # [b, s_local, V/tp]
             logits = gather_from_tensor_model_parallel_region(logits).float()  # [b, s_local, V]
             hit = (logits.argmax(-1) == labels).float() * mask

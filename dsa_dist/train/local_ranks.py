@@ -1,7 +1,7 @@
 """Start the ranks of a multi-process run on this machine, and report a failure once, as one line.
 
 ``dsa-train`` uses this when the config asks for more than one process and no launcher (torchrun, Ray) started
-them. Each rank runs :func:`dsa_dist.train.loop.run_pipeline` in a spawned process. When a rank fails it writes
+them. Each rank runs :func:`dsa_dist.train.pipeline.run_pipeline` in a spawned process. When a rank fails it writes
 one line (the error, and for an unexpected exception the path of its full traceback) to a private error
 directory and exits; the parent stops the other ranks at the first failure -- their errors are only echoes of
 the first (a peer closing a connection) -- and prints the earliest line, naming the rank.
@@ -33,9 +33,12 @@ def describe_error(err: BaseException) -> tuple[str, int] | None:
     like), whose messages are written for the user.
     """
     from dsa_dist.train.checkpoint import CheckpointError
+    from dsa_dist.train.errors import TrainingError
 
     if isinstance(err, CheckpointError):
         return f"checkpoint error: {err}", 2
+    if isinstance(err, TrainingError):
+        return f"error: {err}", 2
     if isinstance(err, ValueError) or type(err).__module__.startswith("dsa_dist."):
         return f"error: {err}", 2
     if isinstance(err, OSError):
@@ -47,20 +50,13 @@ def describe_error(err: BaseException) -> tuple[str, int] | None:
     return None
 
 
-def _die_with_parent() -> None:
-    """Linux: this rank gets SIGTERM when the launcher dies (even by SIGKILL), so no rank outlives the run."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: the parent still terminates the ranks on any failure it sees
-
-
 def _rank_main(rank: int, world_size: int, port: int, cfg: TrainRunConfig, error_dir: str) -> None:
     import os
 
-    _die_with_parent()
+    from dsa_dist.train.procguard import die_with_parent
+
+    # SIGKILL, not SIGTERM: a stopped (SIGSTOP) rank ignores TERM, and no rank may outlive the launcher.
+    die_with_parent(signal.SIGKILL, os.getppid())
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     from dsa_dist.train.cli import quiet_known_warnings
@@ -68,7 +64,7 @@ def _rank_main(rank: int, world_size: int, port: int, cfg: TrainRunConfig, error
     quiet_known_warnings()
     status = 0
     try:
-        from dsa_dist.train.loop import run_pipeline
+        from dsa_dist.train.pipeline import run_pipeline
 
         run_pipeline(cfg)
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""Training metrics: TensorBoard scalars, a JSONL log, a progress bar and a one-line summary (issue 5 §5).
+"""Training metrics: TensorBoard scalars, a JSONL log, a progress bar and a one-line summary (docs/training.md).
 
 Rank 0 writes everything; other ranks get a :class:`MetricsLogger` that does nothing. Scalars of a stage go to
 ``<run_dir>/<stage>/tensorboard`` (one SummaryWriter per stage, so TensorBoard shows the stages as runs) and to
@@ -6,7 +6,8 @@ Rank 0 writes everything; other ranks get a :class:`MetricsLogger` that does not
 
 Scalar tags (see docs/training.md): ``loss/lm``, ``loss/indexer_kl``, ``loss/total``, ``indexer/recall``,
 ``optim/lr``, ``optim/indexer_lr``, ``optim/grad_norm``, ``perf/tokens_per_s``, ``perf/tflops``,
-``perf/peak_memory_gb``, ``eval/<task>_acc``, ``eval/<task>_answer_loss``.
+``perf/peak_memory_gb``, ``train/skipped_steps`` (steps skipped as non-finite), ``eval/<task>_acc``,
+``eval/<task>_answer_loss``.
 
 Achieved TFLOPS use the usual estimate: a matmul weight with N elements costs 2·N FLOPs per token forward and
 4·N backward; attention costs 2·H·(d_qk + d_v) per (query, key) pair forward (keys = causal average L/2 for
@@ -35,6 +36,7 @@ TAGS = {
     "tokens_per_s": "perf/tokens_per_s",
     "tflops": "perf/tflops",
     "peak_memory_gb": "perf/peak_memory_gb",
+    "skipped_steps": "train/skipped_steps",
 }
 
 
@@ -107,8 +109,9 @@ class MetricsLogger:
         else:
             self._bar.update(step - self._bar.n)
 
-    def log(self, step: int, scalars: dict[str, float], prefix: str = "") -> None:
-        """Write ``scalars`` at ``step`` to TensorBoard and metrics.jsonl; print the one-line summary."""
+    def log(self, step: int, scalars: dict[str, float], prefix: str = "", *, quiet: bool = False) -> None:
+        """Write ``scalars`` at ``step`` to TensorBoard and metrics.jsonl; print the one-line summary (unless
+        ``quiet``)."""
         if not self.enabled:
             return
         for name, value in scalars.items():
@@ -118,7 +121,8 @@ class MetricsLogger:
         self._jsonl.flush()
         if self._writer is not None:
             self._writer.flush()
-        self.print(prefix + summary_line(self.stage, step, scalars))
+        if not quiet:
+            self.print(prefix + summary_line(self.stage, step, scalars))
 
     def close(self) -> None:
         if not self.enabled:

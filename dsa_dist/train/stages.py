@@ -1,4 +1,4 @@
-"""The three pre-training stages of DeepSeek-V3.2's DSA recipe as presets (DESIGN.md §1 "Losses", issue 5 §3).
+"""The three pre-training stages of DeepSeek-V3.2's DSA recipe as presets (docs/design.md "Losses").
 
 =========  ===========  ========================  ==========================================================
 stage      attention    trains                    loss
@@ -85,20 +85,24 @@ def resolve_stage(cfg: TrainRunConfig, stage: str) -> StagePlan:
                      warmup_steps=int(stage_value(cfg, stage, "warmup_steps")))
 
 
-def is_indexer_param(name: str) -> bool:
-    """Whether parameter ``name`` (from ``named_parameters()``) belongs to a lightning indexer."""
-    return ".indexer." in f".{name}"
+def indexer_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of every :class:`~dsa_dist.model.indexer.LightningIndexer` in ``model`` (by module type)."""
+    from dsa_dist.model.indexer import LightningIndexer
 
-
-INDEXER_PARAM_GLOB = "*indexer.*"  # the same set as an fnmatch pattern (Megatron ParamKey)
+    seen: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, LightningIndexer):
+            for p in module.parameters():
+                seen.setdefault(id(p), p)
+    return list(seen.values())
 
 
 def set_trainable(model: torch.nn.Module, spec: StageSpec) -> tuple[int, int]:
     """Freeze/unfreeze parameters for ``spec`` (before wrapping in DDP); returns (trainable, frozen) counts."""
+    indexer = {id(p) for p in indexer_parameters(model)}
     trainable = frozen = 0
-    for name, p in model.named_parameters():
-        indexer = is_indexer_param(name)
-        p.requires_grad_(spec.trains == "all" or (spec.trains == "indexer") == indexer)
+    for p in model.parameters():
+        p.requires_grad_(spec.trains == "all" or (spec.trains == "indexer") == (id(p) in indexer))
         if p.requires_grad:
             trainable += p.numel()
         else:

@@ -191,8 +191,8 @@ def _compare(ref: dict, got: dict, seq_dim: int, field: str) -> dict:
 
 
 def _equivalence_worker(rank: int, world: int) -> dict:
-    from dsa_dist.parallel import init_parallel
     from dsa_dist.model.dsa_core import ParallelGroups
+    from dsa_dist.parallel import init_parallel
 
     layouts = [(1, 2, m) for m in ("ring", "allgather", "candidates")]
     if world == 4:

@@ -1,4 +1,5 @@
-"""Checkpoints (dsa_dist/train/checkpoint.py, loop.py): exact resume, resharding, crash safety, clear errors."""
+"""Checkpoints (dsa_dist/train/checkpoint.py, checkpoint_manager.py, trainer.py): exact resume, resharding, crash
+safety, clear errors."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _resume_worker(rank: int, world_size: int, run_a: str, run_b: str, n: int) -> dict:
     from dsa_dist.parallel import init_parallel
-    from dsa_dist.train.loop import StageTrainer
+    from dsa_dist.train.trainer import StageTrainer
 
     # The sparse stage from scratch: LM + KL losses, two LR groups, a task mix, recall on log steps.
     extra = dict(pipeline="[sparse]", stages__sparse__steps=2 * n, stages__sparse__warmup_steps=2,
@@ -67,7 +68,7 @@ def _reshard_save_worker(rank: int, world_size: int, root: str) -> dict:
     import torch.distributed as dist
 
     from dsa_dist.parallel import init_parallel
-    from dsa_dist.train.loop import StageTrainer
+    from dsa_dist.train.trainer import StageTrainer
 
     cfg = _reshard_cfg(f"{root}/cp2", 2, parallel__cp=2, parallel__dp=1)
     init_parallel(1, 2)
@@ -84,7 +85,7 @@ def _reshard_save_worker(rank: int, world_size: int, root: str) -> dict:
 
 def _reshard_load_worker(rank: int, world_size: int, root: str, names: list[str]) -> dict:
     from dsa_dist.parallel import init_parallel
-    from dsa_dist.train.loop import StageTrainer
+    from dsa_dist.train.trainer import StageTrainer
 
     out = {}
     for name in names:

@@ -1,10 +1,12 @@
-"""The three stages on the tiny model (DESIGN.md §1 "Losses"): what each one trains and that it learns.
+"""The three stages on the tiny model (docs/design.md "Losses"): what each one trains and that it learns.
 
 One process runs dense -> warmup -> sparse (tests/_dist.py worker, gloo world of 1); the assertions check:
 - dense: the indexers stay frozen (bitwise) while the model trains;
 - warmup: only indexer parameters change (every other parameter bitwise unchanged), and the indexer KL on
   fixed held-out batches drops over 30 steps;
 - sparse: the LM loss on the same held-out batches (in sparse mode) drops.
+
+And a stage run enters Megatron's CPU scope (``cuda_literals_to_cpu``) once, at its entry.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def _changed(before: dict, after: dict) -> dict[str, bool]:
 def _stages_worker(rank: int, world_size: int, run_dir: str) -> dict:
     from dsa_dist.parallel import init_parallel
     from dsa_dist.train.checkpoint import latest_checkpoint
-    from dsa_dist.train.loop import StageTrainer
+    from dsa_dist.train.trainer import StageTrainer
 
     cfg = tiny_config(run_dir)
     init_parallel(1, 1)
@@ -77,3 +79,32 @@ def test_dense_warmup_sparse(tmp_path):
     lm0, lm1 = out["sparse_eval_before"]["lm_loss"], out["sparse_eval_after"]["lm_loss"]
     assert lm1 < lm0 - 0.05, (lm0, lm1)
     assert all(r["lr"] is not None and r["indexer_lr"] is not None for r in out["sparse_history"])
+
+
+def _scope_worker(rank: int, world_size: int, run_dir: str) -> dict:
+    import contextlib
+
+    from dsa_dist.parallel import init_parallel
+    from dsa_dist.train import cpu_scope
+    from dsa_dist.train.pipeline import run_stage
+
+    entries = []
+    real = cpu_scope.cuda_literals_to_cpu
+
+    @contextlib.contextmanager
+    def counted():
+        entries.append(1)
+        with real():
+            yield
+
+    cpu_scope.cuda_literals_to_cpu = counted
+    init_parallel(1, 1)
+    history = run_stage(tiny_config(run_dir, pipeline="[dense]", stages__dense__steps=3, optim__warmup_steps=1),
+                        "dense")
+    return {"entries": len(entries), "steps": [r["step"] for r in history]}
+
+
+def test_run_stage_enters_the_megatron_cpu_scope_once(tmp_path):
+    out = run_ranks(_scope_worker, 1, str(tmp_path))[0]
+    assert out["steps"] == [1, 2, 3]  # build, 3 steps (each with an optimizer step) and a save ...
+    assert out["entries"] == 1  # ... all inside one entry of cuda_literals_to_cpu
