@@ -19,8 +19,8 @@ from dsa_dist.config import (
     to_yaml,
     validate_config,
 )
-from dsa_dist.train.data import check_data
 from dsa_dist.model.runtime import DSARuntime
+from dsa_dist.train.data import check_data
 from dsa_dist.train.stages import resolve_stage
 from dsa_dist.train.tasks import _GENERATORS
 
