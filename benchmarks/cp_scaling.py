@@ -8,14 +8,15 @@ Run (4 GPUs; every case uses all ranks: CP=c runs world/c data-parallel replicas
     python -m torch.distributed.run --nproc-per-node 2 benchmarks/cp_scaling.py --smoke   # CPU/gloo dry run
 
 Cases (``--parts``):
-- ``layer``: the DSA core of one DeepSeek-V3.2 attention layer (``dsa_dist.model.dsa_core``: H=128, absorbed
-  d_qk/d_v = 576/512, indexer H_I=64 × d_I=128, k=2048, FP8 indexer, KL of the indexer) — forward + backward from
-  the absorbed queries, the KV latent and the indexer inputs (the q/kv/o projections are not included);
+- ``layer``: the DSA steps of one DeepSeek-V3.2 attention layer (``dsa_dist.model.dsa_core.dsa_attention``:
+  H=128, absorbed d_qk/d_v = 576/512, indexer H_I=64 × d_I=128, k=2048, FP8 indexer, KL of the indexer) —
+  forward + backward from the absorbed queries, the KV latent and the indexer inputs (the q/kv/o projections are
+  not included);
 - ``model``: the ``small`` preset (12 layers, MLA, vocab 512 as configs/single_gpu.yaml), sparse stage, one
   micro-batch of one sequence (``--batch B`` adds rows with B at the compare length): forward + backward (no
   optimizer step, no DP gradient reduction — the same for every layout);
 - ``dense_layer`` / ``dense_model``: the same with dense causal attention over the KV all-gathered across CP
-  (``dsa_mode="dense"``, no indexer KL), where it fits the budget.
+  (runtime ``dsa_dist.model.runtime.DENSE``: no indexer, no KL), where it fits the budget.
 
 Per case: median step time over the ranks' slowest, tokens/s per GPU (L / (CP · t)), achieved TFLOPS per GPU
 with the FLOP count written in the JSON (``flops``; formulas in :func:`layer_flops` / :func:`model_flops`),
@@ -34,6 +35,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -43,11 +45,12 @@ import torch.distributed as dist
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repo, unless dsa_dist is already importable
 
 from dsa_dist.compat import default_device  # noqa: E402
-from dsa_dist.model.config import preset  # noqa: E402
-from dsa_dist.model.dsa_core import ParallelGroups, dsa_core, local_positions  # noqa: E402
+from dsa_dist.model.config import DSAModelConfig, preset  # noqa: E402
+from dsa_dist.model.dsa_core import DSAInputs, dsa_attention  # noqa: E402
 from dsa_dist.model.indexer import LightningIndexer  # noqa: E402
 from dsa_dist.model.indexer_loss import IndexerLossTracker  # noqa: E402
-from dsa_dist.parallel import _comm, cp_layer_comm_volume  # noqa: E402
+from dsa_dist.model.runtime import DENSE, SPARSE_TRAIN, DSARuntime  # noqa: E402
+from dsa_dist.parallel import ParallelDims, _comm, cp_layer_comm_volume, current_parallel_dims  # noqa: E402
 
 K = 1024
 GIB = 2**30
@@ -83,46 +86,55 @@ def model_flops(cfg, length: int, n_linear_params: int, sparse: bool) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------- cases
-def _layer_cfg(smoke: bool, length: int, sparse: bool, mode: str):
+def _preset(name: str, *, indexer: dict, **fields: object) -> DSAModelConfig:
+    """``preset(name)`` with top-level ``fields`` and ``indexer`` fields replaced (the config is frozen)."""
+    base = preset(name)
+    return replace(base, **fields, indexer=replace(base.indexer, **indexer))
+
+
+def _runtime(sparse: bool) -> DSARuntime:
+    """Sparse training (top-k, sparse attention, sparse KL) or dense pre-training (no indexer, no KL)."""
+    return SPARSE_TRAIN if sparse else DENSE
+
+
+def _layer_cfg(smoke: bool, length: int, mode: str) -> DSAModelConfig:
     if smoke:
-        return preset("tiny", seq_len=length, dsa_mode="sparse" if sparse else "dense", indexer={"topk": 32,
-                      "cp_topk_mode": mode})
-    return preset("v32-layer", seq_len=length, dsa_mode="sparse" if sparse else "dense",
-                  indexer={"cp_topk_mode": mode})
+        return _preset("tiny", seq_len=length, indexer={"topk": 32, "cp_topk_mode": mode})
+    return _preset("v32-layer", seq_len=length, indexer={"cp_topk_mode": mode})
 
 
-def _model_cfg(smoke: bool, length: int, sparse: bool, mode: str):
+def _model_cfg(smoke: bool, length: int, mode: str) -> DSAModelConfig:
     name = "tiny" if smoke else "small"
     topk = 32 if smoke else 512
-    return preset(name, seq_len=length, vocab_size=512 if not smoke else 128,
-                  dsa_mode="sparse" if sparse else "dense", indexer={"topk": topk, "cp_topk_mode": mode})
+    return _preset(name, seq_len=length, vocab_size=512 if not smoke else 128,
+                   indexer={"topk": topk, "cp_topk_mode": mode})
 
 
-def make_layer_step(cfg, groups: ParallelGroups, length: int, sparse: bool, batch: int = 1):
-    """A closure running one DSA core forward + backward on this rank's shard (inputs built once)."""
+def make_layer_step(cfg: DSAModelConfig, dims: ParallelDims, length: int, sparse: bool, batch: int = 1):
+    """A closure running one DSA attention forward + backward on this rank's shard (inputs built once)."""
     device = default_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = cfg.to_transformer_config(None)
     q_in = cfg.mla.q_lora_rank
     indexer = LightningIndexer(config, cfg, q_in).to(device)
-    local = length // groups.cp_size
-    gen = torch.Generator(device=device).manual_seed(groups.cp_rank)
+    local = length // dims.cp
+    gen = torch.Generator(device=device).manual_seed(dims.cp_rank)
     q = torch.randn(batch, local, cfg.num_heads, cfg.core_qk_dim, device=device, dtype=dtype, generator=gen)
     kv = torch.randn(batch, local, 1, cfg.core_qk_dim, device=device, dtype=dtype, generator=gen)
     h = torch.randn(batch, local, cfg.hidden_size, device=device, dtype=dtype, generator=gen)
     cq = torch.randn(batch, local, q_in, device=device, dtype=dtype, generator=gen)
     q.requires_grad_(True)
     kv.requires_grad_(True)
-    positions = local_positions(local, groups, device)
-    tracker = IndexerLossTracker(compute_kl=sparse)
+    inputs = DSAInputs(q=q, k=kv, v=None, v_dim=cfg.core_v_dim, indexer_h=h, indexer_cq=cq,
+                       positions=dims.local_positions(local, device))
+    runtime = _runtime(sparse)
+    tracker = IndexerLossTracker()
 
     def step() -> None:
-        tracker.reset()
+        tracker.begin_forward()
         q.grad = kv.grad = None
         indexer.zero_grad(set_to_none=True)
-        out = dsa_core(q, kv, None, v_dim=cfg.core_v_dim, indexer=indexer, indexer_h=h, indexer_cq=cq,
-                       positions=positions, dsa=cfg, groups=groups, softmax_scale=cfg.softmax_scale,
-                       tracker=tracker, layer=1, compute_kl=sparse)
+        out = dsa_attention(inputs, indexer=indexer, dsa=cfg, runtime=runtime, dims=dims, tracker=tracker, layer=1)
         # The output is its own gradient (no second [L, H, d_v] tensor: memory is what limits the length).
         roots, grads = [out], [out.detach()]
         if sparse:
@@ -133,21 +145,21 @@ def make_layer_step(cfg, groups: ParallelGroups, length: int, sparse: bool, batc
     return step, 1
 
 
-def make_model_step(cfg, groups: ParallelGroups, length: int, sparse: bool, batch: int = 1):
+def make_model_step(cfg: DSAModelConfig, dims: ParallelDims, length: int, sparse: bool, batch: int = 1):
     """A closure running the model's forward + backward on one sequence (this rank's zigzag shard)."""
     from dsa_dist.model.builder import build_model, get_indexer_loss_tracker
     from dsa_dist.parallel import zigzag_split
 
     device = default_device()
     torch.manual_seed(0)
-    model = build_model(cfg, tracker=IndexerLossTracker(compute_kl=sparse))
+    model = build_model(cfg, runtime=_runtime(sparse))
     tracker = get_indexer_loss_tracker(model)
     tokens = torch.randint(0, cfg.vocab_size, (batch, length + 1), device=device)
-    inputs = zigzag_split(tokens[:, :-1], 1, groups.cp_size, groups.cp_rank).contiguous()
-    labels = zigzag_split(tokens[:, 1:], 1, groups.cp_size, groups.cp_rank).contiguous()
+    inputs = zigzag_split(tokens[:, :-1], 1, dims.cp, dims.cp_rank).contiguous()
+    labels = zigzag_split(tokens[:, 1:], 1, dims.cp, dims.cp_rank).contiguous()
 
     def step() -> None:
-        tracker.reset()
+        tracker.begin_forward()
         model.zero_grad(set_to_none=True)
         lm = model(inputs, None, None, labels=labels).float().mean()
         (lm + tracker.total() if sparse else lm).backward()
@@ -220,14 +232,15 @@ def _replay(calls) -> float:
     return _time(run, 3)
 
 
-def measure(make, cfg, groups, length: int, sparse: bool, reps: int, batch: int = 1) -> dict:
+def measure(make, cfg: DSAModelConfig, dims: ParallelDims, length: int, sparse: bool, reps: int,
+            batch: int = 1) -> dict:
     """Time one case; returns the row (also on OOM: ``{"error": "OOM"}``, agreed by all ranks)."""
     row: dict = {}
     try:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        step, layers = make(cfg, groups, length, sparse, batch)
+        step, layers = make(cfg, dims, length, sparse, batch)
         step()  # warm-up: Triton compile, NCCL communicators, allocator
         _sync()
         first = _max_over_ranks(_time(step, 1))
@@ -235,7 +248,7 @@ def measure(make, cfg, groups, length: int, sparse: bool, reps: int, batch: int 
         row["step_s"] = first if reps == 1 else _max_over_ranks(_time(step, reps))
         if torch.cuda.is_available():
             row["peak_gib"] = _max_over_ranks(torch.cuda.max_memory_allocated() / GIB)
-        if hasattr(_comm, "count_comm_bytes") and groups.cp_size > 1:
+        if hasattr(_comm, "count_comm_bytes") and dims.cp > 1:
             with _comm.count_comm_bytes() as log:
                 step()
             row["sent_bytes_per_layer"] = log.total / layers
@@ -258,7 +271,7 @@ def measure(make, cfg, groups, length: int, sparse: bool, reps: int, batch: int 
 
 
 # ------------------------------------------------------------------------------------------------------- driver
-def set_layout(cp: int) -> ParallelGroups:
+def set_layout(cp: int) -> ParallelDims:
     """Megatron's parallel state for TP=1 × CP=``cp`` (× DP) over the already-initialised world.
 
     Built directly with ``create_gloo_process_groups=False``: the benchmark switches layouts many times, and
@@ -268,11 +281,11 @@ def set_layout(cp: int) -> ParallelGroups:
 
     if ps.model_parallel_is_initialized():
         if ps.get_context_parallel_world_size() == cp:
-            return ParallelGroups.from_megatron()
+            return current_parallel_dims()
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(1, 1, context_parallel_size=cp, create_gloo_process_groups=False,
                                  distributed_timeout_minutes=5)
-    return ParallelGroups.from_megatron()
+    return current_parallel_dims()
 
 
 def _cases(args, world: int) -> list[dict]:
@@ -407,16 +420,16 @@ def main() -> None:
         if length % (2 * cp):
             continue
         sparse, is_model = not part.startswith("dense"), part.endswith("model")
-        cfg = (_model_cfg if is_model else _layer_cfg)(args.smoke, length, sparse, case["mode"])
+        cfg = (_model_cfg if is_model else _layer_cfg)(args.smoke, length, case["mode"])
         row = {**case, "dp": world // cp, "tag": args.tag}
         key = (part, cp, case["mode"], case["batch"])
         reason = _skip_reason(case, cfg, _shorter(seen, key, length), time.monotonic() - start, args)
         if reason:
             row["error"] = reason
         else:
-            groups = set_layout(cp)
+            dims = set_layout(cp)
             make = make_model_step if is_model else make_layer_step
-            row.update(measure(make, cfg, groups, length, sparse, args.reps, case["batch"]))
+            row.update(measure(make, cfg, dims, length, sparse, args.reps, case["batch"]))
             seen[(key, length)] = row
         _finish_row(row, cfg, sparse, is_model)
         rows.append(row)
@@ -435,8 +448,8 @@ def profile(args, rank: int) -> None:
     from torch.profiler import profile as torch_profile
 
     length, cp = (int(x) for x in args.profile.split(":"))
-    groups = set_layout(cp)
-    step, _ = make_model_step(_model_cfg(args.smoke, length, True, args.mode), groups, length, True)
+    dims = set_layout(cp)
+    step, _ = make_model_step(_model_cfg(args.smoke, length, args.mode), dims, length, True)
     step()
     _sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
