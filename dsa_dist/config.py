@@ -21,8 +21,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from dsa_dist.model.config import PRESET_NAMES, DSAModelConfig, preset
+from dsa_dist.rl.config import RLConfig, validate_rl
 
-StageName = Literal["dense", "warmup", "sparse"]
+StageName = Literal["dense", "warmup", "sparse", "grpo"]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
@@ -137,7 +138,7 @@ class StageOverrides:
 
 @dataclass
 class StagesConfig:
-    """Overrides of the three stage presets (dsa_dist/train/stages.py describes what each stage trains)."""
+    """Overrides of the stage presets (dsa_dist/train/stages.py describes what each stage trains)."""
 
     dense: StageOverrides = field(default_factory=StageOverrides)
     """Dense pre-training: all parameters but the indexers, LM loss, dense attention."""
@@ -145,6 +146,8 @@ class StagesConfig:
     """Indexer warm-up: only the indexers train, on the dense-attention KL (DeepSeek-V3.2: lr 1e-3)."""
     sparse: StageOverrides = field(default_factory=StageOverrides)
     """Sparse training: top-k attention, all parameters, LM loss + indexer KL on the top-k set."""
+    grpo: StageOverrides = field(default_factory=lambda: StageOverrides(lr=1e-5, min_lr=1e-5, warmup_steps=0))
+    """GRPO post-training (settings under ``rl``); steps and warmup_steps count GRPO iterations."""
 
 
 @dataclass
@@ -183,7 +186,7 @@ class TrainRunConfig:
     run_dir: str = "runs/tiny"
     """Output directory: one sub-directory per stage (checkpoints/, tensorboard/, metrics.jsonl)."""
     pipeline: list[StageName] = field(default_factory=lambda: ["dense", "warmup", "sparse"])
-    """Stages to run, in order (dense, warmup, sparse)."""
+    """Stages to run, in order (dense, warmup, sparse, grpo)."""
     model_preset: str = "tiny"
     """DSAModelConfig preset that the model section starts from (tiny, tiny-gqa, small, small-gqa, v32-layer)."""
     model: DSAModelConfig = field(default_factory=lambda: preset("tiny"))
@@ -195,6 +198,8 @@ class TrainRunConfig:
     stages: StagesConfig = field(default_factory=StagesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    """GRPO post-training (dsa_dist/rl/config.py), used by the 'grpo' stage."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,18 +323,18 @@ def validate_config(cfg: TrainRunConfig, world_size: int | None = None) -> None:
         _require(m.seq_len % (2 * p.cp) == 0, "model.seq_len", m.seq_len,
                  f"not divisible by 2*parallel.cp={2 * p.cp} (zigzag context parallel); use a multiple of "
                  f"{2 * p.cp} or change parallel.cp")
-    if "sparse" in cfg.pipeline:
+    if "sparse" in cfg.pipeline or "grpo" in cfg.pipeline:
         _require(m.indexer.topk <= m.seq_len, "model.indexer.topk", m.indexer.topk,
                  f"larger than model.seq_len={m.seq_len}: only seq_len keys exist; choose topk < seq_len")
     try:
         m.validate(tp=p.tp, cp=p.cp)
     except ValueError as err:
         raise ValueError(f"model.{err}") from None
-    _require(len(cfg.pipeline) > 0, "pipeline", cfg.pipeline, "name at least one stage (dense, warmup, sparse)")
+    _require(len(cfg.pipeline) > 0, "pipeline", cfg.pipeline, "name at least one stage (dense, warmup, sparse, grpo)")
     _require(len(set(cfg.pipeline)) == len(cfg.pipeline), "pipeline", cfg.pipeline, "a stage may appear once")
-    order = {"dense": 0, "warmup": 1, "sparse": 2}
+    order = {"dense": 0, "warmup": 1, "sparse": 2, "grpo": 3}
     _require([order[s] for s in cfg.pipeline] == sorted(order[s] for s in cfg.pipeline), "pipeline",
-             cfg.pipeline, "stages must keep the order dense -> warmup -> sparse")
+             cfg.pipeline, "stages must keep the order dense -> warmup -> sparse -> grpo")
 
     t = cfg.train
     _require(t.device != "cuda" or _cuda_available(), "train.device", t.device,
@@ -356,6 +361,7 @@ def validate_config(cfg: TrainRunConfig, world_size: int | None = None) -> None:
     _require(c.interval >= 0, "checkpoint.interval", c.interval, "must be >= 0 (0: save at the end only)")
     _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
     _require(cfg.logging.log_interval >= 1, "logging.log_interval", cfg.logging.log_interval, "must be >= 1")
+    validate_rl(cfg)
 
 
 def _validate_stage(cfg: TrainRunConfig, stage: str) -> None:

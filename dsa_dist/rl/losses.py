@@ -58,6 +58,10 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, kept_mask: torch.
         ``logprob [B, T]`` float32 (differentiable) and the entropy ``[B, T]`` of the restricted distribution
         (detached).
     """
+    if kept_mask is not None:
+        # Padding slots after a stop token carry empty kept sets; give them the full vocabulary so that every
+        # value stays finite (they are masked out of every sum, but NaN * 0 would still be NaN).
+        kept_mask = kept_mask | ~kept_mask.any(dim=-1, keepdim=True)
     logq = restricted_log_softmax(logits, kept_mask, temperature)  # [B, T, V]
     logprob = logq.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():  # a statistic, never back-propagated

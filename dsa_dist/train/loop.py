@@ -368,7 +368,12 @@ def run_pipeline(cfg: TrainRunConfig) -> dict[str, list[dict]]:
             if stage != "dense" and init_from is None and latest is None and rank == 0:
                 print(f"[{stage}] warning: no previous stage and no checkpoint.init_from: starting from random "
                       "weights (the recipe expects a dense model)", flush=True)
-            trainer = StageTrainer(cfg, stage, init_from=init_from)
+            if stage == "grpo":
+                from dsa_dist.rl.trainer import GRPOTrainer
+
+                trainer = GRPOTrainer(cfg, stage, init_from=init_from)
+            else:
+                trainer = StageTrainer(cfg, stage, init_from=init_from)
             history[stage] = trainer.run()
             del trainer
         # The next stage starts from this stage's final checkpoint.
