@@ -33,7 +33,7 @@ import torch.distributed as dist
 from dsa_dist.compat import cuda_literals_to_cpu, current_parallel_dims, default_device, manual_seed
 from dsa_dist.config import TrainRunConfig
 from dsa_dist.model.builder import build_model, get_indexer_loss_tracker
-from dsa_dist.rl.losses import GRPOTerms, grpo_terms, group_advantages, nonzero_variance_groups, token_logprobs
+from dsa_dist.rl.losses import GRPOTerms, group_advantages, grpo_terms, nonzero_variance_groups, token_logprobs
 from dsa_dist.rl.rewards import PromptGenerator, load_reward, score_responses
 from dsa_dist.train import checkpoint as ckpt
 from dsa_dist.train.data import ByteTokenizer
