@@ -189,10 +189,17 @@ def score_responses(reward_fn: RewardFn, prompts: Sequence[Prompt], responses: S
                 if not math.isfinite(value):
                     raise ValueError(f"reward is {value}")
             except Exception as err:  # noqa: BLE001 - any reward bug must cost one sample, not the run
-                failure = RewardFailure(prompt.prompt_id, g, f"{type(err).__name__}: {err}")
-                failures.append(failure)
-                log.warning("reward failed for prompt %s sample %d (scored 0): %s", failure.prompt_id, g,
-                            failure.error)
+                failures.append(RewardFailure(prompt.prompt_id, g, f"{type(err).__name__}: {err}"))
                 continue
             rewards[p, g] = value
+    _warn(failures)
     return rewards, failures
+
+
+def _warn(failures: list[RewardFailure]) -> None:
+    """One warning per prompt and error (not per sample), naming the prompt id and the failed samples."""
+    grouped: dict[tuple[str, str], list[int]] = {}
+    for f in failures:
+        grouped.setdefault((f.prompt_id, f.error), []).append(f.sample)
+    for (prompt_id, error), samples in grouped.items():
+        log.warning("reward failed for prompt %s, samples %s (scored 0): %s", prompt_id, samples, error)

@@ -1,0 +1,124 @@
+"""The ``grpo`` stage on the tiny model (dsa_dist/rl/trainer.py): it learns, resumes exactly, survives bad rewards.
+
+- Learning: on the arithmetic prompts with the shaped reward (format credit for digits), 12 seeded GRPO
+  iterations raise the mean reward far above anything the frozen initial policy reaches on the *same* prompts and
+  sampler seeds (the control runs first in the same process: rollouts only, no updates).
+- Resume: a run stopped (and checkpointed) after 2 of 4 iterations and resumed by a new trainer repeats the
+  uninterrupted run's metrics and final weights exactly; it goes through ``run_pipeline`` (the ``dsa-train`` path),
+  writes the documented TensorBoard tags, and its reward function fails on some samples (counted, scored 0, no NaN).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dsa_dist.rl.rewards import Prompt, arithmetic_shaped_reward
+from tests.train._tiny import run_ranks
+
+SEED = 4321
+TIMING_KEYS = ("perf/rollout_tokens_per_s", "perf/train_tokens_per_s")
+
+
+def _config(run_dir: str, *extra: str):
+    from pathlib import Path
+
+    from dsa_dist.config import load_config
+
+    overrides = [
+        f"run_dir={run_dir}", "model.seq_len=32", "model.indexer.topk=8", "train.threads=1", f"train.seed={SEED}",
+        "stages.grpo.lr=1e-2", "stages.grpo.min_lr=1e-2", "rl.loss.advantage_std=true",
+        "rl.sampling.max_new_tokens=4", "rl.prompts_per_iteration=8", "rl.group_size=8",
+        "checkpoint.interval=0", "logging.log_interval=1", "logging.progress=none", *extra,
+    ]
+    return load_config(Path(__file__).resolve().parents[2] / "configs" / "grpo_tiny.yaml", overrides, world_size=1)
+
+
+def flaky_reward(prompt: Prompt, response: str) -> float:
+    """The shaped arithmetic reward, except that it raises or returns NaN on some prompts (fault injection)."""
+    index = int(prompt.prompt_id.rsplit("-", 1)[1])
+    if index % 5 == 1:
+        raise RuntimeError("verifier crashed")
+    if index % 5 == 3:
+        return math.nan
+    return arithmetic_shaped_reward(prompt, response)
+
+
+def _learning_worker(rank: int, world_size: int, run_dir: str, iterations: int) -> dict:
+    from dsa_dist.compat import init_parallel
+    from dsa_dist.rl.trainer import GRPOTrainer
+
+    cfg = _config(run_dir, "logging.tensorboard=false")
+    init_parallel(1, 1)
+    trainer = GRPOTrainer(cfg)
+    frozen = []
+    for step in range(iterations):  # the control: the initial policy on the same prompts and sampler seeds
+        trainer.step = step
+        frozen.append(trainer.rollout()[1]["reward/mean"])
+    trainer.step = 0
+    trained = [trainer.train_iteration() for _ in range(iterations)]
+    return {"frozen": frozen, "trained": trained}
+
+
+def test_grpo_raises_the_reward_beyond_a_frozen_policy(tmp_path):
+    iterations = 12
+    out = run_ranks(_learning_worker, 1, str(tmp_path), iterations)[0]
+    frozen = out["frozen"]
+    rewards = [r["reward/mean"] for r in out["trained"]]
+    print(f"seed {SEED}: frozen {[round(x, 3) for x in frozen]}, GRPO {[round(x, 3) for x in rewards]}")
+    assert rewards[0] == frozen[0]  # the first rollout is the same policy, prompts and seeds
+    final = sum(rewards[-3:]) / 3
+    assert final > max(frozen) + 0.15, (frozen, rewards)
+    for rec in out["trained"]:
+        assert all(math.isfinite(v) for k, v in rec.items() if isinstance(v, float)), rec
+        assert 0.0 <= rec["policy/clip_fraction"] <= 1.0 and 0.0 <= rec["policy/opsm_masked_fraction"] <= 1.0
+    assert out["trained"][-1]["policy/kl_ref"] > 0.0  # the policy moved away from the reference
+
+
+def _resume_worker(rank: int, world_size: int, dir_a: str, dir_b: str) -> dict:
+    from dsa_dist.compat import destroy_parallel, init_parallel
+    from dsa_dist.rl.trainer import GRPOTrainer
+    from dsa_dist.train.loop import run_pipeline
+
+    extra = ("stages.grpo.steps=4", "rl.reward=tests.rl.test_grpo_trainer.flaky_reward")
+    history = run_pipeline(_config(dir_a, *extra))["grpo"]  # uninterrupted, through the dsa-train path
+    destroy_parallel()
+    init_parallel(1, 1)
+    first = GRPOTrainer(_config(dir_b, *extra, "logging.tensorboard=false")).run(until=2)
+    resumed_trainer = GRPOTrainer(_config(dir_b, *extra, "logging.tensorboard=false"))
+    start = resumed_trainer.start
+    resumed = resumed_trainer.run()
+    uninterrupted = GRPOTrainer(_config(dir_a, *extra, "logging.tensorboard=false"))  # loads A's final checkpoint
+    return {"a": history, "b": first + resumed, "start": start,
+            "params_a": {n: p.detach().clone() for n, p in uninterrupted.gpt.named_parameters()},
+            "params_b": {n: p.detach().clone() for n, p in resumed_trainer.gpt.named_parameters()}}
+
+
+def _tensorboard_tags(run_dir: str) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(f"{run_dir}/grpo/tensorboard")
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def test_resume_mid_grpo_repeats_the_uninterrupted_run(tmp_path):
+    dir_a, dir_b = str(tmp_path / "a"), str(tmp_path / "b")
+    out = run_ranks(_resume_worker, 1, dir_a, dir_b)[0]
+    assert out["start"].startswith("resumed from") and out["start"].endswith("step_00000002")
+    a, b = out["a"], out["b"]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert {k: v for k, v in ra.items() if k not in TIMING_KEYS} == \
+               {k: v for k, v in rb.items() if k not in TIMING_KEYS}
+    for name, p in out["params_a"].items():
+        assert torch.equal(p, out["params_b"][name]), name
+    # Fault injection: prompts 1, 3, 6, 8, ... fail (raise / NaN) on all their 8 samples; the run goes on.
+    assert a[-1]["reward/failures"] == 8 * sum(i % 5 in (1, 3) for i in range(4 * 8))
+    assert all(math.isfinite(r["policy/loss"]) and math.isfinite(r["reward/mean"]) for r in a)
+    tags = _tensorboard_tags(dir_a)
+    for tag in ("reward/mean", "reward/std", "reward/accuracy", "reward/failures", "policy/kl_ref",
+                "policy/clip_fraction", "policy/entropy", "rollout/response_length", "policy/opsm_masked_fraction",
+                "policy/abs_log_ratio", "perf/rollout_tokens_per_s", "perf/train_tokens_per_s"):
+        assert tag in tags, (tag, sorted(tags))
