@@ -5,7 +5,8 @@
   sampler seeds (the control runs first in the same process: rollouts only, no updates).
 - Resume: a run stopped (and checkpointed) after 2 of 4 iterations and resumed by a new trainer repeats the
   uninterrupted run's metrics and final weights exactly; it goes through ``run_pipeline`` (the ``dsa-train`` path),
-  writes the documented TensorBoard tags, and its reward function fails on some samples (counted, scored 0, no NaN).
+  writes the documented TensorBoard tags, and its reward function fails on some samples (counted, scored 0, no NaN;
+  dynamic sampling then drops those all-zero groups).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def _resume_worker(rank: int, world_size: int, dir_a: str, dir_b: str) -> dict:
     from dsa_dist.rl.trainer import GRPOTrainer
     from dsa_dist.train.loop import run_pipeline
 
-    extra = ("stages.grpo.steps=4", "rl.reward=tests.rl.test_grpo_trainer.flaky_reward")
+    extra = ("stages.grpo.steps=4", "rl.reward=tests.rl.test_grpo_trainer.flaky_reward",
+             "rl.loss.dynamic_sampling=true")
     history = run_pipeline(_config(dir_a, *extra))["grpo"]  # uninterrupted, through the dsa-train path
     destroy_parallel()
     init_parallel(1, 1)
@@ -117,6 +119,10 @@ def test_resume_mid_grpo_repeats_the_uninterrupted_run(tmp_path):
     # Fault injection: prompts 1, 3, 6, 8, ... fail (raise / NaN) on all their 8 samples; the run goes on.
     assert a[-1]["reward/failures"] == 8 * sum(i % 5 in (1, 3) for i in range(4 * 8))
     assert all(math.isfinite(r["policy/loss"]) and math.isfinite(r["reward/mean"]) for r in a)
+    # Dynamic sampling drops at least the failed prompts' groups (all 0: no variance), never all of them here.
+    failed_groups = [sum(i % 5 in (1, 3) for i in range(8 * it, 8 * it + 8)) / 8 for it in range(4)]
+    dropped = [r["rollout/dropped_group_fraction"] for r in a]
+    assert all(f <= d < 1.0 for f, d in zip(failed_groups, dropped)), (failed_groups, dropped)
     tags = _tensorboard_tags(dir_a)
     for tag in ("reward/mean", "reward/std", "reward/accuracy", "reward/failures", "policy/kl_ref",
                 "policy/clip_fraction", "policy/entropy", "rollout/response_length", "policy/opsm_masked_fraction",
