@@ -58,8 +58,24 @@ def _learning_worker(rank: int, world_size: int, run_dir: str, iterations: int) 
         trainer.step = step
         frozen.append(trainer.rollout()[1]["reward/mean"])
     trainer.step = 0
+    start = _params(trainer)
     trained = [trainer.train_iteration() for _ in range(iterations)]
-    return {"frozen": frozen, "trained": trained}
+    changed = _changed(start, _params(trainer))
+    # rl.indexer_loss_coeff=0 freezes the indexers (the rest still trains).
+    frozen_indexer = GRPOTrainer(_config(f"{run_dir}/freeze", "logging.tensorboard=false",
+                                         "rl.indexer_loss_coeff=0"))
+    start = _params(frozen_indexer)
+    frozen_indexer.train_iteration()
+    return {"frozen": frozen, "trained": trained, "changed": changed,
+            "changed_coeff0": _changed(start, _params(frozen_indexer))}
+
+
+def _params(trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.gpt.named_parameters()}
+
+
+def _changed(before: dict, after: dict) -> dict[str, bool]:
+    return {n: not torch.equal(before[n], after[n]) for n in before}
 
 
 def test_grpo_raises_the_reward_beyond_a_frozen_policy(tmp_path):
@@ -75,6 +91,10 @@ def test_grpo_raises_the_reward_beyond_a_frozen_policy(tmp_path):
         assert all(math.isfinite(v) for k, v in rec.items() if isinstance(v, float)), rec
         assert 0.0 <= rec["policy/clip_fraction"] <= 1.0 and 0.0 <= rec["policy/opsm_masked_fraction"] <= 1.0
     assert out["trained"][-1]["policy/kl_ref"] > 0.0  # the policy moved away from the reference
+    indexer = {n for n in out["changed"] if ".indexer." in n}
+    assert indexer and all(out["changed"][n] for n in indexer)  # the indexers train on their sparse KL
+    assert not any(out["changed_coeff0"][n] for n in indexer)
+    assert any(c for n, c in out["changed_coeff0"].items() if n not in indexer)
 
 
 def _resume_worker(rank: int, world_size: int, dir_a: str, dir_b: str) -> dict:
