@@ -16,7 +16,7 @@ For new tokens ``[B, n]`` at per-sequence positions (n = 1 in decode), after the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,31 +26,51 @@ from dsa_dist.ops.topk import INVALID_INDEX
 from dsa_dist.rl.kv_cache import CacheLayout, LayerKVCache
 
 
-def position_groups(positions: torch.Tensor) -> Iterator[tuple[torch.Tensor | None, torch.Tensor]]:
-    """Sequences sharing the same position row: yields ``(batch rows [g] or None for all, positions [n])``."""
+@dataclass
+class StepPlan:
+    """What every layer of one decode step shares, computed once per step (each item would otherwise cost a
+    host sync per layer): where the new tokens go, how many cached rows are visible, the position groups."""
+
+    positions: torch.Tensor
+    """[B, n] positions of the new tokens."""
+    mine: torch.Tensor
+    """[B, n] bool: this CP rank stores the new token."""
+    write_rows: torch.Tensor
+    """[B, n] local row of each new token (meaningful where ``mine``)."""
+    rows: int
+    """Leading local rows that may be visible to some query (positions ≤ the largest query position)."""
+    groups: list[tuple[torch.Tensor | None, torch.Tensor]]
+    """``(batch rows [g] or None = all, positions [n])`` of the sequences sharing one position row."""
+    visible: torch.Tensor
+    """[B, n, rows] bool: cached row at a position ≤ the query's (dense attention's mask)."""
+
+
+def plan_step(layout: CacheLayout, positions: torch.Tensor) -> StepPlan:
+    """The :class:`StepPlan` of new tokens at ``positions`` [B, n] (each row strictly increasing)."""
+    mine, write_rows = layout.locate(positions)
+    rows = layout.visible_rows(int(positions.max()))
     first = positions[0]
     if bool((positions == first).all()):
-        yield None, first
-        return
-    unique, inverse = torch.unique(positions, dim=0, return_inverse=True)
-    for g in range(unique.shape[0]):
-        yield (inverse == g).nonzero().squeeze(1), unique[g]
+        groups = [(None, first)]
+    else:
+        unique, inverse = torch.unique(positions, dim=0, return_inverse=True)
+        groups = [((inverse == g).nonzero().squeeze(1), unique[g]) for g in range(unique.shape[0])]
+    visible = layout.positions[:rows][None, None, :] <= positions[:, :, None]
+    return StepPlan(positions, mine, write_rows, rows, groups, visible)
 
 
 def cache_topk(q_index: torch.Tensor, weights: torch.Tensor, cache: LayerKVCache, layout: CacheLayout,
-               positions: torch.Tensor, topk: int, *, cp_group=None) -> torch.Tensor:
+               plan: StepPlan, topk: int, *, cp_group=None) -> torch.Tensor:
     """Top-k global key positions [B, n, k] int32 (−1 empty) of the new queries over the cached index keys.
 
     Args:
         q_index: [B, n, H_I, d_I] prepared indexer queries (e4m3 with the q scale folded into ``weights``).
         weights: [B, n, H_I] fp32.
-        positions: [B, n] the queries' positions (each row strictly increasing).
     """
-    rows = layout.visible_rows(int(positions.max()))
-    k_all, s_all = cache.index_keys(rows)
-    k_pos = layout.positions[:rows]
-    out = torch.full((*positions.shape, topk), INVALID_INDEX, dtype=torch.int32, device=q_index.device)
-    for members, pos in position_groups(positions):
+    k_all, s_all = cache.index_keys(plan.rows)
+    k_pos = layout.positions[: plan.rows]
+    out = None
+    for members, pos in plan.groups:
         q, w, k, s = (q_index, weights, k_all, s_all) if members is None else (
             q_index[members], weights[members], k_all[members], None if s_all is None else s_all[members])
         if layout.cp_size == 1:
@@ -61,41 +81,34 @@ def cache_topk(q_index: torch.Tensor, weights: torch.Tensor, cache: LayerKVCache
 
             idx = candidate_topk(q, w, k, s, topk, q_positions=pos, k_positions_local=k_pos, group=cp_group)[1]
         if members is None:
-            out = idx
-        else:
-            out[members] = idx
+            return idx
+        if out is None:
+            out = torch.full((*plan.positions.shape, topk), INVALID_INDEX, dtype=torch.int32, device=idx.device)
+        out[members] = idx
     return out
 
 
-def _dense_visible(layout: CacheLayout, rows: int, positions: torch.Tensor) -> torch.Tensor:
-    """[B, n, rows] bool: cached row visible to the query (its position ≤ the query's)."""
-    return layout.positions[:rows][None, None, :] <= positions[:, :, None]
-
-
-def cache_attention(q: torch.Tensor, cache: LayerKVCache, layout: CacheLayout, positions: torch.Tensor,
+def cache_attention(q: torch.Tensor, cache: LayerKVCache, layout: CacheLayout, plan: StepPlan,
                     topk_indices: torch.Tensor | None, softmax_scale: float, *, cp_group=None) -> torch.Tensor:
     """Attention of the new queries over the cache: sparse over ``topk_indices`` (global positions [B, n, k]), or
     dense (``topk_indices`` None) over every cached position ≤ the query's.
 
     Args:
         q: [B, n, H/tp, d_qk] queries (rope applied; MLA absorbed).
-        positions: [B, n] query positions.
 
     Returns:
         [B, n, H/tp, d_v] output in q's dtype, identical on every CP rank.
     """
-    rows = layout.visible_rows(int(positions.max()))
-    k, v = cache.keys(rows), cache.values(rows)
+    k, v = cache.keys(plan.rows), cache.values(plan.rows)
     if topk_indices is None and layout.cp_size == 1:
-        return _sdpa_dense(q, k, v, _dense_visible(layout, rows, positions), softmax_scale)
+        return _sdpa_dense(q, k, v, plan.visible, softmax_scale)
     if topk_indices is None:
         # Dense under CP: every visible local row, as an index list (−1 past the query), so the partial comes
         # with its log-sum-exp for the cross-rank merge.
-        visible = _dense_visible(layout, rows, positions)
-        local = torch.arange(rows, device=q.device, dtype=torch.int32).expand(visible.shape)
-        local = torch.where(visible, local, INVALID_INDEX)
+        local = torch.arange(plan.rows, device=q.device, dtype=torch.int32).expand(plan.visible.shape)
+        local = torch.where(plan.visible, local, INVALID_INDEX)
     else:
-        local = layout.to_local(topk_indices)
+        local = topk_indices if layout.cp_size == 1 else layout.to_local(topk_indices)
     out, lse = dispatch.sparse_attention(q, k, v, local, softmax_scale)
     if layout.cp_size == 1:
         return out

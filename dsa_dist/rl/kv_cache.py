@@ -109,7 +109,9 @@ class LayerKVCache:
     @classmethod
     def allocate(cls, batch: int, rows: int, *, kv_heads: int, qk_dim: int, v_dim: int, latent: bool,
                  index_dim: int, fp8: bool, dtype: torch.dtype, device: torch.device) -> LayerKVCache:
-        """Zeroed storage for ``batch`` sequences of ``rows`` local rows."""
+        """Zeroed storage for ``batch`` sequences of ``rows`` local rows, plus one scratch row at the end that
+        absorbs the writes of tokens another CP rank owns (so a write never needs a data-dependent host sync)."""
+        rows += 1
         key = torch.zeros(batch, rows, kv_heads, qk_dim, dtype=dtype, device=device)
         value = None if latent else torch.zeros(batch, rows, kv_heads, v_dim, dtype=dtype, device=device)
         index_dtype = torch.float8_e4m3fn if fp8 else dtype
@@ -126,15 +128,16 @@ class LayerKVCache:
     def write(self, mine: torch.Tensor, rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None,
               index_key: torch.Tensor, index_scale: torch.Tensor | None) -> None:
         """Store new tokens ``[B, n, ...]`` at local ``rows`` [B, n] where ``mine`` [B, n] (this rank owns them)."""
-        b, n = torch.nonzero(mine, as_tuple=True)
-        r = rows[b, n]
-        self.key[b, r] = key[b, n].to(self.key.dtype)
+        scratch = self.key.shape[1] - 1
+        r = torch.where(mine, rows, scratch)
+        b = torch.arange(r.shape[0], device=r.device)[:, None].expand_as(r)
+        self.key[b, r] = key.to(self.key.dtype)
         if self.value is not None:
-            self.value[b, r] = value[b, n].to(self.value.dtype)
-        idx = index_key[b, n].to(self.index_dtype)
+            self.value[b, r] = value.to(self.value.dtype)
+        idx = index_key.to(self.index_dtype)
         self.index_key[b, r] = idx.view(torch.uint8) if self.index_dtype == torch.float8_e4m3fn else idx
         if self.index_scale is not None:
-            self.index_scale[b, r] = index_scale[b, n].float()
+            self.index_scale[b, r] = index_scale.float()
 
     def keys(self, rows: int) -> torch.Tensor:
         """[B, rows, Hkv, d_qk] view of the first ``rows`` rows."""

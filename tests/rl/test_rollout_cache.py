@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dsa_dist.ops import dense_attention, fp8_block_quant, lightning_indexer_topk, sparse_attention
-from dsa_dist.rl.decode_attention import cache_attention, cache_topk
+from dsa_dist.rl.decode_attention import cache_attention, cache_topk, plan_step
 from dsa_dist.rl.kv_cache import CacheLayout, LayerKVCache
 from tests._dist import run_distributed
 
@@ -48,11 +48,12 @@ def _run_cache(cp_size: int, cp_rank: int, sparse: bool, group=None):
     outs, idxs = [], []
     bi = torch.arange(B)
     for pos in _decode_steps():
-        p = pos[:, None]
-        mine, rows = layout.locate(p)
-        cache.write(mine, rows, kv[bi, pos][:, None], None, kf[bi, pos][:, None], ks[bi, pos][:, None])
-        idx = cache_topk(qf[bi, pos][:, None], w[bi, pos][:, None], cache, layout, p, TOPK, cp_group=group)
-        out = cache_attention(q[bi, pos][:, None], cache, layout, p, idx if sparse else None, 0.3, cp_group=group)
+        plan = plan_step(layout, pos[:, None])
+        cache.write(plan.mine, plan.write_rows, kv[bi, pos][:, None], None, kf[bi, pos][:, None],
+                    ks[bi, pos][:, None])
+        idx = cache_topk(qf[bi, pos][:, None], w[bi, pos][:, None], cache, layout, plan, TOPK, cp_group=group)
+        out = cache_attention(q[bi, pos][:, None], cache, layout, plan, idx if sparse else None, 0.3,
+                              cp_group=group)
         idxs.append(idx[:, 0])
         outs.append(out[:, 0])
     return torch.stack(idxs, 1), torch.stack(outs, 1)
