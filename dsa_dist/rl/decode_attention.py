@@ -126,7 +126,10 @@ def _sdpa_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torc
     hkv = k.shape[2]
     g = h // hkv
     qg = q.reshape(b, n, hkv, g, d).permute(0, 2, 1, 3, 4).reshape(b, hkv, n * g, d)  # rows (token, head)
-    mask = visible[:, None, :, None, :].expand(b, 1, n, g, visible.shape[-1]).reshape(b, 1, n * g, -1)
+    if n == 1:  # decode: one mask row per sequence, broadcast over heads (no [B, G, L] copy per layer)
+        mask = visible[:, None]  # [B, 1, 1, L]
+    else:
+        mask = visible[:, None, :, None, :].expand(b, 1, n, g, visible.shape[-1]).reshape(b, 1, n * g, -1)
     o = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
     return o.reshape(b, hkv, n, g, -1).permute(0, 2, 1, 3, 4).reshape(b, n, h, -1)
 

@@ -59,26 +59,26 @@ def _run_cache(cp_size: int, cp_rank: int, sparse: bool, group=None):
     return torch.stack(idxs, 1), torch.stack(outs, 1)
 
 
-def _reference(sparse: bool):
-    """Each sequence alone, full-sequence ops: top-k of the row at its position over keys 0..position."""
+def _reference_at(b: int, p: int, sparse: bool):
+    """Sequence ``b`` alone, full-sequence ops: the top-k and output of its row at position ``p``."""
     q, kv, qf, w, kf, ks = _data()
+    sl = slice(b, b + 1)
+    idx = lightning_indexer_topk(qf[sl, p:p + 1], kf[sl, : p + 1], w[sl, p:p + 1], TOPK, ks[sl, : p + 1],
+                                 q_positions=torch.tensor([p]))[1]
+    k = kv[sl, : p + 1]
+    if sparse:
+        o = sparse_attention(q[sl, p:p + 1], k, k[..., :D_V], idx, 0.3)[0]
+    else:
+        o = dense_attention(q[sl, p:p + 1], k, k[..., :D_V], 0.3, q_positions=torch.tensor([p]))[0]
+    return idx[0, 0], o[0, 0]
+
+
+def _reference(sparse: bool):
     idxs, outs = [], []
     for pos in _decode_steps():
-        step_idx, step_out = [], []
-        for b in range(B):
-            p = int(pos[b])
-            sl = slice(b, b + 1)
-            idx = lightning_indexer_topk(qf[sl, p:p + 1], kf[sl, : p + 1], w[sl, p:p + 1], TOPK, ks[sl, : p + 1],
-                                         q_positions=torch.tensor([p]))[1]
-            k = kv[sl, : p + 1]
-            if sparse:
-                o = sparse_attention(q[sl, p:p + 1], k, k[..., :D_V], idx, 0.3)[0]
-            else:
-                o = dense_attention(q[sl, p:p + 1], k, k[..., :D_V], 0.3, q_positions=torch.tensor([p]))[0]
-            step_idx.append(idx[0, 0])
-            step_out.append(o[0, 0])
-        idxs.append(torch.stack(step_idx))
-        outs.append(torch.stack(step_out))
+        step = [_reference_at(b, int(pos[b]), sparse) for b in range(B)]
+        idxs.append(torch.stack([s[0] for s in step]))
+        outs.append(torch.stack([s[1] for s in step]))
     return torch.stack(idxs, 1), torch.stack(outs, 1)
 
 
@@ -120,3 +120,27 @@ def test_cached_decode_cp2_matches_cp1(sparse):
     for idx, out in run_distributed(_cp_worker, 2, sparse):
         assert torch.equal(idx, ref_idx)  # candidate all-gather top-k = single-rank top-k, ties included
         torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_multi_token_step_matches_reference(sparse):
+    """Two new tokens per sequence in one step (n = 2, per-sequence positions): both rows as the reference."""
+    q, kv, qf, w, kf, ks = _data()
+    layout = CacheLayout(PREFILL, DECODE, cp_size=1, cp_rank=0)
+    cache = LayerKVCache.allocate(B, layout.rows, kv_heads=1, qk_dim=D_QK, v_dim=D_V, latent=True, index_dim=D_I,
+                                  fp8=True, dtype=torch.float64, device=torch.device("cpu"))
+    pos = torch.tensor(LENS)[:, None] + torch.tensor([4, 5])  # [B, 2]
+    before = torch.arange(int(pos.max())).expand(B, -1)  # every earlier position written (as decode would have)
+    mine, rows = layout.locate(before)
+    n = before.shape[1]
+    cache.write(mine, rows, kv[:, :n], None, kf[:, :n], ks[:, :n])
+    bi = torch.arange(B)[:, None]
+    plan = plan_step(layout, pos)
+    cache.write(plan.mine, plan.write_rows, kv[bi, pos], None, kf[bi, pos], ks[bi, pos])
+    idx = cache_topk(qf[bi, pos], w[bi, pos], cache, layout, plan, TOPK)
+    out = cache_attention(q[bi, pos], cache, layout, plan, idx if sparse else None, 0.3)
+    for b in range(B):
+        for j in range(2):
+            ref_idx, ref_out = _reference_at(b, int(pos[b, j]), sparse)
+            assert torch.equal(idx[b, j], ref_idx)
+            torch.testing.assert_close(out[b, j], ref_out, rtol=1e-10, atol=1e-10)
