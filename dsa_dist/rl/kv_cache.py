@@ -120,6 +120,16 @@ class LayerKVCache:
         return cls(key, value, v_dim if latent else None, index_key, index_scale, index_dtype)
 
     @property
+    def batch(self) -> int:
+        """Sequences held."""
+        return self.key.shape[0]
+
+    @property
+    def rows(self) -> int:
+        """Local rows per sequence (the scratch row excluded)."""
+        return self.key.shape[1] - 1
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by this layer's cache."""
         parts = [self.key, self.value, self.index_key, self.index_scale]
