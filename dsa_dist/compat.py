@@ -1,7 +1,10 @@
-"""Megatron-Core on CPU and GPU: process-group setup and the few CPU shims Megatron needs (DESIGN.md §2, §4).
+"""Megatron-Core on CPU: the few shims Megatron needs without CUDA, and the device helpers (docs/design.md §4).
 
 Everything CPU-specific about running Megatron-Core 0.16.x lives here, so model and training code never branch on
-the device for Megatron's sake.
+the device for Megatron's sake. Process-group setup lives in :mod:`dsa_dist.parallel.groups`.
+
+Where they are applied: :func:`apply_cpu_shims` runs once at the entry points — :func:`dsa_dist.parallel.init_parallel`
+and :func:`dsa_dist.model.build_model` both call it (it is idempotent), so code below them never does.
 
 Configuration first (no patch needed):
 - models are built with ``use_cpu_initialization=True`` (weights are initialised on the host as a full master
@@ -33,13 +36,9 @@ guard.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 _SHIMS_APPLIED = False
@@ -112,116 +111,3 @@ def manual_seed(seed: int) -> None:
         from megatron.core import tensor_parallel
 
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
-
-
-@dataclass(frozen=True)
-class ParallelDims:
-    """Sizes and this rank's coordinates in the Megatron process grid."""
-
-    world_size: int
-    tp: int
-    cp: int
-    pp: int
-    dp: int
-    tp_rank: int
-    cp_rank: int
-    pp_rank: int
-    dp_rank: int
-
-
-def _check_size(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def validate_parallel_sizes(world_size: int, tp: int, cp: int, pp: int = 1) -> int:
-    """Check that ``world_size`` splits into TP × CP × PP × DP; returns DP. Raises ``ValueError`` naming the fix."""
-    for name, value in (("world_size", world_size), ("tp", tp), ("cp", cp), ("pp", pp)):
-        _check_size(name, value)
-    model_parallel = tp * cp * pp
-    if world_size % model_parallel:
-        raise ValueError(
-            f"world size {world_size} is not divisible by tp*cp*pp = {tp}*{cp}*{pp} = {model_parallel}; "
-            f"launch a multiple of {model_parallel} processes or change the parallel sizes"
-        )
-    return world_size // model_parallel
-
-
-def init_parallel(tp: int = 1, cp: int = 1, pp: int = 1, backend: str | None = None,
-                  timeout_minutes: int = 30) -> ParallelDims:
-    """Initialise torch.distributed (if needed) and Megatron's ``parallel_state`` for TP × CP × PP (× DP).
-
-    The sizes are validated against the world size *before* any rendezvous or collective, so a bad configuration
-    fails fast with a ``ValueError`` instead of hanging. The world size comes from an initialised default group,
-    else from ``$WORLD_SIZE`` (default 1, single process: MASTER_ADDR/MASTER_PORT default to a local address).
-    ``backend`` defaults to NCCL with CUDA and gloo without. Calling it again with other sizes re-creates
-    Megatron's groups (the default process group is kept). On CPU the shims of :func:`apply_cpu_shims` are applied.
-    """
-    from megatron.core import parallel_state
-
-    world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    validate_parallel_sizes(world_size, tp, cp, pp)
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend not in ("nccl", "gloo"):
-        raise ValueError(f"backend must be 'nccl', 'gloo' or None (auto), got {backend!r}")
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise ValueError("backend='nccl' needs CUDA; use backend='gloo' (or None) on CPU")
-    apply_cpu_shims()
-
-    if not dist.is_initialized():
-        rank = int(os.environ.get("RANK", "0"))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-        if world_size == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", "29533")
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=timedelta(minutes=timeout_minutes))
-
-    if parallel_state.model_parallel_is_initialized():
-        same = (
-            parallel_state.get_tensor_model_parallel_world_size() == tp
-            and parallel_state.get_context_parallel_world_size() == cp
-            and parallel_state.get_pipeline_model_parallel_world_size() == pp
-        )
-        if not same:
-            parallel_state.destroy_model_parallel()
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp,
-            pipeline_model_parallel_size=pp,
-            context_parallel_size=cp,
-            distributed_timeout_minutes=timeout_minutes,
-        )
-    return current_parallel_dims()
-
-
-def current_parallel_dims() -> ParallelDims:
-    """Sizes and ranks of the initialised Megatron grid (TP=CP=PP=DP=1 when ``parallel_state`` is not set up)."""
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        return ParallelDims(1, 1, 1, 1, 1, 0, 0, 0, 0)
-    return ParallelDims(
-        world_size=dist.get_world_size(),
-        tp=ps.get_tensor_model_parallel_world_size(),
-        cp=ps.get_context_parallel_world_size(),
-        pp=ps.get_pipeline_model_parallel_world_size(),
-        dp=ps.get_data_parallel_world_size(),
-        tp_rank=ps.get_tensor_model_parallel_rank(),
-        cp_rank=ps.get_context_parallel_rank(),
-        pp_rank=ps.get_pipeline_model_parallel_rank(),
-        dp_rank=ps.get_data_parallel_rank(),
-    )
-
-
-def destroy_parallel() -> None:
-    """Tear down Megatron's groups and the default process group (safe to call when nothing is initialised)."""
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()

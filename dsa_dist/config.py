@@ -7,7 +7,8 @@ validates it; every problem raises ``ValueError`` naming the key path, the bad v
 
 The model section is :class:`dsa_dist.model.config.DSAModelConfig`. It starts from the preset named by the
 top-level ``model_preset`` (``tiny``, ``small``, ...); fields given under ``model:`` override the preset.
-``model.dsa_mode`` is set by each stage (dense for ``dense``/``warmup``, sparse for ``sparse``).
+The model section is immutable; each stage picks what the layers compute (``dsa_dist.model.runtime.DSARuntime``:
+dense attention for ``dense``/``warmup``, sparse for ``sparse``; the indexer KL where the stage trains it).
 """
 
 from __future__ import annotations

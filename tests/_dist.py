@@ -87,7 +87,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     ``fn`` must be a module-level function and its arguments/results picklable (tensors are fine).
     With ``init_process_group=True`` (default) each rank joins a gloo group on 127.0.0.1 before ``fn`` runs;
     otherwise only MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE are set (for code that initialises itself, e.g.
-    ``dsa_dist.compat.init_parallel``). Raises ``RuntimeError`` with the first failing rank's traceback, or
+    ``dsa_dist.parallel.init_parallel``). Raises ``RuntimeError`` with the first failing rank's traceback, or
     ``TimeoutError`` after ``timeout`` seconds. ``daemon=False`` is for ranks that start processes themselves
     (dist_checkpointing's torch_dist writer starts a multiprocessing Manager, which a daemon may not).
     """
@@ -141,11 +141,13 @@ def single_rank_parallel() -> Iterator[None]:
     """
     import torch.distributed as dist
 
-    from dsa_dist.compat import destroy_parallel, init_parallel
+    from dsa_dist.parallel import destroy_parallel, init_parallel
 
     owned = not dist.is_initialized()
     if owned:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+        # No MASTER_PORT: init_parallel's single-process rendezvous then binds a free port itself.
+        os.environ.pop("MASTER_PORT", None)
+        os.environ.update(RANK="0", WORLD_SIZE="1")
     init_parallel(1, 1)
     try:
         yield

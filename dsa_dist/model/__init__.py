@@ -1,10 +1,13 @@
-"""Megatron-Core modules for DSA models (DESIGN.md §3 ``model/``).
+"""Megatron-Core modules for DSA models (docs/design.md §3 ``model/``).
 
-- :mod:`.config` — ``DSAModelConfig`` (+ ``MLAConfig``, ``GQAConfig``, ``IndexerConfig``) and ``preset(name)``;
-- :mod:`.indexer` — ``LightningIndexer``; :mod:`.indexer_loss` — ``IndexerLossTracker``;
-- :mod:`.attention` — ``DSAMLASelfAttention`` (absorbed MLA) and ``DSAGQASelfAttention``; :mod:`.dsa_core` — the
-  shared top-k / attention / KL with the TP and CP layout; :mod:`.specs` — layer ``ModuleSpec``;
-- :mod:`.builder` — ``build_model(cfg)`` → ``GPTModel``, ``get_indexer_loss_tracker(model)``, ``set_dsa_mode``.
+- :mod:`.config` — ``DSAModelConfig`` (+ ``MLAConfig``, ``GQAConfig``, ``IndexerConfig``), frozen, and
+  ``preset(name)``; :mod:`.runtime` — ``DSARuntime`` (dense|sparse attention, indexer KL on|off);
+- :mod:`.indexer` — ``LightningIndexer``, ``is_indexer_parameter``; :mod:`.indexer_loss` — ``IndexerLossTracker``
+  (per-forward options via ``begin_forward``; KL, recall and top-k records);
+- :mod:`.attention` — ``DSAMLASelfAttention`` (absorbed MLA) and ``DSAGQASelfAttention`` (``project`` /
+  ``project_output``); :mod:`.dsa_core` — the DSA steps (select / attend / indexer KL / recall) with the TP and CP
+  layout; :mod:`.specs` — layer ``ModuleSpec``;
+- :mod:`.builder` — ``build_model(cfg, runtime=...)`` → ``GPTModel``, ``get_indexer_loss_tracker(model)``.
 
 Names are imported on first use, so ``dsa_dist.model.config`` is usable without importing Megatron.
 """
@@ -14,12 +17,13 @@ from importlib import import_module
 _EXPORTS = {
     "DSAModelConfig": "config", "MLAConfig": "config", "GQAConfig": "config", "IndexerConfig": "config",
     "preset": "config", "PRESET_NAMES": "config",
-    "LightningIndexer": "indexer", "sync_indexer_grads": "indexer",
+    "DSARuntime": "runtime",
+    "LightningIndexer": "indexer", "sync_indexer_grads": "indexer", "is_indexer_parameter": "indexer",
     "IndexerLossTracker": "indexer_loss",
     "DSAMLASelfAttention": "attention", "DSAGQASelfAttention": "attention",
+    "DSAInputs": "dsa_core",
     "dsa_layer_spec": "specs", "dsa_attention_spec": "specs",
-    "build_model": "builder", "get_indexer_loss_tracker": "builder", "set_dsa_mode": "builder",
-    "dsa_attention_layers": "builder",
+    "build_model": "builder", "get_indexer_loss_tracker": "builder", "dsa_attention_layers": "builder",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,16 +1,17 @@
-"""Build a Megatron-Core ``GPTModel`` with DSA attention from a :class:`DSAModelConfig` (DESIGN.md §3).
+"""Build a Megatron-Core ``GPTModel`` with DSA attention from a :class:`DSAModelConfig` (docs/design.md §3).
 
-``parallel_state`` must be initialised first (:func:`dsa_dist.compat.init_parallel`). The model runs on CPU (gloo)
-and CUDA (NCCL): weights are initialised on the host as full master matrices and sliced per TP rank
+``parallel_state`` must be initialised first (:func:`dsa_dist.parallel.init_parallel`). The model runs on CPU
+(gloo) and CUDA (NCCL): weights are initialised on the host as full master matrices and sliced per TP rank
 (``use_cpu_initialization``), then moved to the rank's device. Position embeddings are off in GPTModel: the DSA
-attention applies rotary embeddings itself at global (zigzag under CP) positions.
+attention applies rotary embeddings itself at global (zigzag under CP) positions. The CPU shims of
+:mod:`dsa_dist.compat` are applied here (idempotent), so a model built without ``init_parallel`` works on CPU too.
 
 Usage::
 
     init_parallel(tp=2, cp=2)
-    model = build_model(preset("tiny"))
+    model = build_model(preset("tiny"), runtime=DSARuntime(attention="sparse", indexer_kl=True))
     tracker = get_indexer_loss_tracker(model)
-    tracker.reset()
+    tracker.begin_forward(measure_recall=False)                  # before every forward
     per_token_loss = model(tokens, None, None, labels=labels)   # [b, s_local] (tokens/labels zigzag-sharded)
     loss = per_token_loss.mean() + cfg.indexer_loss_coeff * tracker.total()
 """
@@ -25,18 +26,21 @@ from dsa_dist.compat import apply_cpu_shims, default_device
 from dsa_dist.model.attention import _DSAAttentionBase
 from dsa_dist.model.config import DSAModelConfig
 from dsa_dist.model.indexer_loss import IndexerLossTracker
+from dsa_dist.model.runtime import DSARuntime
 from dsa_dist.model.specs import dsa_layer_spec
 
 
-def build_model(cfg: DSAModelConfig, *, pre_process: bool = True, post_process: bool = True,
+def build_model(cfg: DSAModelConfig, *, runtime: DSARuntime, pre_process: bool = True, post_process: bool = True,
                 tracker: IndexerLossTracker | None = None, vp_stage: int | None = None) -> GPTModel:
     """A ``GPTModel`` whose every layer uses DSA attention (MLA or GQA per ``cfg.attention``).
 
     Args:
-        cfg: the model config (validated against the initialised TP/CP sizes).
+        cfg: the model architecture (validated against the initialised TP/CP sizes).
+        runtime: what the DSA layers compute — dense or sparse attention, indexer KL on or off (see
+            :mod:`dsa_dist.model.runtime`); fixed for the model's lifetime.
         pre_process / post_process: build the embedding / the output layer (pipeline stages).
-        tracker: the :class:`IndexerLossTracker` every layer records its indexer KL in; a new one by default
-            (find it again with :func:`get_indexer_loss_tracker`).
+        tracker: the :class:`IndexerLossTracker` every layer reads its per-forward options from and records its
+            KL in; a new one by default (find it again with :func:`get_indexer_loss_tracker`).
         vp_stage: virtual pipeline stage, passed to Megatron.
 
     Returns:
@@ -44,14 +48,17 @@ def build_model(cfg: DSAModelConfig, *, pre_process: bool = True, post_process: 
         the per-token LM loss ``[b, s_local]``; pass ``attention_mask=None`` (attention is causal by position).
     """
     if not parallel_state.model_parallel_is_initialized():
-        raise RuntimeError("Megatron parallel_state is not initialised: call dsa_dist.compat.init_parallel(tp, cp) "
+        raise RuntimeError("Megatron parallel_state is not initialised: call dsa_dist.parallel.init_parallel(tp, cp) "
                            "before build_model")
+    if not isinstance(runtime, DSARuntime):
+        raise ValueError(f"runtime must be a dsa_dist.model.DSARuntime, got {runtime!r}; e.g. "
+                         "DSARuntime(attention='sparse', indexer_kl=True)")
     apply_cpu_shims()
     config = cfg.to_transformer_config(None)
     tracker = tracker if tracker is not None else IndexerLossTracker()
     model = GPTModel(
         config=config,
-        transformer_layer_spec=dsa_layer_spec(cfg, tracker),
+        transformer_layer_spec=dsa_layer_spec(cfg, runtime, tracker),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.seq_len,
         pre_process=pre_process,
@@ -78,11 +85,3 @@ def get_indexer_loss_tracker(model: torch.nn.Module) -> IndexerLossTracker:
 def dsa_attention_layers(model: torch.nn.Module) -> list[_DSAAttentionBase]:
     """The DSA attention modules of ``model`` in layer order."""
     return [m for m in model.modules() if isinstance(m, _DSAAttentionBase)]
-
-
-def set_dsa_mode(model: torch.nn.Module, mode: str) -> None:
-    """Switch every DSA layer between 'dense' (stage 1) and 'sparse' (stage 2) attention in place."""
-    if mode not in ("dense", "sparse"):
-        raise ValueError(f"mode must be 'dense' or 'sparse', got {mode!r}")
-    for layer in dsa_attention_layers(model):
-        layer.dsa.dsa_mode = mode

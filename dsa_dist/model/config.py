@@ -1,9 +1,19 @@
-"""Model configuration for DSA models (DESIGN.md §1–§2): a small nested, typed dataclass and its presets.
+"""Model configuration for DSA models (docs/design.md §1–§2): a small nested, typed, immutable dataclass.
 
-``DSAModelConfig`` is an OmegaConf structured config (plain types, ``Literal`` enums, nested dataclasses, no
-tensors), embedded by the training config. :meth:`DSAModelConfig.validate` raises ``ValueError`` naming the field
-path, the bad value and the fix; :meth:`DSAModelConfig.to_transformer_config` builds the Megatron-Core
-``TransformerConfig`` for a given parallel layout.
+``DSAModelConfig`` describes the *architecture* only and is frozen (its nested configs too): every layer of a
+model shares one instance and nothing may change it after construction. What a forward pass does with it — dense
+or sparse attention, whether the indexer KL is computed — is the runtime choice
+:class:`dsa_dist.model.runtime.DSARuntime`, passed explicitly to :func:`dsa_dist.model.build_model`.
+
+It is an OmegaConf structured config (plain types, ``Literal`` enums, nested dataclasses, no tensors), embedded by
+the training config: ``OmegaConf.structured``, ``merge`` and ``to_object`` work with the frozen dataclasses
+(overrides are merged into a copy). In code, derive a variant with ``dataclasses.replace``::
+
+    cfg = replace(preset("tiny"), seq_len=128, indexer=replace(preset("tiny").indexer, topk=8))
+
+:meth:`DSAModelConfig.validate` is the one place for model-vs-layout rules; it raises ``ValueError`` naming the
+field path, the bad value and the fix (layers below keep only cheap asserts).
+:meth:`DSAModelConfig.to_transformer_config` builds the Megatron-Core ``TransformerConfig`` for a layout.
 
 Presets (:func:`preset`): ``tiny`` / ``tiny-gqa`` (CPU tests), ``small`` / ``small-gqa`` (~200M, one GPU) and
 ``v32-layer`` (DeepSeek-V3.2 attention shapes: H=128, q_lora 1536, kv_lora 512, rope 64, absorbed d_qk 576,
@@ -12,14 +22,13 @@ d_v 512; indexer H_I=64, d_I=128, k=2048).
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
 
-@dataclass
+@dataclass(frozen=True)
 class MLAConfig:
     """Multi-head latent attention shapes (used when ``attention == "mla"``); run in absorbed/MQA mode."""
 
@@ -35,7 +44,7 @@ class MLAConfig:
     """Per-head value dims after W_uv (input of the output projection: heads * v_head_dim)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class GQAConfig:
     """Grouped-query attention shapes (used when ``attention == "gqa"``), Llama-style."""
 
@@ -45,7 +54,7 @@ class GQAConfig:
     """Per-head q/k/v dims."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class IndexerConfig:
     """Lightning indexer (DESIGN.md §1)."""
 
@@ -64,19 +73,17 @@ class IndexerConfig:
     ue8m0: bool = False
     """Round FP8 scales up to powers of two."""
     recall_rows: int = 16
-    """Query rows sampled per layer for the 'indexer recall' metric (when the tracker asks for it)."""
+    """Query rows sampled per layer for the 'indexer recall' metric (on forwards that ask for it)."""
     cp_topk_mode: Literal["allgather", "ring", "candidates"] = "ring"
     """How context-parallel ranks agree on the top-k (dsa_dist.parallel.distributed_indexer_topk); same result."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class DSAModelConfig:
     """A decoder-only LM with DSA attention in every layer."""
 
     attention: Literal["mla", "gqa"] = "mla"
     """Main attention family: MLA in absorbed/MQA mode (one 576-dim latent KV per token) or Llama-style GQA."""
-    dsa_mode: Literal["dense", "sparse"] = "dense"
-    """'dense': causal attention over all keys + dense indexer KL (stage 1); 'sparse': top-k attention (stage 2)."""
     vocab_size: int = 32768
     """Vocabulary size (Megatron pads nothing: make it divisible by TP)."""
     num_layers: int = 12
@@ -102,8 +109,11 @@ class DSAModelConfig:
     indexer_loss_coeff: float = 1.0
     """Weight of the indexer KL in the training loss (the training loop applies it to the tracker total)."""
     mla: MLAConfig = field(default_factory=MLAConfig)
+    """MLA shapes (read when attention == 'mla')."""
     gqa: GQAConfig = field(default_factory=GQAConfig)
+    """GQA shapes (read when attention == 'gqa')."""
     indexer: IndexerConfig = field(default_factory=IndexerConfig)
+    """The lightning indexer of every layer."""
 
     # ------------------------------------------------------------------ derived shapes
     @property
@@ -154,7 +164,6 @@ class DSAModelConfig:
     def validate(self, tp: int = 1, cp: int = 1) -> DSAModelConfig:
         """Raise ``ValueError`` naming the field, the value and the fix; returns self for chaining."""
         _check_literal("attention", self.attention, ("mla", "gqa"))
-        _check_literal("dsa_mode", self.dsa_mode, ("dense", "sparse"))
         _check_literal("params_dtype", self.params_dtype, ("float32", "bfloat16"))
         for name in ("vocab_size", "num_layers", "hidden_size", "ffn_hidden_size", "num_heads", "seq_len"):
             _check_pos(name, getattr(self, name))
@@ -196,7 +205,7 @@ class DSAModelConfig:
                              "change head_dim or set hadamard=false")
         if ix.topk > self.seq_len:
             raise ValueError(f"indexer.topk={ix.topk} is larger than seq_len={self.seq_len}; at most seq_len keys "
-                             "exist (use dsa_mode='dense' to attend to all of them)")
+                             "exist (the dense attention runtime attends to all of them)")
         if cp > 1 and self.seq_len % (2 * cp):
             raise ValueError(f"seq_len={self.seq_len} is not divisible by 2*cp={2 * cp} (zigzag context parallel "
                              f"uses 2*cp chunks); pad the sequence to a multiple of {2 * cp} or change cp")
@@ -210,13 +219,13 @@ class DSAModelConfig:
         """Megatron-Core ``TransformerConfig`` for this model.
 
         ``parallel``: any object with integer attributes ``tp``, ``cp`` and optionally ``pp`` (the training
-        config's parallel section, or :class:`dsa_dist.compat.ParallelDims`); None reads the sizes from the
+        config's parallel section, or :class:`dsa_dist.parallel.ParallelDims`); None reads the sizes from the
         initialised ``parallel_state``. The DSA-specific shapes stay in this dataclass (the attention modules
         receive it through their ``ModuleSpec`` params).
         """
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        from dsa_dist.compat import current_parallel_dims
+        from dsa_dist.parallel.groups import current_parallel_dims
 
         if parallel is None:
             parallel = current_parallel_dims()
@@ -292,7 +301,7 @@ _PRESETS: dict[str, DSAModelConfig] = {
     ),
     # DeepSeek-V3.2 attention shapes, one layer (benchmarks).
     "v32-layer": DSAModelConfig(
-        attention="mla", dsa_mode="sparse", vocab_size=129280, num_layers=1, hidden_size=7168,
+        attention="mla", vocab_size=129280, num_layers=1, hidden_size=7168,
         ffn_hidden_size=18432, num_heads=128, seq_len=131072, params_dtype="bfloat16",
         mla=MLAConfig(q_lora_rank=1536, kv_lora_rank=512, qk_rope_dim=64, qk_nope_dim=128, v_head_dim=128),
         indexer=IndexerConfig(heads=64, head_dim=128, topk=2048, rope_dim=64),
@@ -302,25 +311,8 @@ _PRESETS: dict[str, DSAModelConfig] = {
 PRESET_NAMES = tuple(_PRESETS)
 
 
-def preset(name: str, **overrides: Any) -> DSAModelConfig:
-    """A fresh copy of preset ``name`` with top-level fields (or nested dataclasses) replaced by ``overrides``.
-
-    Nested fields can be overridden with dicts: ``preset("tiny", indexer={"topk": 8})``.
-    """
+def preset(name: str) -> DSAModelConfig:
+    """The preset ``name`` (immutable: derive variants with ``dataclasses.replace`` or OmegaConf overrides)."""
     if name not in _PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {PRESET_NAMES}")
-    cfg = copy.deepcopy(_PRESETS[name])
-    names = {f.name for f in fields(cfg)}
-    for key, value in overrides.items():
-        if key not in names:
-            raise ValueError(f"unknown DSAModelConfig field {key!r}; fields are {sorted(names)}")
-        current = getattr(cfg, key)
-        if is_dataclass(current) and isinstance(value, dict):
-            sub_names = {f.name for f in fields(current)}
-            for sub_key, sub_value in value.items():
-                if sub_key not in sub_names:
-                    raise ValueError(f"unknown field {key}.{sub_key}; fields are {sorted(sub_names)}")
-                setattr(current, sub_key, sub_value)
-        else:
-            setattr(cfg, key, value)
-    return cfg
+    return _PRESETS[name]

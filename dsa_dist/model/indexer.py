@@ -1,11 +1,16 @@
-"""The lightning indexer as a Megatron module (DESIGN.md §1): its own projections, rope, Hadamard and FP8.
+"""The lightning indexer as a Megatron module (docs/design.md §1): its own projections, rope, Hadamard and FP8.
 
     q_I[t] = W_qI c_q[t]  → [H_I, d_I]    (c_q: MLA query latent q_norm(W_qa h); GQA: h)
     k_I[s] = LayerNorm(W_kI h_s) → [d_I]  (one key per token, shared by all indexer heads)
     w[t]   = W_w h_t · (H_I·d_I)^-1/2     → [H_I]
 
 This module only projects and prepares; scoring, top-k and the KL run in :mod:`dsa_dist.model.dsa_core`, which
-also decides how the work is split over TP and CP ranks.
+also decides how the work is split over TP and CP ranks. For decoding over a cache,
+:meth:`LightningIndexer.index_keys` gives the scoring-ready (FP8) keys of tokens at given positions — what an
+FP8 index-key cache stores — and :meth:`LightningIndexer.index_queries` the matching queries and weights.
+
+Every parameter of the indexer carries ``dsa_indexer = True`` (set at construction):
+:func:`is_indexer_parameter` selects them without matching parameter names.
 
 Tensor parallelism — the indexer's parameters are replicated on every TP rank, and each TP rank scores a
 disjoint strided subset of the query rows (rows ``r::tp``, balanced under causality) and the top-k indices are
@@ -31,10 +36,24 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from dsa_dist.model.config import DSAModelConfig
-from dsa_dist.ops import IndexerInputs, fp8_fake_quant, prepare_indexer_qk
+from dsa_dist.ops import (
+    IndexerInputs,
+    apply_rope,
+    fp8_block_quant,
+    fp8_fake_quant,
+    hadamard_transform,
+    prepare_indexer_qk,
+)
 
 # Attribute read by Megatron's finalize_model_grads (_allreduce_non_tensor_model_parallel_grads): AVG over TP.
 TP_AVG_ATTR = "average_gradients_across_tp_domain"
+# Attribute set on every indexer parameter at construction (read by is_indexer_parameter).
+INDEXER_PARAM_ATTR = "dsa_indexer"
+
+
+def is_indexer_parameter(param: torch.Tensor) -> bool:
+    """Whether ``param`` belongs to a :class:`LightningIndexer` (marked at construction, survives dtype casts)."""
+    return bool(getattr(param, INDEXER_PARAM_ATTR, False))
 
 
 class LightningIndexer(MegatronModule):
@@ -63,6 +82,7 @@ class LightningIndexer(MegatronModule):
                 config.init_method(lin.weight)
         for p in self.parameters():
             setattr(p, TP_AVG_ATTR, True)
+            setattr(p, INDEXER_PARAM_ATTR, True)
 
     def project_queries(self, c_q: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``c_q`` [B, Lq, q_in], ``h`` [B, Lq, hidden] → (q_I [B, Lq, H_I, d_I], w [B, Lq, H_I] scaled)."""
@@ -73,6 +93,42 @@ class LightningIndexer(MegatronModule):
     def project_keys(self, h: torch.Tensor) -> torch.Tensor:
         """``h`` [B, L, hidden] → k_I [B, L, d_I] (after the key LayerNorm)."""
         return self.k_norm(self.wk(h))
+
+    @torch.no_grad()
+    def index_keys(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scoring-ready keys of tokens ``h`` [B, L, hidden] at global ``positions`` [L] (an index-key cache entry).
+
+        Returns ``(k_index [B, L, d_I], k_scale [B, L] fp32)``: e4m3 keys with one scale per key when FP8 is on,
+        else the float keys and ``None``. Bit-identical to the keys :meth:`prepare_for_topk` scores.
+        """
+        k = self.project_keys(h)
+        if self.rope_dim:
+            k = apply_rope(k, positions, self.rope_dim, self.rope_base)
+        if self.hadamard:
+            k = hadamard_transform(k)
+        if not self.fp8:
+            return k, None
+        k_fp8, k_scale = fp8_block_quant(k, self.head_dim, ue8m0=self.ue8m0)  # k_scale [B, L, 1]
+        return k_fp8, k_scale.squeeze(-1)
+
+    @torch.no_grad()
+    def index_queries(self, c_q: torch.Tensor, h: torch.Tensor, positions: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scoring-ready queries of tokens at global ``positions`` [Lq]: ``(q_index [B, Lq, H_I, d_I], weights
+        [B, Lq, H_I] fp32)`` (FP8 query scales folded into the weights), as :meth:`prepare_for_topk` makes them.
+
+        Score them against cached :meth:`index_keys` with ``dsa_dist.ops.dispatch.lightning_indexer_topk``.
+        """
+        q, w = self.project_queries(c_q, h)
+        if self.rope_dim:
+            q = apply_rope(q, positions, self.rope_dim, self.rope_base)
+        if self.hadamard:
+            q = hadamard_transform(q)
+        w = w.float()
+        if not self.fp8:
+            return q, w
+        q_fp8, q_scale = fp8_block_quant(q, self.head_dim, ue8m0=self.ue8m0)  # q_scale [B, Lq, H_I, 1]
+        return q_fp8, w * q_scale.squeeze(-1)
 
     def prepare_for_topk(self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, q_positions: torch.Tensor,
                          k_positions: torch.Tensor) -> IndexerInputs:

@@ -1,6 +1,8 @@
-"""Collect the per-layer lightning-indexer KL losses (DESIGN.md §1 "Losses") and the indexer-recall metric.
+"""Per-forward state of the DSA layers (docs/design.md §1 "Losses"): options in, per-layer KL, recall, top-k out.
 
-Each DSA attention layer records its live KL tensor here during the forward pass; the training loop adds
+Before each forward the loop calls :meth:`IndexerLossTracker.begin_forward` with that forward's options (recall
+sampling, top-k recording or replay). Each DSA attention layer records its live KL tensor here during the forward
+pass (when its :class:`~dsa_dist.model.runtime.DSARuntime` computes the KL); the training loop adds
 ``coeff * tracker.total()`` to its LM loss. The KL's inputs (attention target and, in both modes, the indexer's
 inputs) are detached, so this term's gradient reaches the indexer parameters only and the LM loss reaches only
 the main model: one backward serves both.
@@ -25,34 +27,67 @@ import torch.distributed as dist
 
 
 class IndexerLossTracker:
-    """Per-forward store of each layer's indexer KL (live) and optional recall (detached).
+    """Per-forward state of the DSA layers: the options of this forward in, each layer's KL / recall / top-k out.
+
+    Call :meth:`begin_forward` before every forward pass (each micro-batch): it forgets the previous forward's
+    records and sets this forward's options. Whether the KL is computed at all is the model's
+    :class:`~dsa_dist.model.runtime.DSARuntime` (``indexer_kl``), fixed at build time; ``module.training`` plays
+    no part. Options stay in force until the next :meth:`begin_forward` (so activation recompute sees them too).
 
     Args:
-        compute_recall: when True, DSA layers also measure the indexer recall on a few sampled query rows
-            (share of the dense attention mass covered by the top-k set) — costs an extra partial attention pass,
-            so turn it on only on logging steps.
         attach_coeff: None (default): the training loop adds ``coeff * total()``. A float: layers attach the KL
             to their output with this coefficient (for pipeline parallelism), see the module docstring.
-        compute_kl: when False, layers skip the KL (stages that do not train the indexer save its cost).
-        keep_topk: keep each layer's top-k indices (with the global positions of their query rows) for
-            inspection — debugging and the parallel-equivalence tests.
     """
 
-    def __init__(self, compute_recall: bool = False, attach_coeff: float | None = None,
-                 keep_topk: bool = False, compute_kl: bool = True) -> None:
-        self.compute_kl = compute_kl
-        self.compute_recall = compute_recall
+    def __init__(self, attach_coeff: float | None = None) -> None:
         self.attach_coeff = attach_coeff
-        self.keep_topk = keep_topk
+        self._measure_recall = False
+        self._record_topk = False
+        self._replay: dict[int, torch.Tensor] | None = None
         self._losses: dict[int, torch.Tensor] = {}
         self._recall: dict[int, torch.Tensor] = {}
-        self._topk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._topk: dict[int, torch.Tensor] = {}
 
-    def reset(self) -> None:
-        """Forget all recorded values (call before each forward of a micro-batch)."""
+    def begin_forward(self, *, measure_recall: bool = False, record_topk: bool = False,
+                      replay_topk: dict[int, torch.Tensor] | None = None) -> None:
+        """Start a forward pass: clear the records and set its options.
+
+        Args:
+            measure_recall: every layer measures the indexer recall on a few sampled query rows (share of the
+                dense attention mass covered by the top-k set; the top-k and an extra partial attention pass, so
+                ask for it on logging steps only). Independent of the KL: the dense stage can report it too.
+            record_topk: every layer records its selected key indices (see :meth:`topk`).
+            replay_topk: ``{layer_number: indices}`` with indices ``[B, L_local, k]`` int32 *global* key indices
+                (−1 = empty slot) for this rank's local tokens, in the format :meth:`topk` returns. Each layer
+                then uses these indices instead of its own top-k — for the sparse attention and the sparse KL
+                alike (GRPO's indexer top-k replay). Needs ``DSARuntime(attention="sparse")``.
+        """
+        self._measure_recall = bool(measure_recall)
+        self._record_topk = bool(record_topk)
+        self._replay = None if replay_topk is None else dict(replay_topk)
         self._losses.clear()
         self._recall.clear()
         self._topk.clear()
+
+    # ---------------------------------------------------------------------------------- read by the layers
+    @property
+    def measure_recall(self) -> bool:
+        """Whether this forward measures the indexer recall."""
+        return self._measure_recall
+
+    @property
+    def record_topk(self) -> bool:
+        """Whether this forward records each layer's selected indices."""
+        return self._record_topk
+
+    def replayed_topk(self, layer: int) -> torch.Tensor | None:
+        """The indices to replay in ``layer`` this forward, or None (the layer selects its own)."""
+        if self._replay is None:
+            return None
+        if layer not in self._replay:
+            raise ValueError(f"replay_topk has no indices for layer {layer} (it has layers {sorted(self._replay)}); "
+                             "pass the indices of every DSA layer of the model, as topk() records them")
+        return self._replay[layer]
 
     def record(self, layer: int, loss: torch.Tensor) -> None:
         """Store the live KL of ``layer`` (a scalar). A layer recorded twice (e.g. recompute) keeps the latest."""
@@ -64,13 +99,15 @@ class IndexerLossTracker:
         """Store the (detached) indexer recall of ``layer``."""
         self._recall[layer] = recall.detach().float()
 
-    def record_topk(self, layer: int, positions: torch.Tensor, indices: torch.Tensor) -> None:
-        """Keep ``indices`` [B, n, k] (global key indices) of the query rows at global ``positions`` [n]."""
-        if self.keep_topk:
-            self._topk[layer] = (positions.detach().cpu(), indices.detach().cpu())
+    def record_selected(self, layer: int, indices: torch.Tensor) -> None:
+        """Store ``indices`` [B, L_local, k] (global key indices of this rank's tokens) when this forward asks."""
+        if self._record_topk:
+            self._topk[layer] = indices.detach()
 
-    def topk(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer: (query positions [n], top-k indices [B, n, k]) as kept with ``keep_topk=True``."""
+    # ---------------------------------------------------------------------------------- read by the loop
+    def topk(self) -> dict[int, torch.Tensor]:
+        """Per layer: the selected indices [B, L_local, k] int32 recorded with ``record_topk=True`` (detached,
+        on the model's device) — the format ``begin_forward(replay_topk=...)`` takes."""
         return dict(self._topk)
 
     @property

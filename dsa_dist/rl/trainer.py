@@ -30,9 +30,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dsa_dist.compat import cuda_literals_to_cpu, current_parallel_dims, default_device, manual_seed
+from dsa_dist.compat import cuda_literals_to_cpu, default_device, manual_seed
 from dsa_dist.config import TrainRunConfig
 from dsa_dist.model.builder import build_model, get_indexer_loss_tracker
+from dsa_dist.model.runtime import SPARSE_INFERENCE, DSARuntime
+from dsa_dist.parallel import current_parallel_dims
 from dsa_dist.rl.losses import GRPOTerms, group_advantages, grpo_terms, nonzero_variance_groups, token_logprobs
 from dsa_dist.rl.rewards import PromptGenerator, load_reward, score_responses
 from dsa_dist.train import checkpoint as ckpt
@@ -54,7 +56,7 @@ class RolloutBatch:
     sampler_logprobs: torch.Tensor  # [B, N] float32
     kept: torch.Tensor  # [B, N, V] bool
     advantages: torch.Tensor  # [B] float32
-    topk: dict[int, torch.Tensor] | None  # layer -> [B, N, k] sampler's indices (replay), or None
+    topk: dict[int, torch.Tensor] | None  # layer -> [B, L, k] the sampler's indices of every row (replay), or None
 
     def rows(self, sl: slice) -> RolloutBatch:
         topk = None if self.topk is None else {k: v[sl] for k, v in self.topk.items()}
@@ -83,17 +85,18 @@ class GRPOTrainer:
         self.params = self.rl.sampling.params()
         self.init_from = str(init_from) if init_from is not None else None
 
-        manual_seed(cfg.train.seed)
-        self.gpt = build_model(self.plan.model)
-        self.tracker = get_indexer_loss_tracker(self.gpt)
         coeff = self.rl.indexer_loss_coeff
         self.indexer_coeff = float(self.plan.model.indexer_loss_coeff if coeff is None else coeff)
+        manual_seed(cfg.train.seed)
+        # Sparse attention; the indexer KL only while the indexers train (coefficient 0 freezes them).
+        self.gpt = build_model(self.plan.model, runtime=DSARuntime(attention="sparse",
+                                                                   indexer_kl=self.indexer_coeff > 0))
+        self.tracker = get_indexer_loss_tracker(self.gpt)
         set_trainable(self.gpt, self.plan.spec)
         if self.indexer_coeff == 0.0:  # the indexers keep their stage-2 weights
             for name, p in self.gpt.named_parameters():
                 if is_indexer_param(name):
                     p.requires_grad_(False)
-            self.tracker.compute_kl = False
         config = self.gpt.config
         config.calculate_per_token_loss = True  # DDP sums gradients over DP; the loss divides by global tokens
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
@@ -167,7 +170,7 @@ class GRPOTrainer:
                 self.optimizer.reload_model_params()
             if self.rl.loss.kl_coeff > 0:
                 # The reference is the stage's starting policy, frozen, on the same ranks and TP shards.
-                ref = build_model(self.plan.model)
+                ref = build_model(self.plan.model, runtime=SPARSE_INFERENCE)  # no indexer KL: it never trains
                 ref.load_state_dict(self.gpt.state_dict())
                 self.ref = self._wrap(ref).eval()
                 self.ref.requires_grad_(False)
@@ -203,7 +206,7 @@ class GRPOTrainer:
     @torch.no_grad()
     def rollout(self) -> tuple[RolloutBatch, dict]:
         """Prompts -> G samples each -> rewards -> advantages, for this DP rank; and the rollout metrics."""
-        from dsa_dist.rl.rollout import generate
+        from dsa_dist.rl.rollout import generate, replay_topk
 
         rl, G = self.rl, self.rl.group_size
         local = rl.prompts_per_iteration // self.dims.dp
@@ -220,13 +223,17 @@ class GRPOTrainer:
         positions = out.prompt_lens.to(mask.device).long().unsqueeze(1) + torch.arange(n_resp, device=mask.device)
         tokens = out.tokens.to(self.device)
         response = tokens.gather(1, positions.to(self.device))
+        pad = (-tokens.shape[1]) % self.dims.tp  # the indexer splits the query rows of a forward over TP ranks
+        tokens = torch.nn.functional.pad(tokens, (0, pad), value=self.tokenizer.eod_id)  # [B, L]
+        # Keep the indexer's choice: every row of the trainer's forward gets the indices the sampler used there.
+        topk = replay_topk(out, seq_len=tokens.shape[1]) if rl.replay_indexer_topk else None  # {layer: [B, L, k]}
         texts = [self.tokenizer.decode(r[m].tolist()) for r, m in zip(response.cpu(), mask.cpu())]
         rewards, failures = score_responses(self.reward_fn, prompts, texts, G)  # [P, G] float64
         adv = group_advantages(rewards, scale_by_std=rl.loss.advantage_std, eps=rl.loss.advantage_eps)
         batch = RolloutBatch(tokens=tokens, positions=positions.to(self.device), response=response,
                              mask=mask.to(self.device).float(), sampler_logprobs=out.logprobs.to(self.device).float(),
                              kept=out.kept_mask.to(self.device), advantages=adv.flatten().float().to(self.device),
-                             topk=out.topk_indices)
+                             topk=topk)
         dropped_groups = 0
         if rl.loss.dynamic_sampling:
             keep_groups = nonzero_variance_groups(rewards)
@@ -262,12 +269,10 @@ class GRPOTrainer:
         """log π(response) and entropy ``[b, N]`` under ``model``, restricted to the sampler's kept sets."""
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-        tokens = mb.tokens
-        pad = (-tokens.shape[1]) % self.dims.tp  # the indexer splits query rows over TP ranks
-        if pad:
-            tokens = torch.nn.functional.pad(tokens, (0, pad), value=self.tokenizer.eod_id)
-        self.tracker.reset()
-        logits = model(tokens, None, None)  # [b, L, V/tp]
+        # The policy (π_θ, π_old) replays the sampler's top-k when asked; the reference selects its own.
+        replay = mb.topk if model is not self.ref else None
+        get_indexer_loss_tracker(model).begin_forward(replay_topk=replay)
+        logits = model(mb.tokens, None, None)  # [b, L, V/tp]
         logits = gather_from_tensor_model_parallel_region(logits)  # [b, L, V]
         # Token j of the response sits at positions[:, j]; the logits one position earlier predict it.
         idx = (mb.positions - 1).unsqueeze(-1).expand(-1, -1, logits.shape[-1])  # [b, N, V]

@@ -30,7 +30,7 @@ def _spawned(rank: int, world_size: int, port: int, cfg: TrainRunConfig) -> None
     try:
         run_pipeline(cfg)
     finally:
-        from dsa_dist.compat import destroy_parallel
+        from dsa_dist.parallel import destroy_parallel
 
         destroy_parallel()
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p = cfg.parallel
     world = p.tp * p.cp * p.pp * p.dp
     if "WORLD_SIZE" in os.environ or world == 1:
-        from dsa_dist.compat import destroy_parallel
+        from dsa_dist.parallel import destroy_parallel
         from dsa_dist.train.checkpoint import CheckpointError
         from dsa_dist.train.loop import run_pipeline
 

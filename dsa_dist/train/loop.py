@@ -32,10 +32,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dsa_dist.compat import cuda_literals_to_cpu, current_parallel_dims, default_device, init_parallel, manual_seed
+from dsa_dist.compat import cuda_literals_to_cpu, default_device, manual_seed
 from dsa_dist.config import TrainRunConfig, to_yaml
 from dsa_dist.model.builder import build_model, get_indexer_loss_tracker
-from dsa_dist.parallel import zigzag_split
+from dsa_dist.parallel import current_parallel_dims, init_parallel, zigzag_split
 from dsa_dist.train import checkpoint as ckpt
 from dsa_dist.train.data import DataStream, PackedWindows, eval_batches, open_corpus
 from dsa_dist.train.evals import evaluate_task
@@ -95,8 +95,9 @@ class StageTrainer:
 
         # Model: identical initial weights on every rank (TP shards are cut from one host-side master matrix).
         manual_seed(cfg.train.seed)
-        self.gpt = build_model(self.plan.model)
+        self.gpt = build_model(self.plan.model, runtime=self.plan.runtime)
         self.tracker = get_indexer_loss_tracker(self.gpt)
+        self._measure_recall = False  # this step's choice, passed to tracker.begin_forward by each forward
         self.n_trainable, _ = set_trainable(self.gpt, self.spec)
         config = self.gpt.config
         config.calculate_per_token_loss = True  # read by DDP (grad scaling) and the schedule
@@ -201,7 +202,7 @@ class StageTrainer:
         batch = next(data_iterator)
         tokens, labels, mask = (self._shard(t).to(self.device, non_blocking=True)
                                 for t in (batch.tokens, batch.labels, batch.loss_mask))
-        self.tracker.reset()
+        self.tracker.begin_forward(measure_recall=self._measure_recall)
         per_token_loss = model(tokens, None, None, labels=labels)  # [b, s_local] fp32 (vocab-parallel CE)
         return per_token_loss, partial(self._loss_func, mask)
 
@@ -224,7 +225,7 @@ class StageTrainer:
     def train_step(self, measure_recall: bool = False) -> dict:
         """One optimizer step over a global batch; returns the step's globally reduced metrics."""
         micro_batches = self.data.next_global_batch()
-        self.tracker.compute_recall = measure_recall
+        self._measure_recall = measure_recall
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         with cuda_literals_to_cpu():
@@ -262,7 +263,7 @@ class StageTrainer:
     @torch.no_grad()
     def eval_loss(self, batches: list) -> dict[str, float]:
         """LM loss and indexer KL on fixed full-sequence batches, forward only (parameters untouched)."""
-        self.tracker.compute_recall = False
+        self._measure_recall = False
         with cuda_literals_to_cpu():
             reports = self.forward_backward(
                 forward_step_func=self._forward_step, data_iterator=iter(batches), model=[self.ddp],
@@ -293,8 +294,8 @@ class StageTrainer:
             n_mat += n
             n_idx += n if is_indexer_param(name) else 0
         return flops_per_sequence(self.plan.model, n_mat, n_idx, seq_len=self.plan.model.seq_len,
-                                  sparse=self.spec.dsa_mode == "sparse", train_main=self.spec.trains != "indexer",
-                                  train_indexer=self.spec.trains != "main")
+                                  sparse=self.plan.runtime.attention == "sparse",
+                                  train_main=self.spec.trains != "indexer", train_indexer=self.spec.trains != "main")
 
     # ------------------------------------------------------------------------------------------ the stage
     def run(self, until: int | None = None) -> list[dict]:

@@ -18,7 +18,6 @@ concrete settings of one stage.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +25,7 @@ import torch
 
 from dsa_dist.config import TrainRunConfig, stage_value
 from dsa_dist.model.config import DSAModelConfig
+from dsa_dist.model.runtime import DSARuntime
 
 
 @dataclass(frozen=True)
@@ -33,18 +33,18 @@ class StageSpec:
     """What a stage does (fixed by the recipe; hyper-parameters live in the config)."""
 
     name: str
-    dsa_mode: Literal["dense", "sparse"]
+    attention: Literal["dense", "sparse"]
     trains: Literal["main", "indexer", "all"]
     lm_loss: bool
     indexer_loss: bool
 
 
 STAGES: dict[str, StageSpec] = {
-    "dense": StageSpec("dense", dsa_mode="dense", trains="main", lm_loss=True, indexer_loss=False),
-    "warmup": StageSpec("warmup", dsa_mode="dense", trains="indexer", lm_loss=False, indexer_loss=True),
-    "sparse": StageSpec("sparse", dsa_mode="sparse", trains="all", lm_loss=True, indexer_loss=True),
+    "dense": StageSpec("dense", attention="dense", trains="main", lm_loss=True, indexer_loss=False),
+    "warmup": StageSpec("warmup", attention="dense", trains="indexer", lm_loss=False, indexer_loss=True),
+    "sparse": StageSpec("sparse", attention="sparse", trains="all", lm_loss=True, indexer_loss=True),
     # GRPO post-training: the policy loss replaces the LM loss (dsa_dist/rl/trainer.py).
-    "grpo": StageSpec("grpo", dsa_mode="sparse", trains="all", lm_loss=False, indexer_loss=True),
+    "grpo": StageSpec("grpo", attention="sparse", trains="all", lm_loss=False, indexer_loss=True),
 }
 
 
@@ -53,7 +53,8 @@ class StagePlan:
     """The resolved settings of one stage."""
 
     spec: StageSpec
-    model: DSAModelConfig  # a copy with dsa_mode set by the stage
+    model: DSAModelConfig  # the run's (immutable) model config
+    runtime: DSARuntime  # what the DSA layers compute in this stage (attention kind, indexer KL)
     steps: int
     micro_batch_size: int
     global_batch_size: int
@@ -68,8 +69,7 @@ class StagePlan:
 def resolve_stage(cfg: TrainRunConfig, stage: str) -> StagePlan:
     """Stage preset + the config's per-stage overrides -> :class:`StagePlan` (config must be validated)."""
     spec = STAGES[stage]
-    model = copy.deepcopy(cfg.model)
-    model.dsa_mode = spec.dsa_mode
+    runtime = DSARuntime(attention=spec.attention, indexer_kl=spec.indexer_loss)
     mbs = int(stage_value(cfg, stage, "micro_batch_size"))
     gbs = int(stage_value(cfg, stage, "global_batch_size")) or mbs * cfg.parallel.dp
     lr, min_lr = float(stage_value(cfg, stage, "lr")), float(stage_value(cfg, stage, "min_lr"))
@@ -81,8 +81,9 @@ def resolve_stage(cfg: TrainRunConfig, stage: str) -> StagePlan:
         indexer_lr = float(ilr) if ilr is not None else lr
         imin = stage_value(cfg, stage, "indexer_min_lr")
         indexer_min_lr = float(imin) if imin is not None else indexer_lr * min_lr / lr
-    return StagePlan(spec=spec, model=model, steps=int(stage_value(cfg, stage, "steps")), micro_batch_size=mbs,
-                     global_batch_size=gbs, num_microbatches=gbs // (mbs * cfg.parallel.dp), lr=lr, min_lr=min_lr,
+    return StagePlan(spec=spec, model=cfg.model, runtime=runtime, steps=int(stage_value(cfg, stage, "steps")),
+                     micro_batch_size=mbs, global_batch_size=gbs, num_microbatches=gbs // (mbs * cfg.parallel.dp),
+                     lr=lr, min_lr=min_lr,
                      indexer_lr=indexer_lr, indexer_min_lr=indexer_min_lr,
                      warmup_steps=int(stage_value(cfg, stage, "warmup_steps")))
 

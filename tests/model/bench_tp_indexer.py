@@ -24,15 +24,15 @@ def _rss_kb() -> int:
 
 
 def _worker(rank: int, world: int, mode: str, seq: int, heads: int, dim: int, topk: int) -> dict:
-    from dsa_dist.model.dsa_core import ParallelGroups, _rows_to_all
     from dsa_dist.ops import dispatch, prepare_indexer_qk
+    from dsa_dist.parallel import ParallelDims, rows_to_all
 
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, seq, heads, dim, generator=gen)
     k = torch.randn(1, seq, dim, generator=gen)
     w = torch.randn(1, seq, heads, generator=gen) * (heads * dim) ** -0.5
     pos = torch.arange(seq)
-    groups = ParallelGroups(tp_group=torch.distributed.group.WORLD, tp_size=world, tp_rank=rank)
+    dims = ParallelDims(world_size=world, tp=world, tp_rank=rank, tp_group=torch.distributed.group.WORLD)
     rows = slice(rank, None, world) if mode == "split" else slice(None)
     base = _rss_kb()
     torch.distributed.barrier()
@@ -42,7 +42,7 @@ def _worker(rank: int, world: int, mode: str, seq: int, heads: int, dim: int, to
     _, idx = dispatch.lightning_indexer_topk(prep.q_index, prep.k_index, prep.weights, topk, prep.k_scale,
                                              q_positions=pos[rows], k_positions=pos)
     if mode == "split":
-        idx = _rows_to_all(idx, groups)
+        idx = rows_to_all(idx, dims)
     seconds = time.perf_counter() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"seconds": seconds, "peak_growth_mb": max(peak_kb - base, 0) / 1024, "indices": idx}

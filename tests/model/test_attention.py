@@ -1,5 +1,5 @@
-"""DSA attention on one rank: dense mode = standard causal attention (float64, independent math); sparse with
-k = L = dense (outputs, indexer KL and every gradient); the KL reaches only the indexer; tracker modes; recall."""
+"""DSA attention on one rank: dense = standard causal attention (float64, independent math); sparse with k = L =
+dense (outputs, indexer KL and every gradient); the KL reaches only the indexer; runtime choices; recall."""
 
 import math
 
@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from dsa_dist.model.builder import build_model, get_indexer_loss_tracker
-from dsa_dist.model.config import preset
 from dsa_dist.model.indexer_loss import IndexerLossTracker
+from dsa_dist.model.runtime import DENSE, SPARSE_TRAIN, WARMUP, DSARuntime
 from dsa_dist.model.specs import dsa_attention_spec
 from tests._dist import single_rank_parallel
+from tests.model._configs import model_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -20,13 +21,14 @@ def _single_rank():
         yield
 
 
-def _attention(name, init_std=0.3, **overrides):
+def _attention(name, runtime, init_std=0.3, tracker=None, **overrides):
     from megatron.core.transformer.spec_utils import build_module
 
-    cfg = preset(name, init_std=init_std, **overrides)
-    tracker = IndexerLossTracker()
+    cfg = model_config(name, init_std=init_std, **overrides)
+    tracker = tracker if tracker is not None else IndexerLossTracker()
     torch.manual_seed(0)
-    attn = build_module(dsa_attention_spec(cfg, tracker), config=cfg.to_transformer_config(None), layer_number=1)
+    attn = build_module(dsa_attention_spec(cfg, runtime, tracker), config=cfg.to_transformer_config(None),
+                        layer_number=1)
     return cfg, attn.double(), tracker
 
 
@@ -79,8 +81,9 @@ def _naive_gqa(attn, cfg, x):
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
 def test_dense_equals_standard_causal_attention(name):
-    cfg, attn, _ = _attention(name)
+    cfg, attn, tracker = _attention(name, DENSE)
     x = torch.randn(cfg.seq_len, 2, cfg.hidden_size, dtype=torch.float64)
+    tracker.begin_forward()
     out, bias = attn(x, None)
     assert bias is None and out.shape == x.shape
     ref = (_naive_mla if name == "tiny" else _naive_gqa)(attn, cfg, x)
@@ -91,7 +94,7 @@ def test_dense_equals_standard_causal_attention(name):
 
 def _run(attn, tracker, x, grad):
     attn.zero_grad(set_to_none=True)
-    tracker.reset()
+    tracker.begin_forward()
     out, _ = attn(x, None)
     (out * grad).sum().backward(retain_graph=True)
     lm_grads = {n: p.grad.clone() for n, p in attn.named_parameters() if p.grad is not None}
@@ -103,12 +106,12 @@ def _run(attn, tracker, x, grad):
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
 def test_sparse_with_k_equal_L_equals_dense(name):
-    cfg, attn, tracker = _attention(name, indexer={"topk": 64})
+    cfg, dense_attn, dense_tracker = _attention(name, WARMUP, indexer={"topk": 64})
+    _, sparse_attn, sparse_tracker = _attention(name, SPARSE_TRAIN, indexer={"topk": 64})
     x = torch.randn(cfg.seq_len, 2, cfg.hidden_size, dtype=torch.float64)
     grad = torch.randn_like(x)
-    dense = _run(attn, tracker, x, grad)
-    attn.dsa.dsa_mode = "sparse"
-    sparse = _run(attn, tracker, x, grad)
+    dense = _run(dense_attn, dense_tracker, x, grad)
+    sparse = _run(sparse_attn, sparse_tracker, x, grad)
     torch.testing.assert_close(sparse[0], dense[0], rtol=1e-10, atol=1e-10)
     assert dense[1][1] > 1e-3  # a real KL, not ~0
     assert sparse[1][1] == pytest.approx(dense[1][1], rel=1e-8)
@@ -118,9 +121,9 @@ def test_sparse_with_k_equal_L_equals_dense(name):
             torch.testing.assert_close(sparse[i][n], dense[i][n], rtol=1e-8, atol=1e-10, msg=n)
 
 
-@pytest.mark.parametrize("mode", ["dense", "sparse"])
-def test_indexer_loss_reaches_only_the_indexer(mode):
-    cfg, attn, tracker = _attention("tiny", dsa_mode=mode)
+@pytest.mark.parametrize("runtime", [WARMUP, SPARSE_TRAIN])
+def test_indexer_loss_reaches_only_the_indexer(runtime):
+    cfg, attn, tracker = _attention("tiny", runtime)
     x = torch.randn(cfg.seq_len, 1, cfg.hidden_size, dtype=torch.float64, requires_grad=True)
     _, _, lm_grads, kl_grads = _run(attn, tracker, x, torch.randn_like(x))
     indexer = {n for n, _ in attn.named_parameters() if n.startswith("indexer.")}
@@ -129,22 +132,21 @@ def test_indexer_loss_reaches_only_the_indexer(mode):
     assert set(lm_grads) == {n for n, _ in attn.named_parameters()} - indexer
     # The KL does not reach the layer input either (indexer inputs are detached).
     x.grad = None
-    tracker.reset()
+    tracker.begin_forward()
     attn(x, None)
     tracker.total().backward()
     assert x.grad is None
 
 
 def test_attach_mode_matches_collect_mode_and_recall():
-    cfg, attn, tracker = _attention("tiny", dsa_mode="sparse", indexer={"topk": 8})
+    cfg, attn, tracker = _attention("tiny", SPARSE_TRAIN, indexer={"topk": 8})
     x = torch.randn(cfg.seq_len, 2, cfg.hidden_size, dtype=torch.float64)
     grad = torch.randn_like(x)
     coeff = 0.7
     _, values, lm_grads, kl_grads = _run(attn, tracker, x, grad)
-    tracker.attach_coeff = coeff
-    tracker.compute_recall = True
-    attn.zero_grad(set_to_none=True)
-    tracker.reset()
+    _, attn, tracker = _attention("tiny", SPARSE_TRAIN, tracker=IndexerLossTracker(attach_coeff=coeff),
+                                  indexer={"topk": 8})
+    tracker.begin_forward(measure_recall=True)
     out, _ = attn(x, None)
     (out * grad).sum().backward()
     with pytest.raises(RuntimeError, match="attaches the KL"):
@@ -156,15 +158,18 @@ def test_attach_mode_matches_collect_mode_and_recall():
     assert tracker.values()[1] == pytest.approx(values[1], rel=1e-10)
     recall = tracker.recall()[1]
     assert 0.0 < recall < 1.0
+    tracker.begin_forward()  # recall is asked per forward: the next one does not measure it
+    attn(x, None)
+    assert tracker.recall() == {} and list(tracker.values()) == [1]
     # With k >= L the top-k set holds every causal key: recall is exactly 1.
-    cfg2, attn2, tracker2 = _attention("tiny", dsa_mode="sparse", indexer={"topk": 64})
-    tracker2.compute_recall = True
+    _, attn2, tracker2 = _attention("tiny", SPARSE_TRAIN, indexer={"topk": 64})
+    tracker2.begin_forward(measure_recall=True)
     attn2(x, None)
     assert tracker2.recall()[1] == pytest.approx(1.0, abs=1e-9)
 
 
 def test_attention_mask_is_rejected():
-    cfg, attn, _ = _attention("tiny")
+    cfg, attn, _ = _attention("tiny", DENSE)
     x = torch.randn(8, 1, cfg.hidden_size, dtype=torch.float64)
     with pytest.raises(ValueError, match="attention_mask=None"):
         attn(x, torch.ones(1, 1, 8, 8, dtype=torch.bool))
@@ -172,15 +177,15 @@ def test_attention_mask_is_rejected():
 
 def test_build_model_tiny_trains_on_cpu():
     torch.manual_seed(0)
-    cfg = preset("tiny", dsa_mode="sparse")
-    model = build_model(cfg)
+    cfg = model_config("tiny")
+    model = build_model(cfg, runtime=SPARSE_TRAIN)
     assert sum(p.numel() for p in model.parameters()) == cfg.num_parameters()
     tracker = get_indexer_loss_tracker(model)
     tokens = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(6):
-        tracker.reset()
+        tracker.begin_forward()
         lm = model(tokens[:, :-1].contiguous(), None, None, labels=tokens[:, 1:].contiguous()).mean()
         loss = lm + cfg.indexer_loss_coeff * tracker.total()
         opt.zero_grad()
@@ -190,24 +195,26 @@ def test_build_model_tiny_trains_on_cpu():
     assert tracker.layers == [1, 2]
     assert losses[-1] < losses[0] - 0.05
     assert math.isfinite(losses[-1])
+    with pytest.raises(ValueError, match="runtime must be"):
+        build_model(cfg, runtime="sparse")
 
 
-def test_kl_only_when_training_and_asked():
-    from dsa_dist.model.builder import set_dsa_mode
-
-    cfg, attn, tracker = _attention("tiny")
-    x = torch.randn(16, 1, cfg.hidden_size, dtype=torch.float64)
-    attn.eval()
-    attn(x, None)
-    assert tracker.layers == []  # eval: no KL
-    attn.train()
-    tracker.compute_kl = False
-    attn(x, None)
-    assert tracker.layers == []
-    tracker.compute_kl = True
-    attn(x, None)
-    assert tracker.layers == [1]
-    set_dsa_mode(attn, "sparse")
-    assert attn.dsa.dsa_mode == "sparse"
+def test_kl_follows_the_runtime_not_the_module_mode():
+    x = torch.randn(16, 1, 64, dtype=torch.float64)
+    _, dense, tracker = _attention("tiny", DENSE)
+    for training in (True, False):
+        dense.train(training)
+        tracker.begin_forward()
+        dense(x, None)
+        assert tracker.layers == [] and tracker.recall() == {}  # the dense stage computes no KL
+        tracker.begin_forward(measure_recall=True)
+        dense(x, None)
+        assert tracker.layers == [] and 0 < tracker.recall()[1] <= 1  # recall only where asked
+    _, warm, tracker = _attention("tiny", WARMUP)
+    for training in (True, False):
+        warm.train(training)
+        tracker.begin_forward()
+        warm(x, None)
+        assert tracker.layers == [1] and tracker.values()[1] > 0  # eval mode computes it too
     with pytest.raises(ValueError, match="'dense' or 'sparse'"):
-        set_dsa_mode(attn, "topk")
+        DSARuntime(attention="topk")

@@ -1,10 +1,14 @@
-"""DSAModelConfig presets, validation errors, OmegaConf compatibility, and init_parallel's early size checks."""
+"""DSAModelConfig: presets, immutability, validation errors, OmegaConf compatibility; init_parallel's early size
+checks; the CPU shims."""
+
+from dataclasses import FrozenInstanceError, replace
 
 import pytest
 from omegaconf import OmegaConf
 
-from dsa_dist.compat import init_parallel, validate_parallel_sizes
 from dsa_dist.model.config import PRESET_NAMES, DSAModelConfig, preset
+from dsa_dist.parallel import init_parallel, validate_parallel_sizes
+from tests.model._configs import model_config
 
 
 def test_presets_validate_and_shapes():
@@ -20,16 +24,18 @@ def test_presets_validate_and_shapes():
     assert preset("tiny").attention == "mla" and preset("tiny-gqa").attention == "gqa"
 
 
-def test_preset_overrides():
-    cfg = preset("tiny", dsa_mode="sparse", indexer={"topk": 8})
-    assert cfg.dsa_mode == "sparse" and cfg.indexer.topk == 8
-    assert preset("tiny").indexer.topk == 16  # presets are copied, not mutated
+def test_config_is_immutable_and_variants_are_replaced():
+    cfg = preset("tiny")
+    with pytest.raises(FrozenInstanceError):
+        cfg.seq_len = 128
+    with pytest.raises(FrozenInstanceError):
+        cfg.indexer.topk = 8  # nested sections are frozen too
+    assert not hasattr(cfg, "dsa_mode")  # what the layers compute is the runtime's choice, not the architecture's
+    small = replace(cfg, seq_len=128, indexer=replace(cfg.indexer, topk=8))
+    assert (small.seq_len, small.indexer.topk) == (128, 8)
+    assert (preset("tiny").seq_len, preset("tiny").indexer.topk) == (64, 16)  # the preset is unchanged
     with pytest.raises(ValueError, match="unknown model preset"):
         preset("huge")
-    with pytest.raises(ValueError, match="unknown DSAModelConfig field 'layers'"):
-        preset("tiny", layers=3)
-    with pytest.raises(ValueError, match="indexer.top_k"):
-        preset("tiny", indexer={"top_k": 3})
 
 
 @pytest.mark.parametrize(
@@ -43,14 +49,13 @@ def test_preset_overrides():
         ({"indexer": {"head_dim": 48}}, 1, 1, "power-of-two"),
         ({"indexer": {"rope_dim": 7}}, 1, 1, "indexer.rope_dim=7"),
         ({"attention": "mha"}, 1, 1, "attention must be one of"),
-        ({"dsa_mode": "topk"}, 1, 1, "dsa_mode must be one of"),
         ({"seq_len": 36, "indexer": {"topk": 8}}, 4, 2, r"seq_len/cp=18 is not divisible by tp=4"),
     ],
 )
 def test_validate_errors_name_the_field(kwargs, tp, cp, match):
     name = "tiny-gqa" if "gqa" in kwargs else "tiny"
     with pytest.raises(ValueError, match=match):
-        preset(name, **kwargs).validate(tp=tp, cp=cp)
+        model_config(name, **kwargs).validate(tp=tp, cp=cp)
 
 
 def test_omegaconf_structured_roundtrip():
@@ -58,8 +63,13 @@ def test_omegaconf_structured_roundtrip():
     merged = OmegaConf.merge(schema, {"attention": "gqa", "indexer": {"topk": 32}, "gqa": {"num_kv_heads": 4}})
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, DSAModelConfig) and cfg.indexer.topk == 32 and cfg.gqa.num_kv_heads == 4
+    with pytest.raises(FrozenInstanceError):
+        cfg.indexer.topk = 1  # to_object gives the frozen dataclasses back
     with pytest.raises(Exception, match="dsa_mode"):
-        OmegaConf.merge(schema, {"dsa_mode": "topk"})
+        OmegaConf.merge(schema, {"dsa_mode": "sparse"})  # no longer an architecture field
+    # A preset instance as the base (what the run config does): overrides land in a copy.
+    merged = OmegaConf.merge(OmegaConf.structured(preset("tiny")), OmegaConf.from_dotlist(["indexer.topk=4"]))
+    assert OmegaConf.to_object(merged).indexer.topk == 4 and preset("tiny").indexer.topk == 16
 
 
 def test_parallel_size_errors_before_any_collective(monkeypatch):

@@ -22,7 +22,7 @@ def _single_gpu():
 def _step(model, tracker, tokens, labels, backend, monkeypatch):
     monkeypatch.setenv("DSA_BACKEND", backend)
     model.zero_grad(set_to_none=True)
-    tracker.reset()
+    tracker.begin_forward()
     lm = model(tokens, None, None, labels=labels).float().mean()
     kl = tracker.total()
     (lm + kl).backward()
@@ -32,14 +32,14 @@ def _step(model, tracker, tokens, labels, backend, monkeypatch):
 
 @pytest.mark.parametrize("attention", ["tiny", "tiny-gqa"])
 def test_kernels_match_reference_inside_the_model(_single_gpu, attention, monkeypatch):
-    from dsa_dist.model.builder import build_model, get_indexer_loss_tracker, set_dsa_mode
-    from dsa_dist.model.config import preset
+    from dsa_dist.model.builder import build_model, get_indexer_loss_tracker
+    from dsa_dist.model.runtime import SPARSE_TRAIN
+    from tests.model._configs import model_config
 
     torch.manual_seed(0)
-    cfg = preset(attention, seq_len=512, indexer={"topk": 64})
-    model = build_model(cfg)
+    cfg = model_config(attention, seq_len=512, indexer={"topk": 64})
+    model = build_model(cfg, runtime=SPARSE_TRAIN)
     assert next(model.parameters()).is_cuda
-    set_dsa_mode(model, "sparse")
     tracker = get_indexer_loss_tracker(model)
     tokens = torch.randint(0, cfg.vocab_size, (2, 512), device="cuda")
     labels = torch.roll(tokens, -1, 1)
@@ -55,13 +55,13 @@ def test_kernels_match_reference_inside_the_model(_single_gpu, attention, monkey
 
 
 def test_bf16_sparse_step_is_finite(_single_gpu, monkeypatch):
-    from dsa_dist.model.builder import build_model, get_indexer_loss_tracker, set_dsa_mode
-    from dsa_dist.model.config import preset
+    from dsa_dist.model.builder import build_model, get_indexer_loss_tracker
+    from dsa_dist.model.runtime import SPARSE_TRAIN
+    from tests.model._configs import model_config
 
     torch.manual_seed(0)
-    cfg = preset("tiny", seq_len=1024, params_dtype="bfloat16", indexer={"topk": 128})
-    model = build_model(cfg)
-    set_dsa_mode(model, "sparse")
+    cfg = model_config("tiny", seq_len=1024, params_dtype="bfloat16", indexer={"topk": 128})
+    model = build_model(cfg, runtime=SPARSE_TRAIN)
     tokens = torch.randint(0, cfg.vocab_size, (2, 1024), device="cuda")
     lm, kl, grads = _step(model, get_indexer_loss_tracker(model), tokens, torch.roll(tokens, -1, 1), "auto",
                              monkeypatch)

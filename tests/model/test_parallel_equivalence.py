@@ -24,124 +24,130 @@ CP_TOPK_MODE = {1: "ring", 2: "ring", 4: "allgather"}
 CP_TOPK_MODE_TP2 = {2: "candidates", 4: "ring"}
 
 
-def _cfg(name, mode, groups=None):
-    from dsa_dist.model.config import preset
+def _cfg(name, dims):
+    from tests.model._configs import model_config
 
-    topk_mode = "ring"
-    if groups is not None:
-        topk_mode = (CP_TOPK_MODE_TP2 if groups.tp_size > 1 else CP_TOPK_MODE).get(groups.cp_size, "ring")
-    return preset(name, dsa_mode=mode, init_std=0.2, indexer={"topk": 12, "cp_topk_mode": topk_mode}, seq_len=SEQ)
+    topk_mode = (CP_TOPK_MODE_TP2 if dims.tp > 1 else CP_TOPK_MODE).get(dims.cp, "ring")
+    return model_config(name, init_std=0.2, indexer={"topk": 12, "cp_topk_mode": topk_mode}, seq_len=SEQ)
 
 
-def _gather_tp(t, p, groups):
+def _runtime(mode):
+    """'dense': the warm-up stage (dense attention + dense KL); 'sparse': sparse training (top-k + sparse KL)."""
+    from dsa_dist.model.runtime import SPARSE_TRAIN, WARMUP
+
+    return SPARSE_TRAIN if mode == "sparse" else WARMUP
+
+
+def _gather_tp(t, p, dims):
     """Full tensor of a TP-sharded parameter (or its grad), honouring Megatron's partition stride (SwiGLU fc1
     holds [gate_r; up_r] on rank r: stride 2)."""
-    if not getattr(p, "tensor_model_parallel", False) or groups.tp_size == 1:
+    if not getattr(p, "tensor_model_parallel", False) or dims.tp == 1:
         return t
-    parts = [torch.empty_like(t) for _ in range(groups.tp_size)]
-    dist.all_gather(parts, t.contiguous(), group=groups.tp_group)
+    parts = [torch.empty_like(t) for _ in range(dims.tp)]
+    dist.all_gather(parts, t.contiguous(), group=dims.tp_group)
     stride = getattr(p, "partition_stride", 1)
     dim = p.partition_dim
     pieces = [part.chunk(stride, dim=dim) for part in parts]
-    return torch.cat([pieces[r][s] for s in range(stride) for r in range(groups.tp_size)], dim=dim)
+    return torch.cat([pieces[r][s] for s in range(stride) for r in range(dims.tp)], dim=dim)
 
 
-def _full_grads(module, groups):
+def _full_grads(module, dims):
     """name -> gradient of the full (TP-gathered) parameter, indexer grads averaged over TP, all over CP."""
     from dsa_dist.model.indexer import sync_indexer_grads
 
-    sync_indexer_grads(module, groups.tp_group)
+    sync_indexer_grads(module, dims.tp_group)
     out = {}
     for name, p in module.named_parameters():
         g = p.grad if p.grad is not None else torch.zeros_like(p)
         g = g.detach().clone()
-        if groups.cp_size > 1:
-            dist.all_reduce(g, group=groups.cp_group)
-            g /= groups.cp_size
-        out[name] = _gather_tp(g, p, groups)
+        if dims.cp > 1:
+            dist.all_reduce(g, group=dims.cp_group)
+            g /= dims.cp
+        out[name] = _gather_tp(g, p, dims)
     return out
 
 
-def _full_params(module, groups):
+def _full_params(module, dims):
     out = {}
     for name, p in module.named_parameters():
-        out[name] = _gather_tp(p.detach().clone(), p, groups)
+        out[name] = _gather_tp(p.detach().clone(), p, dims)
     return out
 
 
-def _split(x, seq_dim, groups):
+def _split(x, seq_dim, dims):
     from dsa_dist.parallel import zigzag_split
 
-    return zigzag_split(x, seq_dim, groups.cp_size, groups.cp_rank) if groups.cp_size > 1 else x
+    return zigzag_split(x, seq_dim, dims.cp, dims.cp_rank) if dims.cp > 1 else x
 
 
-def _layer_case(name, mode, groups):
+def _layer_case(name, mode, dims):
     from megatron.core.transformer.spec_utils import build_module
 
-    from dsa_dist.model.dsa_core import local_positions
     from dsa_dist.model.indexer_loss import IndexerLossTracker
     from dsa_dist.model.specs import dsa_attention_spec
 
-    cfg = _cfg(name, mode, groups)
-    tracker = IndexerLossTracker(keep_topk=True)
+    cfg = _cfg(name, dims)
+    tracker = IndexerLossTracker()
     torch.manual_seed(SEED)
-    attn = build_module(dsa_attention_spec(cfg, tracker), config=cfg.to_transformer_config(None), layer_number=1)
+    attn = build_module(dsa_attention_spec(cfg, _runtime(mode), tracker), config=cfg.to_transformer_config(None),
+                        layer_number=1)
     gen = torch.Generator().manual_seed(SEED + 1)
     x_full = torch.randn(SEQ, BATCH, cfg.hidden_size, generator=gen)
     g_full = torch.randn(SEQ, BATCH, cfg.hidden_size, generator=gen)
-    x = _split(x_full, 0, groups).requires_grad_(True)
+    x = _split(x_full, 0, dims).requires_grad_(True)
+    tracker.begin_forward(record_topk=True)
     out, _ = attn(x, None)
-    loss = (out * _split(g_full, 0, groups)).sum() / x.shape[0] + tracker.total()
+    loss = (out * _split(g_full, 0, dims)).sum() / x.shape[0] + tracker.total()
     loss.backward()
     x_grad = x.grad.clone()
-    if groups.cp_size > 1:  # each CP rank's loss is a mean over its rows: the global mean is their average
-        x_grad /= groups.cp_size
+    if dims.cp > 1:  # each CP rank's loss is a mean over its rows: the global mean is their average
+        x_grad /= dims.cp
+    positions = dims.local_positions(x.shape[0])
     return {
-        "positions": local_positions(x.shape[0], groups, x.device), "out": out.detach(), "x_grad": x_grad,
-        "kl": tracker.values(reduce=True)[1], "topk": tracker.topk().get(1),
-        "grads": _full_grads(attn, groups), "params": _full_params(attn, groups),
+        "positions": positions, "out": out.detach(), "x_grad": x_grad,
+        "kl": tracker.values(reduce=True)[1], "topk": (positions, tracker.topk()[1]),
+        "grads": _full_grads(attn, dims), "params": _full_params(attn, dims),
     }
 
 
-def _model_case(name, mode, groups):
+def _model_case(name, mode, dims):
     from dsa_dist.model.builder import build_model, get_indexer_loss_tracker
-    from dsa_dist.model.dsa_core import local_positions
-    from dsa_dist.model.indexer_loss import IndexerLossTracker
 
-    cfg = _cfg(name, mode, groups)
+    cfg = _cfg(name, dims)
     torch.manual_seed(SEED)
-    model = build_model(cfg, tracker=IndexerLossTracker(keep_topk=True))
+    model = build_model(cfg, runtime=_runtime(mode))
     tracker = get_indexer_loss_tracker(model)
     gen = torch.Generator().manual_seed(SEED + 2)
     tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=gen)
-    inputs, labels = _split(tokens[:, :-1], 1, groups), _split(tokens[:, 1:], 1, groups)
+    inputs, labels = _split(tokens[:, :-1], 1, dims), _split(tokens[:, 1:], 1, dims)
+    tracker.begin_forward(record_topk=True)
     per_token = model(inputs.contiguous(), None, None, labels=labels.contiguous())  # [b, s_local]
     lm = per_token.mean()
     (lm + tracker.total()).backward()
     lm_value = lm.detach().clone()
-    if groups.cp_size > 1:
-        dist.all_reduce(lm_value, group=groups.cp_group)
-        lm_value /= groups.cp_size
+    if dims.cp > 1:
+        dist.all_reduce(lm_value, group=dims.cp_group)
+        lm_value /= dims.cp
+    positions = dims.local_positions(inputs.shape[1])
     return {
-        "positions": local_positions(inputs.shape[1], groups, inputs.device), "per_token": per_token.detach(),
-        "lm": lm_value.item(), "kl": tracker.values(reduce=True), "topk": tracker.topk(),
-        "grads": _full_grads(model, groups),
+        "positions": positions, "per_token": per_token.detach(),
+        "lm": lm_value.item(), "kl": tracker.values(reduce=True),
+        "topk": {layer: (positions, idx) for layer, idx in tracker.topk().items()},
+        "grads": _full_grads(model, dims),
     }
 
 
 def _worker(rank, world, layouts):
-    from dsa_dist.compat import init_parallel
-    from dsa_dist.model.dsa_core import ParallelGroups
+    from dsa_dist.parallel import init_parallel
 
     results = {}
     for tp, cp in layouts:
-        init_parallel(tp, cp)
-        groups = ParallelGroups.from_megatron()
+        dims = init_parallel(tp, cp)
         for name, mode in LAYER_CASES:
-            results[(tp, cp, "layer", name, mode)] = _layer_case(name, mode, groups)
+            results[(tp, cp, "layer", name, mode)] = _layer_case(name, mode, dims)
         for name, mode in MODEL_CASES:
-            results[(tp, cp, "model", name, mode)] = _model_case(name, mode, groups)
-        results[(tp, cp, "coords")] = (groups.tp_rank, groups.cp_rank)
+            results[(tp, cp, "model", name, mode)] = _model_case(name, mode, dims)
+        results[(tp, cp, "coords")] = (dims.tp_rank, dims.cp_rank)
     return results
 
 
@@ -163,6 +169,9 @@ def _assemble_topk(per_rank, layer_key):
         pos, idx = layer_key(r)
         if full is None:
             full = torch.full((idx.shape[0], SEQ, idx.shape[2]), -2, dtype=idx.dtype)
+        seen = full[:, pos]
+        # TP peers hold the same rows: they must have selected the same keys.
+        assert ((seen == -2) | (seen == idx)).all(), "TP peers recorded different top-k indices"
         full[:, pos] = idx
     return full
 

@@ -14,17 +14,19 @@ def _catch(fn):
 
 
 def _worker(rank, world):
-    from dsa_dist.compat import init_parallel
     from dsa_dist.model.builder import build_model
     from dsa_dist.model.config import preset
+    from dsa_dist.model.runtime import SPARSE_TRAIN
+    from dsa_dist.parallel import init_parallel
+    from tests.model._configs import model_config
 
     msgs = {}
     # 1. sizes that do not divide the world: raised before the process group even exists.
     msgs["world"] = _catch(lambda: init_parallel(tp=3, cp=1))
     init_parallel(tp=2, cp=2)
     # 2. TP that does not divide the heads: raised while building, before any layer runs.
-    msgs["heads"] = _catch(lambda: build_model(preset("tiny", num_heads=3)))
-    model = build_model(preset("tiny", dsa_mode="sparse"))
+    msgs["heads"] = _catch(lambda: build_model(model_config("tiny", num_heads=3), runtime=SPARSE_TRAIN))
+    model = build_model(preset("tiny"), runtime=SPARSE_TRAIN)
     # 3. a sequence the zigzag CP split cannot shard (9 tokens per rank = 18, not a multiple of 2*cp = 4).
     tokens = torch.zeros(1, 9, dtype=torch.long)
     msgs["cp_len"] = _catch(lambda: model(tokens, None, None, labels=tokens))
@@ -32,7 +34,7 @@ def _worker(rank, world):
     msgs["ok_len"] = _catch(lambda: model(tokens, None, None, labels=tokens))
     # 4. TP splits each rank's query rows for the indexer: an odd length under TP=2 (CP=1) is refused.
     init_parallel(tp=2, cp=1)
-    model = build_model(preset("tiny-gqa", dsa_mode="sparse"))
+    model = build_model(preset("tiny-gqa"), runtime=SPARSE_TRAIN)
     tokens = torch.zeros(1, 7, dtype=torch.long)
     msgs["tp_len"] = _catch(lambda: model(tokens, None, None, labels=tokens))
     # The group is still healthy after the errors: a collective completes on every rank.

@@ -47,7 +47,7 @@ def flaky_reward(prompt: Prompt, response: str) -> float:
 
 
 def _learning_worker(rank: int, world_size: int, run_dir: str, iterations: int) -> dict:
-    from dsa_dist.compat import init_parallel
+    from dsa_dist.parallel import init_parallel
     from dsa_dist.rl.trainer import GRPOTrainer
 
     cfg = _config(run_dir, "logging.tensorboard=false")
@@ -98,7 +98,7 @@ def test_grpo_raises_the_reward_beyond_a_frozen_policy(tmp_path):
 
 
 def _resume_worker(rank: int, world_size: int, dir_a: str, dir_b: str) -> dict:
-    from dsa_dist.compat import destroy_parallel, init_parallel
+    from dsa_dist.parallel import destroy_parallel, init_parallel
     from dsa_dist.rl.trainer import GRPOTrainer
     from dsa_dist.train.loop import run_pipeline
 

@@ -28,7 +28,7 @@ def test_shipped_grpo_configs_load():
 def test_grpo_stage_is_sparse_and_chains_after_sparse():
     cfg = _load("pipeline=[dense,warmup,sparse,grpo]", "data.eval_tasks=[]")
     plan = resolve_stage(cfg, "grpo")
-    assert plan.model.dsa_mode == "sparse" and STAGES["grpo"].trains == "all"
+    assert plan.runtime.attention == "sparse" and plan.runtime.indexer_kl and STAGES["grpo"].trains == "all"
     assert plan.steps == cfg.stages.grpo.steps
     with pytest.raises(ValueError, match="order dense -> warmup -> sparse -> grpo"):
         _load("pipeline=[grpo,sparse]")

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _resume_worker(rank: int, world_size: int, run_a: str, run_b: str, n: int) -> dict:
-    from dsa_dist.compat import init_parallel
+    from dsa_dist.parallel import init_parallel
     from dsa_dist.train.loop import StageTrainer
 
     # The sparse stage from scratch: LM + KL losses, two LR groups, a task mix, recall on log steps.
@@ -66,7 +66,7 @@ def _reshard_cfg(run_dir: str, world: int, **layout):
 def _reshard_save_worker(rank: int, world_size: int, root: str) -> dict:
     import torch.distributed as dist
 
-    from dsa_dist.compat import init_parallel
+    from dsa_dist.parallel import init_parallel
     from dsa_dist.train.loop import StageTrainer
 
     cfg = _reshard_cfg(f"{root}/cp2", 2, parallel__cp=2, parallel__dp=1)
@@ -83,7 +83,7 @@ def _reshard_save_worker(rank: int, world_size: int, root: str) -> dict:
 
 
 def _reshard_load_worker(rank: int, world_size: int, root: str, names: list[str]) -> dict:
-    from dsa_dist.compat import init_parallel
+    from dsa_dist.parallel import init_parallel
     from dsa_dist.train.loop import StageTrainer
 
     out = {}
@@ -127,7 +127,7 @@ _SAVER = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {repo!r})
     from megatron.core import dist_checkpointing
-    from dsa_dist.compat import init_parallel
+    from dsa_dist.parallel import init_parallel
     from dsa_dist.train.checkpoint import save_checkpoint
     from tests.train.test_checkpoint import fake_state
 
@@ -180,7 +180,7 @@ def _free_port() -> int:
 
 
 def _load_worker(rank: int, world_size: int, path: str) -> float:
-    from dsa_dist.compat import init_parallel
+    from dsa_dist.parallel import init_parallel
     from dsa_dist.train.checkpoint import load_checkpoint
 
     init_parallel(1, 1)

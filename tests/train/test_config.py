@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from dsa_dist.config import DEFAULT_CONFIG, TrainRunConfig, load_config, stage_value
+from dsa_dist.model.runtime import DSARuntime
 from dsa_dist.train.stages import resolve_stage
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -42,11 +43,13 @@ def test_dotlist_overrides_and_stage_inheritance():
     assert stage_value(cfg, "warmup", "steps") == 7  # its own value wins
     assert stage_value(cfg, "dense", "lr") == 0.01
     warm = resolve_stage(cfg, "warmup")
-    assert warm.spec.trains == "indexer" and warm.model.dsa_mode == "dense"
+    assert warm.spec.trains == "indexer" and warm.runtime == DSARuntime(attention="dense", indexer_kl=True)
     assert warm.indexer_lr == warm.lr == 1e-3  # warm-up: the indexers train at the stage lr
     sparse = resolve_stage(cfg, "sparse")
-    assert sparse.model.dsa_mode == "sparse" and sparse.indexer_lr == 1e-3 and sparse.lr == 1e-3
-    assert cfg.model.dsa_mode == "dense"  # the run config itself is not mutated by the stage
+    assert sparse.runtime == DSARuntime(attention="sparse", indexer_kl=True)
+    assert sparse.indexer_lr == 1e-3 and sparse.lr == 1e-3
+    assert resolve_stage(cfg, "dense").runtime == DSARuntime(attention="dense", indexer_kl=False)
+    assert sparse.model is cfg.model  # stages share the immutable model config
 
 
 def test_model_preset_switch():

@@ -23,7 +23,7 @@ def _changed(before: dict, after: dict) -> dict[str, bool]:
 
 
 def _stages_worker(rank: int, world_size: int, run_dir: str) -> dict:
-    from dsa_dist.compat import init_parallel
+    from dsa_dist.parallel import init_parallel
     from dsa_dist.train.checkpoint import latest_checkpoint
     from dsa_dist.train.loop import StageTrainer
 
