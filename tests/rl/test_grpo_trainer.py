@@ -67,7 +67,29 @@ def _learning_worker(rank: int, world_size: int, run_dir: str, iterations: int) 
     start = _params(frozen_indexer)
     frozen_indexer.train_iteration()
     return {"frozen": frozen, "trained": trained, "changed": changed,
-            "changed_coeff0": _changed(start, _params(frozen_indexer))}
+            "changed_coeff0": _changed(start, _params(frozen_indexer)), "replay": _replay_mismatch(run_dir)}
+
+
+def _replay_mismatch(run_dir: str) -> dict[str, float]:
+    """Keep the indexer's choice: after the indexers drift (noise added, as training moves them), the trainer's
+    log-probs of a rollout equal the sampler's with the sampler's top-k replayed, and differ without."""
+    from dsa_dist.rl.trainer import GRPOTrainer
+    from dsa_dist.train.stages import is_indexer_param
+
+    trainer = GRPOTrainer(_config(f"{run_dir}/replay", "logging.tensorboard=false", "model.indexer.topk=4",
+                                  "rl.replay_indexer_topk=true"))
+    batch, metrics = trainer.rollout()
+    gen = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for name, p in trainer.gpt.named_parameters():
+            if is_indexer_param(name):
+                p.add_(torch.randn(p.shape, generator=gen) * p.abs().mean())
+    out = {}
+    for mode, topk in (("replayed", batch.topk), ("own", None)):
+        batch.topk = topk
+        logp = trainer._frozen_logprobs(trainer.ddp, batch)
+        out[mode] = float(((logp - batch.sampler_logprobs).abs() * batch.mask).max())
+    return out
 
 
 def _params(trainer) -> dict[str, torch.Tensor]:
@@ -95,6 +117,7 @@ def test_grpo_raises_the_reward_beyond_a_frozen_policy(tmp_path):
     assert indexer and all(out["changed"][n] for n in indexer)  # the indexers train on their sparse KL
     assert not any(out["changed_coeff0"][n] for n in indexer)
     assert any(c for n, c in out["changed_coeff0"].items() if n not in indexer)
+    assert out["replay"]["replayed"] < 1e-5 < 1e-2 < out["replay"]["own"], out["replay"]
 
 
 def _resume_worker(rank: int, world_size: int, dir_a: str, dir_b: str) -> dict:
