@@ -3,8 +3,9 @@
 - Learning: on the arithmetic prompts with the shaped reward (format credit for digits), 12 seeded GRPO
   iterations raise the mean reward far above anything the frozen initial policy reaches on the *same* prompts and
   sampler seeds (the control runs first in the same process: rollouts only, no updates).
-- Resume: a run stopped (and checkpointed) after 2 of 4 iterations and resumed by a new trainer repeats the
-  uninterrupted run's metrics and final weights exactly; it goes through ``run_pipeline`` (the ``dsa-train`` path),
+- Chaining and resume: ``run_pipeline`` (the ``dsa-train`` path) runs sparse -> grpo; GRPO starts from the sparse
+  checkpoint, which is also its reference. A GRPO run from that checkpoint stopped (and checkpointed) after 2 of 4
+  iterations and resumed by a new trainer repeats the uninterrupted run's metrics and final weights exactly; it
   writes the documented TensorBoard tags, and its reward function fails on some samples (counted, scored 0, no NaN;
   dynamic sampling then drops those all-zero groups).
 """
@@ -16,7 +17,7 @@ import math
 import torch
 
 from dsa_dist.rl.rewards import Prompt, arithmetic_shaped_reward
-from tests.train._tiny import run_ranks
+from tests.train._tiny import CACHE, run_ranks
 
 SEED = 4321
 TIMING_KEYS = ("perf/rollout_tokens_per_s", "perf/train_tokens_per_s")
@@ -123,21 +124,30 @@ def test_grpo_raises_the_reward_beyond_a_frozen_policy(tmp_path):
 def _resume_worker(rank: int, world_size: int, dir_a: str, dir_b: str) -> dict:
     from dsa_dist.parallel import destroy_parallel, init_parallel
     from dsa_dist.rl.trainer import GRPOTrainer
+    from dsa_dist.train.checkpoint import latest_checkpoint
     from dsa_dist.train.loop import run_pipeline
 
     extra = ("stages.grpo.steps=4", "rl.reward=tests.rl.test_grpo_trainer.flaky_reward",
-             "rl.loss.dynamic_sampling=true")
-    history = run_pipeline(_config(dir_a, *extra))["grpo"]  # uninterrupted, through the dsa-train path
+             "rl.loss.dynamic_sampling=true", "stages.sparse.steps=2", "stages.sparse.warmup_steps=0",
+             "train.micro_batch_size=2",
+             "train.global_batch_size=2", f"data.cache_dir={CACHE}", "data.stdlib_max_files=40")
+    # Uninterrupted, through the dsa-train path: sparse (2 steps) -> grpo, chained by the sparse checkpoint.
+    history = run_pipeline(_config(dir_a, *extra, "pipeline=[sparse,grpo]"))["grpo"]
     destroy_parallel()
     init_parallel(1, 1)
-    first = GRPOTrainer(_config(dir_b, *extra, "logging.tensorboard=false")).run(until=2)
-    resumed_trainer = GRPOTrainer(_config(dir_b, *extra, "logging.tensorboard=false"))
+    sparse_ckpt = latest_checkpoint(f"{dir_a}/sparse/checkpoints")
+    first_trainer = GRPOTrainer(_config(dir_b, *extra, "logging.tensorboard=false"), init_from=sparse_ckpt)
+    out = {"first_start": first_trainer.start, "start_is_reference": all(
+        torch.equal(p, r) for p, r in zip(first_trainer.gpt.parameters(), first_trainer.ref.parameters()))}
+    first = first_trainer.run(until=2)
+    resumed_trainer = GRPOTrainer(_config(dir_b, *extra, "logging.tensorboard=false"), init_from=sparse_ckpt)
     start = resumed_trainer.start
     resumed = resumed_trainer.run()
-    uninterrupted = GRPOTrainer(_config(dir_a, *extra, "logging.tensorboard=false"))  # loads A's final checkpoint
-    return {"a": history, "b": first + resumed, "start": start,
-            "params_a": {n: p.detach().clone() for n, p in uninterrupted.gpt.named_parameters()},
-            "params_b": {n: p.detach().clone() for n, p in resumed_trainer.gpt.named_parameters()}}
+    uninterrupted = GRPOTrainer(_config(dir_a, *extra, "logging.tensorboard=false"),  # loads A's final checkpoint
+                                init_from=sparse_ckpt)
+    return out | {"a": history, "b": first + resumed, "start": start, "sparse_ckpt": str(sparse_ckpt),
+                  "params_a": {n: p.detach().clone() for n, p in uninterrupted.gpt.named_parameters()},
+                  "params_b": {n: p.detach().clone() for n, p in resumed_trainer.gpt.named_parameters()}}
 
 
 def _tensorboard_tags(run_dir: str) -> set[str]:
@@ -151,6 +161,7 @@ def _tensorboard_tags(run_dir: str) -> set[str]:
 def test_resume_mid_grpo_repeats_the_uninterrupted_run(tmp_path):
     dir_a, dir_b = str(tmp_path / "a"), str(tmp_path / "b")
     out = run_ranks(_resume_worker, 1, dir_a, dir_b)[0]
+    assert out["first_start"] == f"initialised from {out['sparse_ckpt']}" and out["start_is_reference"]
     assert out["start"].startswith("resumed from") and out["start"].endswith("step_00000002")
     a, b = out["a"], out["b"]
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
