@@ -146,7 +146,7 @@ def _trainer_logprobs(model, rollout, params, **begin) -> torch.Tensor:
     logits, _ = _full_forward(model, rollout.tokens, **begin)
     n = rollout.response_mask.shape[1]
     rows = rollout.prompt_lens[:, None] - 1 + torch.arange(n)
-    step_logits = logits[torch.arange(B)[:, None], rows]  # [B, N, V]
+    step_logits = logits[torch.arange(rollout.tokens.shape[0])[:, None], rows]  # [B, N, V]
     logq = restricted_log_softmax(step_logits, rollout.kept_mask, params.temperature)
     lp = logq.gather(-1, rollout.response_tokens()[..., None]).squeeze(-1)
     return torch.where(rollout.response_mask, lp, 0.0)
@@ -237,3 +237,29 @@ def test_decode_benchmark_smoke(tmp_path):
     assert row["cache_len"] == 24 and row["batch"] == 2
     assert row["sparse"]["tokens_per_s"] > 0 and row["dense"]["tokens_per_s"] > 0
     assert "| 24 | 2 |" in (tmp_path / "decode.md").read_text()
+
+
+def test_one_token_prompts_and_engine_input_errors():
+    """Prompts of one token (nothing to prefill) next to longer ones; clear errors for misuse of the engine."""
+    from dsa_dist.rl.engine import DecodeEngine
+    from dsa_dist.rl.rollout import generate, replay_topk
+
+    cfg, model = _model("tiny", "sparse")
+    params = SamplingParams(temperature=1.0, max_new_tokens=6)
+    for prompts in ([[5], [9]], [[5], [1, 2, 3, 4, 5]]):
+        r = generate(model, prompts, params, generator=torch.Generator().manual_seed(1), record_topk=True)
+        assert r.response_mask.all() and r.tokens[:, 0].tolist() == [p[0] for p in prompts]
+        torch.testing.assert_close(_trainer_logprobs(model, r, params), r.logprobs, rtol=1e-5, atol=1e-5)
+        replayed = _trainer_logprobs(model, r, params, replay_topk=replay_topk(r))
+        torch.testing.assert_close(replayed, r.logprobs, rtol=1e-5, atol=1e-5)
+    engine = DecodeEngine(model, batch=2, prefill_len=4, decode_len=4)
+    with pytest.raises(ValueError, match="prefill tokens must be"):
+        engine.prefill(torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="step takes tokens and positions"):
+        engine.step(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="beyond the cache capacity"):
+        engine.step(torch.zeros(2, dtype=torch.long), torch.tensor([3, 8]))
+    with pytest.raises(ValueError, match="does not match"):
+        DecodeEngine(model, batch=3, prefill_len=4, decode_len=4, cache=engine.cache)
+    with pytest.raises(ValueError, match="attention must be"):
+        DecodeEngine(model, batch=2, prefill_len=4, decode_len=4, attention="flash")
