@@ -106,8 +106,9 @@ def _parallel_worker(rank: int, world: int):
         cfg, model = _model("tiny", "sparse")
         prompts = [p.tolist() for p in _tokens(cfg.vocab_size)[:, :4]]
         gen = torch.Generator().manual_seed(11)
-        r = generate(model, prompts, SamplingParams(temperature=1.0, top_k=20, max_new_tokens=8), generator=gen)
-        out[(tp, cp, "generate")] = (r.tokens, r.logprobs)
+        r = generate(model, prompts, SamplingParams(temperature=1.0, top_k=20, max_new_tokens=8), generator=gen,
+                     record_topk=True)
+        out[(tp, cp, "generate")] = (r.tokens, r.logprobs, r.topk_indices, r.prompt_topk)
     return out
 
 
@@ -128,12 +129,15 @@ def test_cp2_and_tp2_decode_equal_single_rank():
     cfg, model = _model("tiny", "sparse")
     prompts = [p.tolist() for p in _tokens(cfg.vocab_size)[:, :4]]
     r = generate(model, prompts, SamplingParams(temperature=1.0, top_k=20, max_new_tokens=8),
-                 generator=torch.Generator().manual_seed(11))
+                 generator=torch.Generator().manual_seed(11), record_topk=True)
     for res in per_rank:
         for tp, cp in LAYOUTS:
-            tokens, logprobs = res[(tp, cp, "generate")]
+            tokens, logprobs, topk, prompt_topk = res[(tp, cp, "generate")]
             assert torch.equal(tokens, r.tokens), (tp, cp)
             torch.testing.assert_close(logprobs, r.logprobs, rtol=1e-4, atol=1e-4)
+            for layer in r.topk_indices:  # recorded selections (prefill rows gathered over CP) match too
+                assert torch.equal(topk[layer], r.topk_indices[layer]), (tp, cp, layer)
+                assert torch.equal(prompt_topk[layer], r.prompt_topk[layer]), (tp, cp, layer)
 
 
 def _prompts(vocab: int) -> list[list[int]]:
