@@ -100,6 +100,10 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
     _check_prompts(prompts, vocab)
     if not 0 <= pad_id < vocab:
         raise ValueError(f"pad_id={pad_id} must be a token id in [0, vocab_size={vocab})")
+    # Decode in prompt-length order: sequences sharing a position are then contiguous rows, and each per-layer top-k
+    # over the cache reads them as a view (one call per distinct length, no copy); outputs return in caller order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    prompts = [prompts[i] for i in order]
     b = len(prompts)
     lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     p_max, n_max = int(lens.max()), params.max_new_tokens
@@ -161,11 +165,12 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
             prompt_topk[layer] = torch.where(keep[..., None], full, -1)
         for layer in selected:
             prompt_topk.setdefault(layer, torch.full((b, p_max, k), -1, dtype=torch.int32, device=device))
+    back = torch.argsort(torch.tensor(order, device=device))  # sorted rows → the caller's order
     return Rollout(
-        tokens=tokens[:, : p_max + steps], prompt_lens=lens, response_mask=mask[:, :steps],
-        logprobs=logprobs[:, :steps], kept_mask=kept[:, :steps],
-        topk_indices=None if selected is None else {layer: v[:, :steps] for layer, v in selected.items()},
-        prompt_topk=prompt_topk,
+        tokens=tokens[back, : p_max + steps], prompt_lens=lens[back], response_mask=mask[back, :steps],
+        logprobs=logprobs[back, :steps], kept_mask=kept[back, :steps],
+        topk_indices=None if selected is None else {layer: v[back, :steps] for layer, v in selected.items()},
+        prompt_topk=None if prompt_topk is None else {layer: v[back] for layer, v in prompt_topk.items()},
     )
 
 
