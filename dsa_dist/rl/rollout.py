@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from dsa_dist.model.builder import dsa_attention_layers
-from dsa_dist.rl.engine import DecodeEngine, unwrap_model
+from dsa_dist.rl.engine import DecodeEngine, prefill_multiple, unwrap_model
 from dsa_dist.rl.sampling import SamplingParams, sample_tokens
 
 
@@ -108,8 +108,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
     lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     p_max, n_max = int(lens.max()), params.max_new_tokens
     dims = dsa_attention_layers(gpt)[0].dims
-    multiple = (2 * dims.cp if dims.cp > 1 else 1) * dims.tp
-    prefill_len = _round_up(p_max - 1, multiple)
+    prefill_len = _round_up(p_max - 1, prefill_multiple(dims))
     # Decode feeds positions P_b − 1 … P_b + N − 2; the last sampled token is never fed.
     decode_len = max(1, p_max + n_max - 1 - prefill_len)
     engine = DecodeEngine(model, batch=b, prefill_len=prefill_len, decode_len=decode_len, record_topk=record_topk)

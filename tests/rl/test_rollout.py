@@ -42,10 +42,9 @@ def _tokens(vocab: int) -> torch.Tensor:
 def _teacher_forced(model, tokens: torch.Tensor):
     """Prefill the prompts, then decode STEPS given tokens: logits [B, STEPS, V] and top-k {layer: [B, STEPS, k]}
     of the rows P_b − 1 + t."""
-    from dsa_dist.rl.engine import DecodeEngine
+    from dsa_dist.rl.engine import DecodeEngine, prefill_multiple
 
-    dims = model.decoder.layers[0].self_attention.dims
-    multiple = (2 * dims.cp if dims.cp > 1 else 1) * dims.tp
+    multiple = prefill_multiple(model.decoder.layers[0].self_attention.dims)
     lens = torch.tensor(PROMPT_LENS)
     prefill_len = -(-(max(PROMPT_LENS) - 1) // multiple) * multiple
     engine = DecodeEngine(model, batch=B, prefill_len=prefill_len, decode_len=max(PROMPT_LENS) + STEPS,
