@@ -12,7 +12,11 @@ How a batch is generated (:func:`generate`):
    response from the logits with :func:`dsa_dist.rl.sampling.sample_tokens`. So the selected indices recorded for a
    generated token are those of the query row that produced it — the rows the trainer's forward evaluates.
 3. A sequence finishes after a stop token or ``max_new_tokens``; it stops growing (later slots are padding with
-   ``response_mask`` False) and the loop ends when every sequence has finished.
+   ``response_mask`` False; it keeps stepping on pad tokens so the batch shape stays fixed) and the loop ends when
+   every sequence has finished.
+
+Sequences are decoded sorted by prompt length (those sharing a position are contiguous rows, which the per-length
+top-k calls read as views) and returned in the caller's order.
 
 The trainer replays the recorded indices with :func:`replay_topk` (the format of
 ``IndexerLossTracker.begin_forward(replay_topk=...)``), so its forward attends exactly where the sampler did.
