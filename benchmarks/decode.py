@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -143,6 +144,9 @@ def run(args: argparse.Namespace) -> None:
                     except torch.cuda.OutOfMemoryError:
                         row[mode] = {"error": "OOM"}
                         torch.cuda.empty_cache()
+                    except Exception as exc:  # noqa: BLE001 - one failing mode must not cost the other rows
+                        traceback.print_exc()
+                        row[mode] = {"error": f"n/a: {type(exc).__name__}: {str(exc)[:120]}"}
             except torch.cuda.OutOfMemoryError:
                 row["error"] = "OOM allocating the cache"
             del engines

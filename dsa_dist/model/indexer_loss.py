@@ -58,9 +58,11 @@ class IndexerLossTracker:
                 ask for it on logging steps only). Independent of the KL: the dense stage can report it too.
             record_topk: every layer records its selected key indices (see :meth:`topk`).
             replay_topk: ``{layer_number: indices}`` with indices ``[B, L_local, k]`` int32 *global* key indices
-                (−1 = empty slot) for this rank's local tokens, in the format :meth:`topk` returns. Each layer
-                then uses these indices instead of its own top-k — for the sparse attention and the sparse KL
-                alike (GRPO's indexer top-k replay). Needs ``DSARuntime(attention="sparse")``.
+                (−1 = empty slot) for this rank's local tokens, in the format :meth:`topk` returns (under CP the
+                rank's zigzag shard of the full ``[B, L, k]``: ``zigzag_split(full, 1, cp, cp_rank)``; the same on
+                every TP rank; any k >= 1). Each layer then uses these indices instead of its own top-k — for the
+                sparse attention and the sparse KL alike (GRPO's indexer top-k replay); every entry must be −1 or
+                a causal key. Needs ``DSARuntime(attention="sparse")``.
         """
         self._measure_recall = bool(measure_recall)
         self._record_topk = bool(record_topk)

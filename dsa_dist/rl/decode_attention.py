@@ -39,8 +39,9 @@ class StepPlan:
     """[B, n] local row of each new token (meaningful where ``mine``)."""
     rows: int
     """Leading local rows that may be visible to some query (positions ≤ the largest query position)."""
-    groups: list[tuple[torch.Tensor | None, torch.Tensor]]
-    """``(batch rows [g] or None = all, positions [n])`` of the sequences sharing one position row."""
+    groups: list[tuple[slice | torch.Tensor, torch.Tensor]]
+    """``(batch rows, positions [n])`` of the sequences sharing one position row; the rows are a ``slice`` when
+    contiguous (a view of the cache, no copy), else an index tensor."""
     visible: torch.Tensor
     """[B, n, rows] bool: cached row at a position ≤ the query's (dense attention's mask)."""
 
@@ -49,12 +50,13 @@ def plan_step(layout: CacheLayout, positions: torch.Tensor) -> StepPlan:
     """The :class:`StepPlan` of new tokens at ``positions`` [B, n] (each row strictly increasing)."""
     mine, write_rows = layout.locate(positions)
     rows = layout.visible_rows(int(positions.max()))
-    first = positions[0]
-    if bool((positions == first).all()):
-        groups = [(None, first)]
-    else:
-        unique, inverse = torch.unique(positions, dim=0, return_inverse=True)
-        groups = [((inverse == g).nonzero().squeeze(1), unique[g]) for g in range(unique.shape[0])]
+    unique, inverse = torch.unique(positions, dim=0, return_inverse=True)
+    groups = []
+    for g in range(unique.shape[0]):
+        members = (inverse == g).nonzero().squeeze(1)
+        first, last = int(members[0]), int(members[-1])
+        contiguous = last - first + 1 == members.numel()
+        groups.append((slice(first, last + 1) if contiguous else members, unique[g]))
     visible = layout.positions[:rows][None, None, :] <= positions[:, :, None]
     return StepPlan(positions, mine, write_rows, rows, groups, visible)
 
@@ -69,10 +71,11 @@ def cache_topk(q_index: torch.Tensor, weights: torch.Tensor, cache: LayerKVCache
     """
     k_all, s_all = cache.index_keys(plan.rows)
     k_pos = layout.positions[: plan.rows]
-    out = None
+    if len(plan.groups) > 1:
+        out = torch.full((*plan.positions.shape, topk), INVALID_INDEX, dtype=torch.int32, device=q_index.device)
     for members, pos in plan.groups:
-        q, w, k, s = (q_index, weights, k_all, s_all) if members is None else (
-            q_index[members], weights[members], k_all[members], None if s_all is None else s_all[members])
+        q, w, k = q_index[members], weights[members], k_all[members]
+        s = None if s_all is None else s_all[members]
         if layout.cp_size == 1:
             # CP=1: local rows are positions, so the op's row indices are already global positions.
             idx = dispatch.lightning_indexer_topk(q, k, w, topk, s, q_positions=pos, k_positions=k_pos)[1]
@@ -80,10 +83,8 @@ def cache_topk(q_index: torch.Tensor, weights: torch.Tensor, cache: LayerKVCache
             from dsa_dist.parallel import candidate_topk
 
             idx = candidate_topk(q, w, k, s, topk, q_positions=pos, k_positions_local=k_pos, group=cp_group)[1]
-        if members is None:
+        if len(plan.groups) == 1:
             return idx
-        if out is None:
-            out = torch.full((*plan.positions.shape, topk), INVALID_INDEX, dtype=torch.int32, device=idx.device)
         out[members] = idx
     return out
 

@@ -35,6 +35,12 @@ from dsa_dist.rl.kv_cache import CacheLayout, DecodeCache, allocate_cache
 AttentionFn = Callable[[int, torch.nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
+def prefill_multiple(dims) -> int:
+    """What a prefill length must be a multiple of under ``dims`` (:class:`dsa_dist.parallel.ParallelDims`): the
+    zigzag CP split needs ``2·cp`` chunks and the indexer splits each rank's rows over TP."""
+    return (2 * dims.cp if dims.cp > 1 else 1) * dims.tp
+
+
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The ``GPTModel`` inside DDP / Float16Module wrappers (they keep it in ``.module``)."""
     while not hasattr(model, "decoder") and hasattr(model, "module"):
@@ -75,10 +81,12 @@ class DecodeEngine:
             raise ValueError(f"attention must be 'sparse', 'dense' or None (the model's runtime), got {attention!r}")
         self.sparse = attention == "sparse"
         self.record_topk = record_topk
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
         self.batch = batch
-        self.multiple = (2 * self.dims.cp if self.dims.cp > 1 else 1) * self.dims.tp
-        if prefill_len % self.multiple:
-            raise ValueError(f"prefill_len={prefill_len} must be a multiple of {self.multiple} (2·cp·tp)")
+        multiple = prefill_multiple(self.dims)
+        if prefill_len % multiple:
+            raise ValueError(f"prefill_len={prefill_len} must be a multiple of {multiple} (2·cp·tp); pad the prompts")
         param = next(first.parameters())
         self.device, dtype = param.device, param.dtype
         self.layout = CacheLayout(prefill_len, decode_len, cp_size=self.dims.cp, cp_rank=self.dims.cp_rank,

@@ -12,7 +12,11 @@ How a batch is generated (:func:`generate`):
    response from the logits with :func:`dsa_dist.rl.sampling.sample_tokens`. So the selected indices recorded for a
    generated token are those of the query row that produced it — the rows the trainer's forward evaluates.
 3. A sequence finishes after a stop token or ``max_new_tokens``; it stops growing (later slots are padding with
-   ``response_mask`` False) and the loop ends when every sequence has finished.
+   ``response_mask`` False; it keeps stepping on pad tokens so the batch shape stays fixed) and the loop ends when
+   every sequence has finished.
+
+Sequences are decoded sorted by prompt length (those sharing a position are contiguous rows, which the per-length
+top-k calls read as views) and returned in the caller's order.
 
 The trainer replays the recorded indices with :func:`replay_topk` (the format of
 ``IndexerLossTracker.begin_forward(replay_topk=...)``), so its forward attends exactly where the sampler did.
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from dsa_dist.model.builder import dsa_attention_layers
-from dsa_dist.rl.engine import DecodeEngine, unwrap_model
+from dsa_dist.rl.engine import DecodeEngine, prefill_multiple, unwrap_model
 from dsa_dist.rl.sampling import SamplingParams, sample_tokens
 
 
@@ -100,12 +104,15 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
     _check_prompts(prompts, vocab)
     if not 0 <= pad_id < vocab:
         raise ValueError(f"pad_id={pad_id} must be a token id in [0, vocab_size={vocab})")
+    # Decode in prompt-length order: sequences sharing a position are then contiguous rows, and each per-layer top-k
+    # over the cache reads them as a view (one call per distinct length, no copy); outputs return in caller order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    prompts = [prompts[i] for i in order]
     b = len(prompts)
     lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     p_max, n_max = int(lens.max()), params.max_new_tokens
     dims = dsa_attention_layers(gpt)[0].dims
-    multiple = (2 * dims.cp if dims.cp > 1 else 1) * dims.tp
-    prefill_len = _round_up(p_max - 1, multiple)
+    prefill_len = _round_up(p_max - 1, prefill_multiple(dims))
     # Decode feeds positions P_b − 1 … P_b + N − 2; the last sampled token is never fed.
     decode_len = max(1, p_max + n_max - 1 - prefill_len)
     engine = DecodeEngine(model, batch=b, prefill_len=prefill_len, decode_len=decode_len, record_topk=record_topk)
@@ -161,11 +168,12 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
             prompt_topk[layer] = torch.where(keep[..., None], full, -1)
         for layer in selected:
             prompt_topk.setdefault(layer, torch.full((b, p_max, k), -1, dtype=torch.int32, device=device))
+    back = torch.argsort(torch.tensor(order, device=device))  # sorted rows → the caller's order
     return Rollout(
-        tokens=tokens[:, : p_max + steps], prompt_lens=lens, response_mask=mask[:, :steps],
-        logprobs=logprobs[:, :steps], kept_mask=kept[:, :steps],
-        topk_indices=None if selected is None else {layer: v[:, :steps] for layer, v in selected.items()},
-        prompt_topk=prompt_topk,
+        tokens=tokens[back, : p_max + steps], prompt_lens=lens[back], response_mask=mask[back, :steps],
+        logprobs=logprobs[back, :steps], kept_mask=kept[back, :steps],
+        topk_indices=None if selected is None else {layer: v[back, :steps] for layer, v in selected.items()},
+        prompt_topk=None if prompt_topk is None else {layer: v[back] for layer, v in prompt_topk.items()},
     )
 
 

@@ -124,6 +124,13 @@ def _model_case(name, mode, dims):
     per_token = model(inputs.contiguous(), None, None, labels=labels.contiguous())  # [b, s_local]
     lm = per_token.mean()
     (lm + tracker.total()).backward()
+    recorded = tracker.topk()
+    replay_equal = None
+    if mode == "sparse":  # GRPO's top-k replay on this layout: the recorded indices give the same forward
+        tracker.begin_forward(replay_topk=recorded)
+        with torch.no_grad():
+            replayed = model(inputs.contiguous(), None, None, labels=labels.contiguous())
+        replay_equal = torch.equal(replayed, per_token)
     lm_value = lm.detach().clone()
     if dims.cp > 1:
         dist.all_reduce(lm_value, group=dims.cp_group)
@@ -132,7 +139,7 @@ def _model_case(name, mode, dims):
     return {
         "positions": positions, "per_token": per_token.detach(),
         "lm": lm_value.item(), "kl": tracker.values(reduce=True),
-        "topk": {layer: (positions, idx) for layer, idx in tracker.topk().items()},
+        "topk": {layer: (positions, idx) for layer, idx in recorded.items()}, "replay_equal": replay_equal,
         "grads": _full_grads(model, dims),
     }
 
@@ -207,6 +214,7 @@ def _compare(ref, per_rank, layout):
         for layer, kl in r0["kl"].items():
             assert per_rank[0][key]["kl"][layer] == pytest.approx(kl, rel=1e-5), f"{where} KL layer {layer}"
         if mode == "sparse":
+            assert all(r[key]["replay_equal"] for r in per_rank), f"{where}: replaying the top-k changed the loss"
             for layer in r0["topk"]:
                 topk = _assemble_topk(per_rank, lambda r, k=key, ly=layer: r[k]["topk"][ly])
                 assert torch.equal(topk, r0["topk"][layer][1]), f"{where} top-k layer {layer}"
@@ -233,6 +241,7 @@ def test_reference_is_consistent(reference_and_world2):
     assert ref[key]["kl"] > 1e-3
     pos, idx = ref[key]["topk"]
     assert (idx[:, 0, 1:] == -1).all() and (idx[:, -1] >= 0).all()
+    assert ref[(1, 1, "model", "tiny", "sparse")]["replay_equal"]
     # Two DP replicas of TP1/CP1 agree exactly.
     torch.testing.assert_close(per_rank[1][key]["out"], ref[key]["out"], rtol=0, atol=0)
 

@@ -42,10 +42,9 @@ def _tokens(vocab: int) -> torch.Tensor:
 def _teacher_forced(model, tokens: torch.Tensor):
     """Prefill the prompts, then decode STEPS given tokens: logits [B, STEPS, V] and top-k {layer: [B, STEPS, k]}
     of the rows P_b − 1 + t."""
-    from dsa_dist.rl.engine import DecodeEngine
+    from dsa_dist.rl.engine import DecodeEngine, prefill_multiple
 
-    dims = model.decoder.layers[0].self_attention.dims
-    multiple = (2 * dims.cp if dims.cp > 1 else 1) * dims.tp
+    multiple = prefill_multiple(model.decoder.layers[0].self_attention.dims)
     lens = torch.tensor(PROMPT_LENS)
     prefill_len = -(-(max(PROMPT_LENS) - 1) // multiple) * multiple
     engine = DecodeEngine(model, batch=B, prefill_len=prefill_len, decode_len=max(PROMPT_LENS) + STEPS,
@@ -106,8 +105,9 @@ def _parallel_worker(rank: int, world: int):
         cfg, model = _model("tiny", "sparse")
         prompts = [p.tolist() for p in _tokens(cfg.vocab_size)[:, :4]]
         gen = torch.Generator().manual_seed(11)
-        r = generate(model, prompts, SamplingParams(temperature=1.0, top_k=20, max_new_tokens=8), generator=gen)
-        out[(tp, cp, "generate")] = (r.tokens, r.logprobs)
+        r = generate(model, prompts, SamplingParams(temperature=1.0, top_k=20, max_new_tokens=8), generator=gen,
+                     record_topk=True)
+        out[(tp, cp, "generate")] = (r.tokens, r.logprobs, r.topk_indices, r.prompt_topk)
     return out
 
 
@@ -128,12 +128,15 @@ def test_cp2_and_tp2_decode_equal_single_rank():
     cfg, model = _model("tiny", "sparse")
     prompts = [p.tolist() for p in _tokens(cfg.vocab_size)[:, :4]]
     r = generate(model, prompts, SamplingParams(temperature=1.0, top_k=20, max_new_tokens=8),
-                 generator=torch.Generator().manual_seed(11))
+                 generator=torch.Generator().manual_seed(11), record_topk=True)
     for res in per_rank:
         for tp, cp in LAYOUTS:
-            tokens, logprobs = res[(tp, cp, "generate")]
+            tokens, logprobs, topk, prompt_topk = res[(tp, cp, "generate")]
             assert torch.equal(tokens, r.tokens), (tp, cp)
             torch.testing.assert_close(logprobs, r.logprobs, rtol=1e-4, atol=1e-4)
+            for layer in r.topk_indices:  # recorded selections (prefill rows gathered over CP) match too
+                assert torch.equal(topk[layer], r.topk_indices[layer]), (tp, cp, layer)
+                assert torch.equal(prompt_topk[layer], r.prompt_topk[layer]), (tp, cp, layer)
 
 
 def _prompts(vocab: int) -> list[list[int]]:
@@ -146,7 +149,7 @@ def _trainer_logprobs(model, rollout, params, **begin) -> torch.Tensor:
     logits, _ = _full_forward(model, rollout.tokens, **begin)
     n = rollout.response_mask.shape[1]
     rows = rollout.prompt_lens[:, None] - 1 + torch.arange(n)
-    step_logits = logits[torch.arange(B)[:, None], rows]  # [B, N, V]
+    step_logits = logits[torch.arange(rollout.tokens.shape[0])[:, None], rows]  # [B, N, V]
     logq = restricted_log_softmax(step_logits, rollout.kept_mask, params.temperature)
     lp = logq.gather(-1, rollout.response_tokens()[..., None]).squeeze(-1)
     return torch.where(rollout.response_mask, lp, 0.0)
@@ -237,3 +240,29 @@ def test_decode_benchmark_smoke(tmp_path):
     assert row["cache_len"] == 24 and row["batch"] == 2
     assert row["sparse"]["tokens_per_s"] > 0 and row["dense"]["tokens_per_s"] > 0
     assert "| 24 | 2 |" in (tmp_path / "decode.md").read_text()
+
+
+def test_one_token_prompts_and_engine_input_errors():
+    """Prompts of one token (nothing to prefill) next to longer ones; clear errors for misuse of the engine."""
+    from dsa_dist.rl.engine import DecodeEngine
+    from dsa_dist.rl.rollout import generate, replay_topk
+
+    cfg, model = _model("tiny", "sparse")
+    params = SamplingParams(temperature=1.0, max_new_tokens=6)
+    for prompts in ([[5], [9]], [[5], [1, 2, 3, 4, 5]]):
+        r = generate(model, prompts, params, generator=torch.Generator().manual_seed(1), record_topk=True)
+        assert r.response_mask.all() and r.tokens[:, 0].tolist() == [p[0] for p in prompts]
+        torch.testing.assert_close(_trainer_logprobs(model, r, params), r.logprobs, rtol=1e-5, atol=1e-5)
+        replayed = _trainer_logprobs(model, r, params, replay_topk=replay_topk(r))
+        torch.testing.assert_close(replayed, r.logprobs, rtol=1e-5, atol=1e-5)
+    engine = DecodeEngine(model, batch=2, prefill_len=4, decode_len=4)
+    with pytest.raises(ValueError, match="prefill tokens must be"):
+        engine.prefill(torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="step takes tokens and positions"):
+        engine.step(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="beyond the cache capacity"):
+        engine.step(torch.zeros(2, dtype=torch.long), torch.tensor([3, 8]))
+    with pytest.raises(ValueError, match="does not match"):
+        DecodeEngine(model, batch=3, prefill_len=4, decode_len=4, cache=engine.cache)
+    with pytest.raises(ValueError, match="attention must be"):
+        DecodeEngine(model, batch=2, prefill_len=4, decode_len=4, attention="flash")
