@@ -124,7 +124,7 @@ def test_grpo_raises_the_reward_beyond_a_frozen_policy(tmp_path):
 def _resume_worker(rank: int, world_size: int, dir_a: str, dir_b: str) -> dict:
     from dsa_dist.parallel import destroy_parallel, init_parallel
     from dsa_dist.rl.trainer import GRPOTrainer
-    from dsa_dist.train.checkpoint import latest_checkpoint
+    from dsa_dist.train.checkpoint import CheckpointError, latest_checkpoint
     from dsa_dist.train.loop import run_pipeline
 
     extra = ("stages.grpo.steps=4", "rl.reward=tests.rl.test_grpo_trainer.flaky_reward",
@@ -145,6 +145,11 @@ def _resume_worker(rank: int, world_size: int, dir_a: str, dir_b: str) -> dict:
     resumed = resumed_trainer.run()
     uninterrupted = GRPOTrainer(_config(dir_a, *extra, "logging.tensorboard=false"),  # loads A's final checkpoint
                                 init_from=sparse_ckpt)
+    try:  # resuming against another reference (here: random weights instead of the sparse checkpoint) is refused
+        GRPOTrainer(_config(dir_b, *extra, "logging.tensorboard=false"))
+        out["wrong_reference"] = "accepted"
+    except CheckpointError as err:
+        out["wrong_reference"] = str(err)
     return out | {"a": history, "b": first + resumed, "start": start, "sparse_ckpt": str(sparse_ckpt),
                   "params_a": {n: p.detach().clone() for n, p in uninterrupted.gpt.named_parameters()},
                   "params_b": {n: p.detach().clone() for n, p in resumed_trainer.gpt.named_parameters()}}
@@ -163,6 +168,7 @@ def test_resume_mid_grpo_repeats_the_uninterrupted_run(tmp_path):
     out = run_ranks(_resume_worker, 1, dir_a, dir_b)[0]
     assert out["first_start"] == f"initialised from {out['sparse_ckpt']}" and out["start_is_reference"]
     assert out["start"].startswith("resumed from") and out["start"].endswith("step_00000002")
+    assert "trained against the reference" in out["wrong_reference"], out["wrong_reference"]
     a, b = out["a"], out["b"]
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
