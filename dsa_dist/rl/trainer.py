@@ -347,6 +347,12 @@ class GRPOTrainer:
             res = self.update(batch, old, ref, global_tokens)
             sums += res["sums"]
             grad_norm = res["grad_norm"]
+        if self.dims.tp > 1:  # TP ranks score disjoint indexer rows: their KL means average to the global one
+            from megatron.core import parallel_state as ps
+
+            kl = sums[8:9].to(self.device)
+            dist.all_reduce(kl, group=ps.get_tensor_model_parallel_group())
+            sums[8] = float(kl[0]) / self.dims.tp
         sums = self._dp_sum(sums)
         updates, tokens = self.rl.updates_per_iteration, float(global_tokens)
         per_token = sums / (tokens * updates)

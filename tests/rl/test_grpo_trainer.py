@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from dsa_dist.rl.rewards import Prompt, arithmetic_shaped_reward
@@ -23,7 +24,7 @@ SEED = 4321
 TIMING_KEYS = ("perf/rollout_tokens_per_s", "perf/train_tokens_per_s")
 
 
-def _config(run_dir: str, *extra: str):
+def _config(run_dir: str, *extra: str, world_size: int = 1):
     from pathlib import Path
 
     from dsa_dist.config import load_config
@@ -34,7 +35,8 @@ def _config(run_dir: str, *extra: str):
         "rl.sampling.max_new_tokens=4", "rl.prompts_per_iteration=8", "rl.group_size=8",
         "checkpoint.interval=0", "logging.log_interval=1", "logging.progress=none", *extra,
     ]
-    return load_config(Path(__file__).resolve().parents[2] / "configs" / "grpo_tiny.yaml", overrides, world_size=1)
+    return load_config(Path(__file__).resolve().parents[2] / "configs" / "grpo_tiny.yaml", overrides,
+                       world_size=world_size)
 
 
 def flaky_reward(prompt: Prompt, response: str) -> float:
@@ -188,3 +190,28 @@ def test_resume_mid_grpo_repeats_the_uninterrupted_run(tmp_path):
                 "policy/clip_fraction", "policy/entropy", "rollout/response_length", "policy/opsm_masked_fraction",
                 "policy/abs_log_ratio", "perf/rollout_tokens_per_s", "perf/train_tokens_per_s"):
         assert tag in tags, (tag, sorted(tags))
+
+
+def _tp_worker(rank: int, world_size: int, run_dir: str) -> list[dict]:
+    from dsa_dist.parallel import init_parallel
+    from dsa_dist.rl.trainer import GRPOTrainer
+
+    cfg = _config(f"{run_dir}/tp{world_size}", "logging.tensorboard=false", f"parallel.tp={world_size}",
+                  "rl.replay_indexer_topk=true", world_size=world_size)
+    init_parallel(world_size, 1)
+    trainer = GRPOTrainer(cfg)
+    return [trainer.train_iteration() for _ in range(2)]
+
+
+def test_tensor_parallel_grpo_matches_one_rank(tmp_path):
+    """TP=2 (vocab-parallel logits gathered, replay of the sampler's top-k) repeats the TP=1 iterations."""
+    one = run_ranks(_tp_worker, 1, str(tmp_path))[0]
+    two = run_ranks(_tp_worker, 2, str(tmp_path))
+    for r1, r2a, r2b in zip(one, two[0], two[1]):
+        assert {k: v for k, v in r2a.items() if k not in TIMING_KEYS} == \
+            {k: v for k, v in r2b.items() if k not in TIMING_KEYS}  # both TP ranks report the same
+        for key in ("reward/mean", "reward/std", "rollout/response_length", "policy/opsm_masked_fraction"):
+            assert r2a[key] == r1[key], key  # the same samples were drawn
+        for key in ("policy/loss", "policy/kl_ref", "policy/clip_fraction", "policy/entropy", "grad_norm",
+                    "indexer_kl"):
+            assert r2a[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), key
