@@ -120,17 +120,24 @@ def test_grpo_loss_is_the_global_token_mean_of_surrogate_and_kl():
     terms = grpo_terms(logp, t(OLD), t(OLD), t(REF), torch.zeros(3, 4, dtype=torch.float64), t(ADV), t(MASK),
                        20.0, eps_low=eps_low, eps_high=eps_high, kl_coeff=beta, opsm_delta=delta)
     keep = [True, True, False]
-    total = 0.0
+    total = clipped = approx_kl = abs_ratio = 0.0
     for i in range(3):
         for j in range(4):
             if not MASK[i][j]:
                 continue
             r = math.exp(LOGP[i][j] - OLD[i][j])
-            surr = min(r * ADV[i], min(max(r, 1 - eps_low), 1 + eps_high) * ADV[i]) if keep[i] else 0.0
+            c = min(max(r, 1 - eps_low), 1 + eps_high) * ADV[i]
+            surr = min(r * ADV[i], c) if keep[i] else 0.0
+            clipped += float(keep[i] and c < r * ADV[i])
+            approx_kl += 0.5 * (OLD[i][j] - LOGP[i][j]) ** 2
+            abs_ratio += abs(OLD[i][j] - LOGP[i][j])
             x = math.exp(REF[i][j] - LOGP[i][j])
             total += -surr + beta * r * (x - math.log(x) - 1.0)
     assert terms.loss.item() == pytest.approx(total / 20.0, abs=1e-12)
     assert terms.tokens.item() == 9 and terms.opsm_masked.item() == 1
+    assert terms.clipped_sum.item() == clipped and clipped > 0
+    assert terms.approx_kl_sum.item() == pytest.approx(approx_kl, abs=1e-12)
+    assert terms.abs_log_ratio_sum.item() == pytest.approx(abs_ratio, abs=1e-12)  # sampler = OLD here
     terms.loss.backward()
     assert logp.grad[0, 3] == 0 and logp.grad[2, 2:].abs().sum() == 0  # padding gets no gradient
 
