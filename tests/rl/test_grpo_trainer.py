@@ -197,14 +197,15 @@ def _tp_worker(rank: int, world_size: int, run_dir: str) -> list[dict]:
     from dsa_dist.rl.trainer import GRPOTrainer
 
     cfg = _config(f"{run_dir}/tp{world_size}", "logging.tensorboard=false", f"parallel.tp={world_size}",
-                  "rl.replay_indexer_topk=true", world_size=world_size)
+                  "rl.replay_indexer_topk=true", "rl.loss.old_logprobs=sampler", world_size=world_size)
     init_parallel(world_size, 1)
     trainer = GRPOTrainer(cfg)
     return [trainer.train_iteration() for _ in range(2)]
 
 
 def test_tensor_parallel_grpo_matches_one_rank(tmp_path):
-    """TP=2 (vocab-parallel logits gathered, replay of the sampler's top-k) repeats the TP=1 iterations."""
+    """TP=2 (vocab-parallel logits gathered, replay of the sampler's top-k, the sampler's log-probs as π_old)
+    repeats the TP=1 iterations."""
     one = run_ranks(_tp_worker, 1, str(tmp_path))[0]
     two = run_ranks(_tp_worker, 2, str(tmp_path))
     for r1, r2a, r2b in zip(one, two[0], two[1]):
