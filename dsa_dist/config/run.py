@@ -20,8 +20,9 @@ from dsa_dist.config.train import (
     TrainConfig,
 )
 from dsa_dist.model.config import DSAModelConfig, preset
+from dsa_dist.rl.config import RLConfig
 
-StageName = Literal["dense", "warmup", "sparse"]
+StageName = Literal["dense", "warmup", "sparse", "grpo"]
 """The training stages, in the only order they may run (each starts from the one before)."""
 STAGE_ORDER: tuple[str, ...] = get_args(StageName)
 
@@ -32,8 +33,8 @@ class TrainRunConfig:
 
     run_dir: str = "runs/tiny"
     """Output directory: one sub-directory per stage (checkpoints/, tensorboard/, metrics.jsonl)."""
-    pipeline: list[StageName] = field(default_factory=lambda: list(STAGE_ORDER))
-    """Stages to run, in order (dense, warmup, sparse)."""
+    pipeline: list[StageName] = field(default_factory=lambda: ["dense", "warmup", "sparse"])
+    """Stages to run, in order (dense, warmup, sparse, grpo); the default is the three pre-training stages."""
     model_preset: str = "tiny"
     """DSAModelConfig preset that the model section starts from (tiny, tiny-gqa, small, small-gqa, v32-layer)."""
     model: DSAModelConfig = field(default_factory=lambda: preset("tiny"))
@@ -52,6 +53,8 @@ class TrainRunConfig:
     """Checkpoint cadence, retention, resume and initialisation."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Console and TensorBoard logging."""
+    rl: RLConfig = field(default_factory=RLConfig)
+    """GRPO post-training (dsa_dist/rl/config.py), used by the 'grpo' stage."""
 
 
 def stage_value(cfg: TrainRunConfig, stage: str, name: str) -> object:

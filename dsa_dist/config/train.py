@@ -111,7 +111,7 @@ class StageOverrides:
 
 @dataclass
 class StagesConfig:
-    """Overrides of the three stage presets (dsa_dist/train/stages.py describes what each stage trains)."""
+    """Overrides of the stage presets (dsa_dist/train/stages.py describes what each stage trains)."""
 
     dense: StageOverrides = field(default_factory=StageOverrides)
     """Dense pre-training: all parameters but the indexers, LM loss, dense attention."""
@@ -119,6 +119,8 @@ class StagesConfig:
     """Indexer warm-up: only the indexers train, on the dense-attention KL (DeepSeek-V3.2: lr 1e-3)."""
     sparse: StageOverrides = field(default_factory=StageOverrides)
     """Sparse training: top-k attention, all parameters, LM loss + indexer KL on the top-k set."""
+    grpo: StageOverrides = field(default_factory=lambda: StageOverrides(lr=1e-5, min_lr=1e-5, warmup_steps=0))
+    """GRPO post-training (settings under ``rl``); steps and warmup_steps count GRPO iterations."""
 
 
 @dataclass

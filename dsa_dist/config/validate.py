@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 
 from dsa_dist.config.run import STAGE_ORDER, TrainRunConfig, stage_value
+from dsa_dist.rl.config import validate_rl
 
 
 def require(ok: bool, key: str, value: object, fix: str) -> None:
@@ -138,8 +139,9 @@ SECTION_VALIDATORS: list[Callable[[TrainRunConfig], None]] = [
     validate_data,
     validate_checkpoint,
     validate_logging,
+    validate_rl,
 ]
-"""Every rule of a resolved config, in order. Sections added later append theirs (e.g. ``validate_rl``)."""
+"""Every rule of a resolved config, in order; a new section appends its validator."""
 
 
 def validate_config(cfg: TrainRunConfig) -> TrainRunConfig:

@@ -143,5 +143,5 @@ def summary_line(stage: str, step: int, s: dict[str, float]) -> str:
     for key, f in fmt:
         if s.get(key) is not None:
             parts.append(f.format(s[key]))
-    parts += [f"{k} {v:.3f}" for k, v in s.items() if k.startswith("eval/")]
+    parts += [f"{k} {v:.3f}" for k, v in s.items() if k.startswith(("eval/", "reward/"))]
     return " | ".join(parts)

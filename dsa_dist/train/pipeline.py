@@ -39,10 +39,16 @@ def run_stage(cfg: TrainRunConfig, stage: str, init_from: str | Path | None = No
               heartbeat: Heartbeat | None = None) -> list[dict]:
     """Train ``stage`` (resuming from its newest good checkpoint, else from ``init_from``'s weights); history.
 
-    Needs an initialised process group and Megatron parallel state (:func:`dsa_dist.compat.init_parallel`).
+    Needs an initialised process group and Megatron parallel state (:func:`dsa_dist.parallel.init_parallel`).
+    The ``grpo`` stage runs :class:`dsa_dist.rl.trainer.GRPOTrainer`; the others :class:`StageTrainer`.
     """
     with megatron_cpu_scope():
-        trainer = StageTrainer(cfg, stage, init_from=init_from, heartbeat=heartbeat)
+        if stage == "grpo":
+            from dsa_dist.rl.trainer import GRPOTrainer
+
+            trainer = GRPOTrainer(cfg, stage, init_from=init_from)
+        else:
+            trainer = StageTrainer(cfg, stage, init_from=init_from, heartbeat=heartbeat)
         return trainer.run()
 
 

@@ -7,6 +7,7 @@ dense      dense        everything but indexers   LM loss (ordinary pre-training
 warmup     dense        the indexers only         indexer KL to the dense attention distribution
 sparse     top-k        everything                LM loss + coeff * KL on the top-k set (indexer inputs
                                                   detached); indexers have their own learning rate
+grpo       top-k        everything                GRPO policy loss + coeff * indexer KL (dsa_dist/rl/trainer.py)
 =========  ===========  ========================  ==========================================================
 
 Stages are chained by checkpoints: a stage starts from the final model weights of the previous stage (or from
@@ -42,6 +43,8 @@ STAGES: dict[str, StageSpec] = {
     "dense": StageSpec("dense", attention="dense", trains="main", lm_loss=True, indexer_loss=False),
     "warmup": StageSpec("warmup", attention="dense", trains="indexer", lm_loss=False, indexer_loss=True),
     "sparse": StageSpec("sparse", attention="sparse", trains="all", lm_loss=True, indexer_loss=True),
+    # GRPO post-training: the policy loss replaces the LM loss (dsa_dist/rl/trainer.py).
+    "grpo": StageSpec("grpo", attention="sparse", trains="all", lm_loss=False, indexer_loss=True),
 }
 
 
