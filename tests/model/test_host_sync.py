@@ -16,7 +16,7 @@ from dsa_dist.model.runtime import SPARSE_TRAIN
 from tests._host_sync import HostSyncRecorder
 from tests._interpret import check_interpreted, run_interpreted
 
-CASES = ["layer_step:tiny", "layer_step:tiny-gqa"]
+CASES = ["layer_step:tiny"]  # MLA (v = a view of k); the host code of the kernels is the same for GQA
 
 
 def _layer(name: str, device: torch.device):
@@ -56,6 +56,45 @@ def layer_step(name: str) -> None:
         assert x.grad is not None and torch.isfinite(x.grad).all()
     assert rec.calls == [], f"host syncs in the DSA layer step: {rec.calls}"
     assert rec_replay.calls == [], f"host syncs in the replayed DSA layer step: {rec_replay.calls}"
+
+
+CP_MODES = ("ring", "allgather", "candidates")
+
+
+def _cp_worker(rank: int, world: int) -> dict[str, list[str]]:
+    """Each CP top-k mode: one layer step on this rank's zigzag shard; the host syncs it asked for."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from dsa_dist.model.indexer_loss import IndexerLossTracker
+    from dsa_dist.model.specs import dsa_attention_spec
+    from dsa_dist.parallel import init_parallel
+    from tests.model._configs import model_config
+
+    init_parallel(1, world)
+    calls = {}
+    for mode in CP_MODES:
+        cfg = model_config("tiny", init_std=0.3, indexer={"topk": 8, "cp_topk_mode": mode})
+        tracker = IndexerLossTracker(attach_coeff=1.0)
+        torch.manual_seed(0)
+        attn = build_module(dsa_attention_spec(cfg, SPARSE_TRAIN, tracker), config=cfg.to_transformer_config(None),
+                            layer_number=1)
+        x = torch.randn(cfg.seq_len // world, 2, cfg.hidden_size, requires_grad=True)
+        _step(attn, tracker, x)  # warm-up: the cached zigzag rows and chunk permutations are built once
+        with HostSyncRecorder() as rec:
+            _step(attn, tracker, x, measure_recall=True)
+        calls[mode] = rec.calls
+    return calls
+
+
+@pytest.mark.timeout(300)
+def test_context_parallel_layer_step_has_no_host_sync():
+    """CP=2 on gloo, every top-k mode (ring, allgather, candidates): the distributed top-k, the KV gather and
+    its reduce-scatter backward ask for no host sync either."""
+    from tests._dist import run_distributed
+
+    for rank, calls in enumerate(run_distributed(_cp_worker, 2, init_process_group=False)):
+        for mode in CP_MODES:
+            assert calls[mode] == [], f"rank {rank}, cp_topk_mode={mode}: host syncs {calls[mode]}"
 
 
 def test_recorder_sees_the_syncs_it_looks_for():
