@@ -3,7 +3,9 @@
 ``kernels/`` depends on torch and triton only, so it carries its own small validators instead of borrowing the
 reference ops' ones. A kernel reads raw pointers: a wrong batch size or an out-of-range row index is not an
 exception there but a read past a buffer, so every wrapper checks shapes, dtypes, devices and index ranges
-before it launches and raises ``ValueError``/``TypeError`` naming the argument.
+before it launches and raises ``ValueError``/``TypeError`` naming the argument. Checks of *values* (index
+ranges) run on the device without a host sync (:func:`assert_on_device`): a ``ValueError`` on CPU, a
+device-side assertion ahead of the kernel on CUDA.
 """
 
 from __future__ import annotations

@@ -12,14 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsa_dist.model.runtime import SPARSE_TRAIN
+from dsa_dist.model.runtime import SPARSE_TRAIN, WARMUP, DSARuntime
 from tests._host_sync import HostSyncRecorder
 from tests._interpret import check_interpreted, run_interpreted
 
 CASES = ["layer_step:tiny"]  # MLA (v = a view of k); the host code of the kernels is the same for GQA
 
 
-def _layer(name: str, device: torch.device):
+def _layer(name: str, device: torch.device, runtime: DSARuntime = SPARSE_TRAIN):
     from megatron.core.transformer.spec_utils import build_module
 
     from dsa_dist.model.indexer_loss import IndexerLossTracker
@@ -29,7 +29,7 @@ def _layer(name: str, device: torch.device):
     cfg = model_config(name, init_std=0.3, indexer={"topk": 8})
     tracker = IndexerLossTracker(attach_coeff=1.0)
     torch.manual_seed(0)
-    attn = build_module(dsa_attention_spec(cfg, SPARSE_TRAIN, tracker), config=cfg.to_transformer_config(None),
+    attn = build_module(dsa_attention_spec(cfg, runtime, tracker), config=cfg.to_transformer_config(None),
                         layer_number=1).to(device)
     return cfg, attn, tracker
 
@@ -116,6 +116,20 @@ def test_recorder_sees_the_syncs_it_looks_for():
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
 def test_reference_layer_step_has_no_host_sync(name):
     layer_step(name)
+
+
+@pytest.mark.timeout(300)
+def test_reference_warmup_layer_step_has_no_host_sync():
+    """The indexer warm-up stage (dense attention + dense KL over causal keys) too."""
+    from tests._dist import single_rank_parallel
+
+    with single_rank_parallel():
+        cfg, attn, tracker = _layer("tiny", torch.device("cpu"), WARMUP)
+        x = torch.randn(cfg.seq_len, 2, cfg.hidden_size, requires_grad=True)
+        _step(attn, tracker, x)
+        with HostSyncRecorder() as rec:
+            _step(attn, tracker, x)
+    assert rec.calls == [], f"host syncs in the warm-up DSA layer step: {rec.calls}"
 
 
 @pytest.mark.timeout(600)
