@@ -3,18 +3,26 @@
 ``kernels/`` depends on torch and triton only, so it carries its own small validators instead of borrowing the
 reference ops' ones. A kernel reads raw pointers: a wrong batch size or an out-of-range row index is not an
 exception there but a read past a buffer, so every wrapper checks shapes, dtypes, devices and index ranges
-before it launches and raises ``ValueError``/``TypeError`` naming the argument.
+before it launches and raises ``ValueError``/``TypeError`` naming the argument. Checks of *values* (index
+ranges) run on the device without a host sync (:func:`assert_on_device`): a ``ValueError`` on CPU, a
+device-side assertion ahead of the kernel on CUDA.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FP8_DTYPES = (torch.float8_e4m3fn,)
+
+
+def _debug() -> bool:
+    # The same switch as dsa_dist.ops' debug checks (kernels/ does not import dsa_dist): DSA_DEBUG=1.
+    return os.environ.get("DSA_DEBUG", "0") not in ("", "0", "false", "False")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -74,17 +82,46 @@ def check_positions(name: str, positions: torch.Tensor | None, length: int, devi
     return positions.long().contiguous()
 
 
+def assert_on_device(ok: torch.Tensor, describe: Callable[[], str]) -> None:
+    """Raise ``ValueError(describe())`` unless the one-element bool tensor ``ok`` is True — without a host sync.
+
+    A value check (are the indices in range, are the positions increasing) needs the data, which lives on the
+    device; reading it on the host (``bool(t)``, ``.item()``) stalls the CPU until the GPU has caught up, and at
+    small shards a training step is bound by host work (docs/design.md, "No host sync per layer"). So:
+
+    - CUDA: ``torch._assert_async`` queues a device-side assertion on the current stream, ahead of the kernels
+      that rely on the check. On failure the CUDA context aborts ("device-side assert triggered") at the next
+      synchronisation; run the same inputs on CPU, or with ``DSA_DEBUG=1``, for the message of ``describe``.
+    - CPU (and ``DSA_DEBUG=1`` on any device): the value is read now and ``ValueError(describe())`` is raised.
+
+    ``describe`` is called only on failure, so its message may read the data (min, max, ...).
+    """
+    if _debug() and ok.device.type != "cpu":
+        if not bool(ok):  # debug: a sync, for the clear message
+            raise ValueError(describe())
+        return
+    try:
+        torch._assert_async(ok, "dsa_dist input check failed")  # CPU: raises now; CUDA: no sync
+    except RuntimeError:
+        raise ValueError(describe()) from None
+
+
 def check_index_range(name: str, indices: torch.Tensor, n_keys: int) -> None:
     """Entries of ``indices`` lie in [−1, n_keys): −1 is an empty slot, anything else a key row.
 
-    One min/max reduction and one host sync per call — the price of never gathering past the key buffer.
+    One min/max reduction and a device-side assertion (:func:`assert_on_device`): no host sync on CUDA.
     """
     if indices.numel() == 0:
         return
-    lo, hi = torch.stack(torch.aminmax(indices)).tolist()  # one device-to-host copy
-    if hi >= n_keys or lo < -1:
-        raise ValueError(f"{name} must hold key rows in [0, {n_keys}) or -1 for an empty slot, got min {lo} and "
-                         f"max index {hi} with L = {n_keys} keys")
+    lo, hi = torch.aminmax(indices)
+    ok = torch.logical_and(lo >= -1, hi < n_keys)
+
+    def describe() -> str:
+        low, high = torch.stack([lo, hi]).tolist()
+        return (f"{name} must hold key rows in [0, {n_keys}) or -1 for an empty slot, got min {low} and "
+                f"max index {high} with L = {n_keys} keys")
+
+    assert_on_device(ok, describe)
 
 
 def check_reduction(reduction: str) -> None:

@@ -433,15 +433,18 @@ def indexer_kl_loss_sparse(
     k_scale: torch.Tensor | None = None,
     chunk_size: int | None = None,
     reduction: Reduction = "mean",
+    indices_checked: bool = False,
 ) -> torch.Tensor:
     """Sparse-stage KL on the selected set S_t only, target from the sparse attention's log-sum-exp.
 
     Args as :func:`indexer_kl_loss_dense`, plus ``topk_indices`` [B, Lq, k] int32/int64 (shared by all heads,
     −1 = empty slot, else a row of k) and ``attn_lse`` [B, Lq, H] from the sparse attention (required).
+    ``indices_checked``: the caller guarantees the index range (our own top-k, validated replays); the device-side
+    range check is skipped, as in :func:`kernels.sparse_attention.sparse_attention`.
     Extra memory: p on the slots, 4·B·Lq·k bytes, kept for the backward.
     """
     # the sparse attention's checks (shapes, devices, index range), with a one-dim view of k standing in for v
-    check_sparse_inputs(q, k, k[..., :1], topk_indices, dtypes=FLOAT_DTYPES)
+    check_sparse_inputs(q, k, k[..., :1], topk_indices, dtypes=FLOAT_DTYPES, indices_checked=indices_checked)
     if topk_indices.dim() != 3:
         raise ValueError(f"topk_indices must be [B, Lq, k] for the indexer KL, got {tuple(topk_indices.shape)}")
     _check_common(q, k, q_index, k_index, weights, k_scale, attn_lse, reduction, chunk_size)

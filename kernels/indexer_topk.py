@@ -389,11 +389,18 @@ def _prepare(q_index, k_index, weights, k_scale):
 
 
 def _row_lengths(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-    """Per query: how many leading keys to read. Sorted keys → the causal prefix; otherwise all keys."""
+    """Per query: how many leading keys to read. Sorted keys → the causal prefix; otherwise all keys.
+
+    Decided on the device (``torch.where`` on the sortedness flag), never on the host: reading the flag would
+    stall the CPU on every top-k call (4× per layer in the CP ring). Unsorted keys are valid input (the kernels
+    mask by position), they only lose the prefix skip.
+    """
     lk = k_pos.shape[0]
-    if lk > 1 and not bool((k_pos[1:] >= k_pos[:-1]).all()):  # one host sync; keys are sorted in practice
-        return torch.full((q_pos.shape[0],), lk, dtype=torch.int32, device=q_pos.device)
-    return torch.searchsorted(k_pos.contiguous(), q_pos.contiguous(), right=True).to(torch.int32)
+    prefix = torch.searchsorted(k_pos.contiguous(), q_pos.contiguous(), right=True).to(torch.int32)
+    if lk <= 1:
+        return prefix
+    # searchsorted of unsorted keys is meaningless but in [0, lk]; where() discards it
+    return torch.where((k_pos[1:] >= k_pos[:-1]).all(), prefix, lk)
 
 
 def score_chunk(

@@ -461,9 +461,12 @@ def _v_is_k(k: torch.Tensor, v: torch.Tensor, d1: int) -> bool:
 
 
 def check_sparse_inputs(q: object, k: object, v: object, topk_indices: object,
-                        dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> None:
+                        dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES, *, indices_checked: bool = False) -> None:
     """q [B, Lq, H, d_qk], k [B, Lk, Hkv, d_qk], v [B, Lk, Hkv, d_v] (H a multiple of Hkv, float ``dtypes``) and
-    topk_indices [B, Lq, k] or [B, Lq, Hkv, k] holding rows in [0, Lk) or −1, all on one device."""
+    topk_indices [B, Lq, k] or [B, Lq, Hkv, k] holding rows in [0, Lk) or −1, all on one device.
+
+    The index range is checked on the device (no host sync on CUDA) unless ``indices_checked`` says the caller
+    guarantees it (see :func:`sparse_attention`)."""
     check_tensor("q", q, ndim=4, dtypes=dtypes)
     check_tensor("k", k, ndim=4, dtypes=dtypes)
     check_tensor("v", v, ndim=4, dtypes=dtypes)
@@ -480,11 +483,12 @@ def check_sparse_inputs(q: object, k: object, v: object, topk_indices: object,
     if topk_indices.dim() == 4:
         check_dim("topk_indices", topk_indices, 2, k.shape[2], "KV groups")
     check_same_device(q=q, k=k, v=v, topk_indices=topk_indices)
-    check_index_range("topk_indices", topk_indices, k.shape[1])
+    if not indices_checked:
+        check_index_range("topk_indices", topk_indices, k.shape[1])
 
 
-def _prepare(q, k, v, topk_indices, softmax_scale):
-    check_sparse_inputs(q, k, v, topk_indices)
+def _prepare(q, k, v, topk_indices, softmax_scale, indices_checked):
+    check_sparse_inputs(q, k, v, topk_indices, indices_checked=indices_checked)
     check_launchable(_sparse_attn_fwd_kernel, q)
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
@@ -641,6 +645,8 @@ def sparse_attention(
     v: torch.Tensor,
     topk_indices: torch.Tensor,
     softmax_scale: float | None = None,
+    *,
+    indices_checked: bool = False,
     **ignored_kwargs: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query restricted to its selected keys (Triton; same contract as the reference op).
@@ -652,6 +658,10 @@ def sparse_attention(
         topk_indices: [B, Lq, k] shared by all heads, or [B, Lq, Hkv, k] per KV group; int32 (int64 is
             converted) rows of k/v, −1 for an empty slot.
         softmax_scale: default ``d_qk ** -0.5``.
+        indices_checked: the caller guarantees every index is in [−1, Lk) — set only by internal callers whose
+            indices are in range by construction (our own top-k, or replayed indices validated as causal);
+            skips the device-side range check (a min/max reduction and an assertion). Default False: checked
+            without a host sync (CUDA: device-side assertion; CPU: ``ValueError``).
         ignored_kwargs: reference-only options (``chunk_size``), accepted and ignored.
 
     Returns:
@@ -659,7 +669,7 @@ def sparse_attention(
         logits over the selected keys; a row with no valid key has lse −inf and output 0.
         Differentiable in q, k, v (lse is not). When v is a view of k, v's gradient is folded into k's.
     """
-    idx, scale = _prepare(q, k, v, topk_indices, softmax_scale)
+    idx, scale = _prepare(q, k, v, topk_indices, softmax_scale, indices_checked)
     return _SparseAttention.apply(q, k, v, idx, scale)
 
 

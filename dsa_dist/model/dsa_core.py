@@ -37,6 +37,7 @@ from dsa_dist.model.indexer import LightningIndexer
 from dsa_dist.model.indexer_loss import IndexerLossTracker, attach_loss
 from dsa_dist.model.runtime import DSARuntime
 from dsa_dist.ops import dense_attention, dispatch
+from dsa_dist.ops._checks import assert_on_device
 from dsa_dist.parallel.groups import ParallelDims
 from dsa_dist.parallel.tp import all_heads, heads_to_rows, rows_to_all
 
@@ -161,14 +162,17 @@ def select_topk(indexer: LightningIndexer, rows: IndexerRows, topk: int, dims: P
 
 
 def attend(q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, *, softmax_scale: float,
-           positions: torch.Tensor, topk: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           positions: torch.Tensor, topk: torch.Tensor | None = None,
+           indices_checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of local queries over the whole sequence's KV: ``(out [B, Ll, H, d_v], lse [B, Ll, H])``.
 
     ``topk`` [B, Ll, k] (global key indices, −1 = empty): sparse attention over exactly those keys; None: dense
-    causal attention (query at ``positions[i]`` sees keys ``0 .. positions[i]``).
+    causal attention (query at ``positions[i]`` sees keys ``0 .. positions[i]``). ``indices_checked``: ``topk``
+    is in range by construction (from :func:`select_topk` or :func:`check_replay`), so the sparse attention
+    skips its own range check (see :func:`dsa_dist.ops.sparse_attention`).
     """
     if topk is not None:
-        return dispatch.sparse_attention(q, k_full, v_full, topk, softmax_scale)
+        return dispatch.sparse_attention(q, k_full, v_full, topk, softmax_scale, indices_checked=indices_checked)
     k_positions = torch.arange(k_full.shape[1], device=q.device)
     return dense_attention(q, k_full, v_full, softmax_scale, q_positions=positions, k_positions=k_positions)
 
@@ -186,18 +190,20 @@ def kl_target(q: torch.Tensor, k_full: torch.Tensor, lse: torch.Tensor, *, kv_he
 
 
 def indexer_kl(indexer: LightningIndexer, rows: IndexerRows, target: KLTarget, *, softmax_scale: float,
-               dims: ParallelDims, topk: torch.Tensor | None = None) -> torch.Tensor:
+               dims: ParallelDims, topk: torch.Tensor | None = None, indices_checked: bool = False) -> torch.Tensor:
     """Mean KL over this rank's rows (a scalar, differentiable in the indexer parameters only).
 
     ``topk`` [B, Ll/tp, k]: the sparse KL on the selected set (stage 2); None: the dense KL over every causal key
     (warm-up). The indexer side uses the FP8-fake-quantised scores the top-k ranked (straight-through).
+    ``indices_checked``: ``topk`` is in range by construction (as in :func:`attend`).
     """
     kl_in = indexer.prepare_for_kl(rows.q, rows.k, rows.w, q_positions=rows.q_positions,
                                    k_positions=rows.k_positions)
     k_index_full = _gather_sequence(kl_in.k_index, dims)  # [B, L, d_I]
     if topk is not None:
         return dispatch.indexer_kl_loss_sparse(target.q, target.k, kl_in.q_index, k_index_full, kl_in.weights,
-                                               topk, attn_lse=target.lse, softmax_scale=softmax_scale)
+                                               topk, attn_lse=target.lse, softmax_scale=softmax_scale,
+                                               indices_checked=indices_checked)
     k_positions = torch.arange(k_index_full.shape[1], device=k_index_full.device)
     return dispatch.indexer_kl_loss_dense(target.q, target.k, kl_in.q_index, k_index_full, kl_in.weights,
                                           attn_lse=target.lse, softmax_scale=softmax_scale,
@@ -212,7 +218,10 @@ def indexer_recall(target: KLTarget, topk: torch.Tensor, q_positions: torch.Tens
     q, k = target.q, target.k
     b, lq, h, d = q.shape
     hkv = k.shape[2]
-    sel = torch.linspace(lq - 1, 0, min(n_rows, lq), device=q.device).round().long().unique()
+    # Rows lq-1 - floor(i·(lq-1)/(n-1)), i < n: distinct (the step is ≥ 1) and built on the device — no
+    # unique(), whose data-dependent size would sync the host.
+    n = min(n_rows, lq)
+    sel = (lq - 1) - torch.arange(n, device=q.device) * (lq - 1) // max(n - 1, 1)
     qs = q[:, sel].float().reshape(b, sel.numel(), hkv, h // hkv, d)
     logits = torch.einsum("bngjd,bkgd->bngjk", qs, k.float()).flatten(2, 3) * softmax_scale  # [B, n, H, L]
     future = torch.arange(k.shape[1], device=q.device)[None, :] > q_positions[sel][:, None]  # [n, L]
@@ -236,10 +245,10 @@ def check_replay(indices: torch.Tensor, batch: int, positions: torch.Tensor, lay
         raise ValueError(f"{where} must have shape [B={batch}, L_local={positions.numel()}, k>=1], got "
                          f"{tuple(indices.shape)}; record it with begin_forward(record_topk=True) on the same batch")
     indices = indices.to(device=positions.device, dtype=torch.int32)
-    ok = (indices == -1) | ((indices >= 0) & (indices <= positions[None, :, None]))
-    if not bool(ok.all()):
-        raise ValueError(f"{where} holds indices that are neither -1 nor a causal key (0 <= index <= the query's "
-                         "global position); replay only indices recorded for these token positions")
+    ok = ((indices >= -1) & (indices <= positions[None, :, None])).all()
+    # On the device (CUDA: an asynchronous assertion, no host sync; CPU: ValueError now).
+    assert_on_device(ok, lambda: f"{where} holds indices that are neither -1 nor a causal key (0 <= index <= the "
+                                 "query's global position); replay only indices recorded for these token positions")
     return indices
 
 
@@ -278,7 +287,9 @@ def dsa_attention(inputs: DSAInputs, *, indexer: LightningIndexer, dsa: DSAModel
         tracker.record_selected(layer, topk_all)
 
     k_full, v_full = kv.wait()
-    out, lse = attend(q, k_full, v_full, softmax_scale=scale, positions=positions, topk=topk_all if sparse else None)
+    # topk_all comes from our own top-k or a validated replay: in range by construction, no second check.
+    out, lse = attend(q, k_full, v_full, softmax_scale=scale, positions=positions,
+                      topk=topk_all if sparse else None, indices_checked=True)
     if not (kl_on or want_recall):
         return out
     target = kl_target(q, k_full, lse, kv_heads_split=inputs.v is not None, dims=dims)
@@ -287,7 +298,8 @@ def dsa_attention(inputs: DSAInputs, *, indexer: LightningIndexer, dsa: DSAModel
                                                     n_rows=ix.recall_rows))
     if not kl_on:
         return out
-    kl = indexer_kl(indexer, rows, target, softmax_scale=scale, dims=dims, topk=topk_rows if sparse else None)
+    kl = indexer_kl(indexer, rows, target, softmax_scale=scale, dims=dims, topk=topk_rows if sparse else None,
+                    indices_checked=True)
     tracker.record(layer, kl)
     if tracker.attach_coeff is not None:
         out = attach_loss(out, kl, tracker.attach_coeff)

@@ -8,7 +8,7 @@ only when debug checks are on (``DSA_DEBUG=1`` or :func:`set_debug_checks`).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -26,6 +26,9 @@ def set_debug_checks(enabled: bool) -> None:
 
 def debug_checks_enabled() -> bool:
     return _DEBUG
+
+
+_debug = debug_checks_enabled
 
 
 def check_tensor(
@@ -70,17 +73,46 @@ def check_same_batch(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | 
                              f"{ref.shape[0]} (shape {tuple(ref.shape)}): pass the same batch to both")
 
 
+def assert_on_device(ok: torch.Tensor, describe: Callable[[], str]) -> None:
+    """Raise ``ValueError(describe())`` unless the one-element bool tensor ``ok`` is True — without a host sync.
+
+    A value check (are the indices in range, are the positions increasing) needs the data, which lives on the
+    device; reading it on the host (``bool(t)``, ``.item()``) stalls the CPU until the GPU has caught up, and at
+    small shards a training step is bound by host work (docs/design.md, "No host sync per layer"). So:
+
+    - CUDA: ``torch._assert_async`` queues a device-side assertion on the current stream, ahead of the kernels
+      that rely on the check. On failure the CUDA context aborts ("device-side assert triggered") at the next
+      synchronisation; run the same inputs on CPU, or with ``DSA_DEBUG=1``, for the message of ``describe``.
+    - CPU (and ``DSA_DEBUG=1`` on any device): the value is read now and ``ValueError(describe())`` is raised.
+
+    ``describe`` is called only on failure, so its message may read the data (min, max, ...).
+    """
+    if _debug() and ok.device.type != "cpu":
+        if not bool(ok):  # debug: a sync, for the clear message
+            raise ValueError(describe())
+        return
+    try:
+        torch._assert_async(ok, "dsa_dist input check failed")  # CPU: raises now; CUDA: no sync
+    except RuntimeError:
+        raise ValueError(describe()) from None
+
+
 def check_index_range(name: str, indices: torch.Tensor, n_keys: int) -> None:
     """Entries of ``indices`` lie in [−1, n_keys): −1 is an empty slot, anything else a key row.
 
-    One min/max reduction (a host sync on the GPU) instead of a gather past the end of the keys.
+    One min/max reduction and a device-side assertion (:func:`assert_on_device`): no host sync on CUDA.
     """
     if indices.numel() == 0:
         return
-    lo, hi = torch.stack(torch.aminmax(indices)).tolist()  # one device-to-host copy
-    if hi >= n_keys or lo < -1:
-        raise ValueError(f"{name} must hold key rows in [0, {n_keys}) or -1 for an empty slot, got min {lo} and "
-                         f"max index {hi} with L = {n_keys} keys")
+    lo, hi = torch.aminmax(indices)
+    ok = torch.logical_and(lo >= -1, hi < n_keys)
+
+    def describe() -> str:
+        low, high = torch.stack([lo, hi]).tolist()
+        return (f"{name} must hold key rows in [0, {n_keys}) or -1 for an empty slot, got min {low} and "
+                f"max index {high} with L = {n_keys} keys")
+
+    assert_on_device(ok, describe)
 
 
 def check_positions(name: str, positions: torch.Tensor | None, length: int, device: torch.device) -> torch.Tensor:

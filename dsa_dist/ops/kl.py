@@ -133,14 +133,17 @@ def indexer_kl_loss_sparse(
     k_scale: torch.Tensor | None = None,
     chunk_size: int = 256,
     reduction: Reduction = "mean",
+    indices_checked: bool = False,
 ) -> torch.Tensor:
     """Sparse-stage KL on the selected set S_t only (target from the sparse attention's lse).
 
     ``topk_indices`` [B, Lq, k] (shared by all heads; −1 = empty). ``attn_lse`` [B, Lq, H] from
-    :func:`sparse_attention` (recomputed over S_t if None). Other arguments as in the dense variant.
+    :func:`sparse_attention` (recomputed over S_t if None). ``indices_checked``: the caller guarantees the index
+    range (our own top-k, validated replays) and the range check is skipped, as in :func:`sparse_attention`.
+    Other arguments as in the dense variant.
     """
     v_dummy = k[..., :1]
-    _check_sparse_inputs(q, k, v_dummy, topk_indices)
+    _check_sparse_inputs(q, k, v_dummy, topk_indices, indices_checked)
     if topk_indices.dim() != 3:
         raise ValueError(f"topk_indices must be [B, Lq, k] for the indexer KL, got {tuple(topk_indices.shape)}")
     _check_score_inputs(q_index, k_index, weights, k_scale)

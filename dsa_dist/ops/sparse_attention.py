@@ -22,7 +22,7 @@ from dsa_dist.ops._checks import (
 )
 
 
-def _check_inputs(q, k, v, topk_indices):
+def _check_inputs(q, k, v, topk_indices, indices_checked=False):
     check_attention_qkv(q, k, v)
     check_tensor("topk_indices", topk_indices, dtypes=(torch.int32, torch.int64))
     b, lq = q.shape[:2]
@@ -35,7 +35,8 @@ def _check_inputs(q, k, v, topk_indices):
     if topk_indices.dim() == 4:
         check_dim("topk_indices", topk_indices, 2, hkv, "KV groups")
     check_same_device(q=q, k=k, v=v, topk_indices=topk_indices)
-    check_index_range("topk_indices", topk_indices, k.shape[1])
+    if not indices_checked:  # on the device: no host sync (CUDA: device-side assertion; CPU: ValueError)
+        check_index_range("topk_indices", topk_indices, k.shape[1])
 
 
 def gather_rows(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -54,6 +55,7 @@ def sparse_attention(
     softmax_scale: float | None = None,
     *,
     chunk_size: int = 256,
+    indices_checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query restricted to its selected keys.
 
@@ -64,13 +66,15 @@ def sparse_attention(
         topk_indices: [B, Lq, k] shared by all heads, or [B, Lq, Hkv, k] per KV group; int32/int64 rows of
             k/v (< Lk), −1 for an empty slot; anything else raises ValueError.
         softmax_scale: default ``d_qk ** -0.5``.
+        indices_checked: the caller guarantees the index range (internal callers whose indices are in range by
+            construction: our own top-k, validated replays); skips the range check. Default False: checked.
 
     Returns:
         ``(out [B, Lq, H, d_v] in q's dtype, lse [B, Lq, H] float32 — float64 for float64 inputs)`` —
         natural-log sum-exp of the scaled logits over the selected keys (−inf for a row with no valid key,
         whose output is 0).
     """
-    _check_inputs(q, k, v, topk_indices)
+    _check_inputs(q, k, v, topk_indices, indices_checked)
     check_positive_int("chunk_size", chunk_size)
     b, lq, h, d = q.shape
     hkv, dv = k.shape[2], v.shape[3]

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from dsa_dist.ops._checks import check_positive_int, check_tensor, debug_checks_enabled
+from dsa_dist.ops._checks import assert_on_device, check_positive_int, check_tensor
 from dsa_dist.ops.indexer import _check_score_inputs
 from dsa_dist.ops.topk import INVALID_INDEX, topk_from_scores
 from dsa_dist.parallel._comm import (
@@ -57,7 +57,8 @@ def _zigzag_rows(seq_len: int, size: int, device: torch.device) -> tuple[torch.T
     """Global rows of every rank's zigzag shard, built once per (length, CP size, device): at small shards a CP
     step is bound by host-side launches (docs/context_parallel.md, measured), so the 3·CP small launches that
     build these every layer are not repeated. The tensors are shared: read only."""
-    return tuple(zigzag_positions(seq_len, size, j, device=device) for j in range(size))
+    with torch.inference_mode(False):  # normal tensors even when first built in inference mode (rollouts)
+        return tuple(zigzag_positions(seq_len, size, j, device=device) for j in range(size))
 
 
 def _to_global(local_idx: torch.Tensor, global_rows: torch.Tensor) -> torch.Tensor:
@@ -91,9 +92,11 @@ def _unpack_keys(buf: torch.Tensor, dtype: torch.dtype, d: int, has_scale: bool
 
 
 def _check_monotone(name: str, rows: torch.Tensor) -> None:
-    # The shard's local tie-break (lowest row) must agree with the global one (lowest global index).
-    if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
-        raise ValueError(f"{name} must be strictly increasing along the shard (ties break by lowest index)")
+    # The shard's local tie-break (lowest row) must agree with the global one (lowest global index). Checked on
+    # the device: CUDA queues an assertion (no host sync), CPU raises ValueError now.
+    if rows.numel() > 1:
+        assert_on_device((rows[1:] > rows[:-1]).all(),
+                         lambda: f"{name} must be strictly increasing along the shard (ties break by lowest index)")
 
 
 def _positions(name: str, positions: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
@@ -255,7 +258,7 @@ def candidate_topk(
         k_index_local, k_scale_local: [B, Lk, d_I], [B, Lk] or None — this rank's shard (Lk may differ by rank).
         q_positions: [Lq]; k_positions_local: [Lk] positions for the causal rule.
         k_indices_local: [Lk] global index of each local key (default: ``k_positions_local``); must increase
-            along the shard so local and global tie-breaking agree (checked when debug checks are on).
+            along the shard so local and global tie-breaking agree (checked on the device, without a host sync).
         group: the process group over which the keys are sharded; None = world.
 
     Returns:
@@ -268,8 +271,7 @@ def candidate_topk(
     q_pos = _positions("q_positions", q_positions, torch.empty(q_index.shape[1], dtype=torch.long, device=device))
     k_pos = _positions("k_positions_local", k_positions_local, torch.empty(lk, dtype=torch.long, device=device))
     rows = k_pos if k_indices_local is None else _positions("k_indices_local", k_indices_local, k_pos)
-    if device.type == "cpu" or debug_checks_enabled():
-        _check_monotone("k_indices_local" if k_indices_local is not None else "k_positions_local", rows)
+    _check_monotone("k_indices_local" if k_indices_local is not None else "k_positions_local", rows)
     scores, local_idx = _local_topk(q_index, k_index_local, weights, topk, k_scale_local,
                                                         q_positions=q_pos, k_positions=k_pos, chunk_size=chunk_size)
     gidx = _to_global(local_idx, rows)

@@ -13,6 +13,8 @@ order, so a global key index is simply a row of the gathered tensor (= the token
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -77,24 +79,26 @@ def zigzag_split(x: torch.Tensor, seq_dim: int, cp_size: int, cp_rank: int) -> t
     _check_rank(cp_size, cp_rank)
     if cp_size == 1:
         return x
-    chunks = x.unflatten(seq_dim, (2 * cp_size, x.shape[seq_dim] // (2 * cp_size)))
-    pick = torch.tensor([cp_rank, 2 * cp_size - 1 - cp_rank], device=x.device)
-    return chunks.index_select(seq_dim, pick).flatten(seq_dim, seq_dim + 1)
+    # two narrow views and one cat: no index tensor built from Python data (a blocking host-to-device copy)
+    chunk = x.shape[seq_dim] // (2 * cp_size)
+    late = 2 * cp_size - 1 - cp_rank
+    return torch.cat([x.narrow(seq_dim, cp_rank * chunk, chunk), x.narrow(seq_dim, late * chunk, chunk)], seq_dim)
 
 
+@functools.lru_cache(maxsize=64)
 def _chunk_permutation(cp_size: int, to_global: bool, device: torch.device) -> torch.Tensor:
     """Chunk order between rank-major concatenation of shards and global order (2·CP chunks).
 
     Rank-major slot ``2r`` holds global chunk ``r`` and slot ``2r+1`` holds chunk ``2CP−1−r``.
     ``to_global``: entry c = the rank-major slot of global chunk c; otherwise entry s = the global chunk of slot s.
+    Built on the device from ``arange`` (``torch.tensor(list, device=cuda)`` would be a blocking copy on every
+    sequence gather) and cached per (CP, direction, device): the tensor is shared, read only.
     """
-    slot_of_chunk = [2 * c if c < cp_size else 2 * (2 * cp_size - 1 - c) + 1 for c in range(2 * cp_size)]
-    if to_global:
-        return torch.tensor(slot_of_chunk, device=device)
-    chunk_of_slot = [0] * (2 * cp_size)
-    for c, s in enumerate(slot_of_chunk):
-        chunk_of_slot[s] = c
-    return torch.tensor(chunk_of_slot, device=device)
+    with torch.inference_mode(False):  # a normal tensor even when first built in inference mode (autograd saves it)
+        i = torch.arange(2 * cp_size, device=device)
+        if to_global:  # chunk c < CP sits in slot 2c; chunk c >= CP in slot 2(2CP-1-c)+1
+            return torch.where(i < cp_size, 2 * i, 2 * (2 * cp_size - 1 - i) + 1)
+        return torch.where(i % 2 == 0, i // 2, 2 * cp_size - 1 - i // 2)  # slot s: chunk s/2 or 2CP-1-(s-1)/2
 
 
 def _reorder_chunks(x: torch.Tensor, seq_dim: int, cp_size: int, to_global: bool) -> torch.Tensor:
