@@ -20,6 +20,7 @@ from typing import Literal
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from dsa_dist.cluster_config import ClusterConfig, validate_cluster
 from dsa_dist.model.config import PRESET_NAMES, DSAModelConfig, preset
 
 StageName = Literal["dense", "warmup", "sparse"]
@@ -195,6 +196,8 @@ class TrainRunConfig:
     stages: StagesConfig = field(default_factory=StagesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Ray: placement, restarts and cluster address of `python -m launch` (dsa_dist/cluster_config.py)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -356,6 +359,7 @@ def validate_config(cfg: TrainRunConfig, world_size: int | None = None) -> None:
     _require(c.interval >= 0, "checkpoint.interval", c.interval, "must be >= 0 (0: save at the end only)")
     _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
     _require(cfg.logging.log_interval >= 1, "logging.log_interval", cfg.logging.log_interval, "must be >= 1")
+    validate_cluster(cfg)
 
 
 def _validate_stage(cfg: TrainRunConfig, stage: str) -> None:
