@@ -55,6 +55,8 @@ class ClusterConfig:
     handling so a dead peer raises instead of hanging). Ignored by gloo on CPU."""
     num_cpus: int = 0
     """CPUs of a local cluster the driver starts itself (0: all of this machine's); unused on an existing one."""
+    include_dashboard: bool = True
+    """Start the dashboard and job API with a local cluster (needs ray[default]; false for a bare `ray` install)."""
     dashboard_host: str = "127.0.0.1"
     """Interface the dashboard and job API of a local cluster bind to. Keep 127.0.0.1: the job API runs arbitrary
     code for whoever reaches it (docs/ray.md explains how to protect a multi-node cluster)."""

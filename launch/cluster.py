@@ -47,7 +47,7 @@ class GroupSpec:
         return {"CPU": float(self.cpus), **({"GPU": 1.0} if self.gpu else {})}
 
 
-def connect(address: str, *, num_cpus: int = 0, dashboard_host: str = "127.0.0.1",
+def connect(address: str, *, num_cpus: int = 0, include_dashboard: bool = True, dashboard_host: str = "127.0.0.1",
             runtime_env: dict | None = None) -> str:
     """``ray.init`` for a driver: join ``address`` ('auto', 'local' or HOST:PORT); 'auto' starts a local cluster
     (dashboard and job API on ``dashboard_host``) when none is running. Returns 'connected' or 'started'."""
@@ -63,7 +63,7 @@ def connect(address: str, *, num_cpus: int = 0, dashboard_host: str = "127.0.0.1
             return "connected"
         except ConnectionError:
             pass  # no cluster running: start one below
-    ray.init(num_cpus=num_cpus or None, include_dashboard=True, dashboard_host=dashboard_host, **quiet)
+    ray.init(num_cpus=num_cpus or None, include_dashboard=include_dashboard, dashboard_host=dashboard_host, **quiet)
     return "started"
 
 
@@ -178,7 +178,8 @@ def wait_all(refs: list[ray.ObjectRef]) -> list:
     """Results of ``refs`` in order; raises the first failure as soon as it happens (not after the others)."""
     pending = list(refs)
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+        # A bounded wait returns to Python every second, so SIGTERM (`ray job stop`) and Ctrl-C are handled at once.
+        done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
         ray.get(done)  # raises RayTaskError / RayActorError of a failed rank right away
     return ray.get(refs)
 

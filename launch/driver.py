@@ -154,10 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"launch: config error: {err}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # `ray job stop` sends SIGTERM: clean up like Ctrl-C
     c = cfg.cluster
     try:
-        how = connect(c.address, num_cpus=c.num_cpus, dashboard_host=c.dashboard_host)
+        how = connect(c.address, num_cpus=c.num_cpus, include_dashboard=c.include_dashboard,
+                      dashboard_host=c.dashboard_host)
+        # `ray job stop` sends SIGTERM: clean up like Ctrl-C (set after ray.init, which installs its own handler).
+        signal.signal(signal.SIGTERM, _raise_interrupt)
         log(f"{how} Ray cluster ({ray.cluster_resources().get('CPU', 0):g} CPU, {cluster_gpus()} GPU); "
             f"run dir {Path(cfg.run_dir).resolve()}")
         reports = run_job(cfg)

@@ -162,10 +162,10 @@ def submitted_job(ray_head, tmp_path_factory) -> SubmittedJob:
 
 def job_overrides(run_dir: Path, **extra: object) -> list[str]:
     """The tiny CP=2 job of the launch tests: seq 64, dense 8 / warmup 3 / sparse 3 steps, checkpoint every 2."""
-    return tiny_overrides(
-        run_dir, parallel__cp=2, stages__dense__steps=8, stages__warmup__steps=3, stages__sparse__steps=3,
-        optim__warmup_steps=1, checkpoint__interval=2, checkpoint__keep_last=2, cluster__max_restarts=2,
-        cluster__restart_backoff_s=0.5, cluster__placement_timeout_s=30, **extra)
+    job = dict(parallel__cp=2, stages__dense__steps=8, stages__warmup__steps=3, stages__sparse__steps=3,
+               optim__warmup_steps=1, checkpoint__interval=2, checkpoint__keep_last=2, cluster__max_restarts=2,
+               cluster__restart_backoff_s=0.5, cluster__placement_timeout_s=30)
+    return tiny_overrides(run_dir, **(job | extra))
 
 
 def start_driver(args: list[str], log_path: Path) -> subprocess.Popen:

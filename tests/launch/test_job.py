@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,57 @@ def test_job_api_requires_the_token(ray_head, ray_token):
                                  headers={"Authorization": f"Bearer {ray_token}"})
     with urllib.request.urlopen(req, timeout=10) as ok:
         assert ok.status == 200
+
+
+def _alive(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _long_run(run_dir: Path) -> list[str]:
+    """A dense stage far longer than the test waits: the job is stopped while it trains."""
+    return job_overrides(run_dir, pipeline="[dense]", stages__dense__steps=5000, checkpoint__interval=0)
+
+
+def _rank_pids_once_training(run_dir: Path, running) -> list[int]:
+    wait_for(lambda: (run_dir / "dense" / "metrics.jsonl").is_file() or not running(), 240, "training to start")
+    assert running(), "the job ended before it was stopped"
+    return [rank_pid(run_dir, 0, r)["pid"] for r in (0, 1)]
+
+
+def test_ray_job_stop_leaves_no_rank_behind(ray_head, tmp_path):
+    import subprocess
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from tests.launch.conftest import REPO, TINY, ray_cli, ray_env
+
+    run_dir, job_id = tmp_path / "run", f"dsa-stop-{os.getpid()}"
+    subprocess.run([ray_cli(), "job", "submit", "--address", ray_head.dashboard_url, "--submission-id", job_id,
+                    "--no-wait", "--", sys.executable, "-m", "launch", str(TINY), *_long_run(run_dir)],
+                   check=True, cwd=REPO, env=ray_env(), capture_output=True, timeout=120)
+    client = JobSubmissionClient(ray_head.dashboard_url)
+    pids = _rank_pids_once_training(
+        run_dir, lambda: client.get_job_status(job_id) in (JobStatus.PENDING, JobStatus.RUNNING))
+    subprocess.run([ray_cli(), "job", "stop", "--address", ray_head.dashboard_url, job_id], check=True,
+                   env=ray_env(), capture_output=True, timeout=120)
+    wait_for(lambda: client.get_job_status(job_id) == JobStatus.STOPPED, 60, "the job to stop")
+    wait_for(lambda: not any(_alive(p) for p in pids), 30, "every rank to exit")
+    assert "every worker was killed" in client.get_job_logs(job_id)
+
+
+def test_ctrl_c_of_the_driver_leaves_no_rank_behind(ray_head, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "driver.log"
+    proc = start_driver(_long_run(run_dir) + [f"cluster.address={ray_head.gcs_address}"], log)
+    try:
+        pids = _rank_pids_once_training(run_dir, lambda: proc.poll() is None)
+        proc.send_signal(signal.SIGINT)
+    except BaseException:
+        proc.kill()
+        raise
+    rc, out = finish(proc, log, timeout=60)
+    assert rc == 130, out[-4000:]
+    wait_for(lambda: not any(_alive(p) for p in pids), 30, "every rank to exit")
