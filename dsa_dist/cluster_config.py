@@ -23,9 +23,9 @@ class ClusterConfig:
     """A Ray cluster job: placement of the ranks, restarts after failures, and how the driver finds Ray."""
 
     address: str = "auto"
-    """Ray cluster to use: 'auto' connects to the running cluster ($RAY_ADDRESS, set by `ray job submit`, or one
-    started on this machine) and starts a local one when there is none; 'local' always starts a local one;
-    'HOST:PORT' connects to that GCS address."""
+    """Ray cluster to use: 'auto' connects to $RAY_ADDRESS (set by `ray job submit`) or to the cluster that
+    `ray start` runs on this machine, and starts a local one when there is none; 'local' always starts a local
+    one (stopped when the driver exits); 'HOST:PORT' connects to that GCS address."""
     nodes: int = 1
     """Nodes the job spans; each holds workers_per_node ranks (one STRICT_PACK placement group per node)."""
     workers_per_node: int = 0

@@ -47,23 +47,38 @@ class GroupSpec:
         return {"CPU": float(self.cpus), **({"GPU": 1.0} if self.gpu else {})}
 
 
+def _latest_cluster() -> str | None:
+    """GCS address of this machine's latest `ray start` cluster when it is still up (Ray keeps the address in
+    <ray temp dir>/ray_current_cluster even after the cluster stopped; joining a dead one would hang)."""
+    try:
+        address = ray._private.utils.read_ray_address(None)
+    except Exception:  # noqa: BLE001 - no record, or another Ray layout: treat as no cluster
+        return None
+    if not address or ":" not in address:
+        return None
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return address
+    except (OSError, ValueError):
+        return None
+
+
 def connect(address: str, *, num_cpus: int = 0, include_dashboard: bool = True, dashboard_host: str = "127.0.0.1",
             runtime_env: dict | None = None) -> str:
-    """``ray.init`` for a driver: join ``address`` ('auto', 'local' or HOST:PORT); 'auto' starts a local cluster
-    (dashboard and job API on ``dashboard_host``) when none is running. Returns 'connected' or 'started'."""
+    """``ray.init`` for a driver: join ``address`` ('auto', 'local' or HOST:PORT). 'auto' joins $RAY_ADDRESS (set
+    by `ray job submit`) or this machine's running cluster, else starts a local one (dashboard and job API on
+    ``dashboard_host``). Returns 'connected to' or 'started'."""
     if ray.is_initialized():
-        return "connected"
+        return "connected to"
     quiet = {"log_to_driver": True, "logging_level": "warning", "runtime_env": runtime_env}
-    if address not in ("auto", "local"):
-        ray.init(address=address, **quiet)
-        return "connected"
     if address == "auto":
-        try:
-            ray.init(address="auto", **quiet)
-            return "connected"
-        except ConnectionError:
-            pass  # no cluster running: start one below
-    ray.init(num_cpus=num_cpus or None, include_dashboard=include_dashboard, dashboard_host=dashboard_host, **quiet)
+        address = os.environ.get("RAY_ADDRESS") or _latest_cluster() or "local"
+    if address != "local":
+        ray.init(address=address, **quiet)
+        return "connected to"
+    ray.init(address="local", num_cpus=num_cpus or None, include_dashboard=include_dashboard,
+             dashboard_host=dashboard_host, **quiet)
     return "started"
 
 

@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 
 import ray
+from omegaconf import OmegaConf
 
 from dsa_dist.cluster_config import ranks_per_node
 from dsa_dist.config import DEFAULT_CONFIG, TrainRunConfig, load_config
+from dsa_dist.train.cli import _quiet_known_warnings
 from launch.cluster import (
     GroupSpec,
     NonRetryableError,
@@ -54,13 +56,21 @@ def log(line: str) -> None:
     print(f"[launch] {line}", flush=True)
 
 
+def _requested_world(path: str | Path, overrides: list[str]) -> int | None:
+    """nodes x workers_per_node of the YAML + overrides, or None (derive the world from the parallel sizes)."""
+    try:
+        raw = OmegaConf.merge(OmegaConf.load(path),
+                              OmegaConf.from_dotlist([o for o in overrides if o.startswith("cluster.")]))
+        nodes = int(OmegaConf.select(raw, "cluster.nodes", default=1))
+        per_node = int(OmegaConf.select(raw, "cluster.workers_per_node", default=0))
+    except Exception:  # noqa: BLE001 - malformed input: load_config reports it with the key path
+        return None
+    return nodes * per_node if per_node > 0 and nodes > 0 else None
+
+
 def load_launch_config(path: str | Path, overrides: list[str]) -> TrainRunConfig:
     """The run config with the world size the cluster section asks for (nodes x workers_per_node when set)."""
-    cfg = load_config(path, overrides)
-    c = cfg.cluster
-    if c.workers_per_node:
-        cfg = load_config(path, overrides, world_size=c.nodes * c.workers_per_node)
-    return cfg
+    return load_config(path, overrides, world_size=_requested_world(path, overrides))
 
 
 def group_spec(cfg: TrainRunConfig) -> GroupSpec:
@@ -146,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
+    _quiet_known_warnings()
     path = DEFAULT_CONFIG
     if argv and "=" not in argv[0]:
         path, argv = Path(argv[0]), argv[1:]
@@ -160,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                       dashboard_host=c.dashboard_host)
         # `ray job stop` sends SIGTERM: clean up like Ctrl-C (set after ray.init, which installs its own handler).
         signal.signal(signal.SIGTERM, _raise_interrupt)
-        log(f"{how} Ray cluster ({ray.cluster_resources().get('CPU', 0):g} CPU, {cluster_gpus()} GPU); "
+        log(f"{how} a Ray cluster ({ray.cluster_resources().get('CPU', 0):g} CPU, {cluster_gpus()} GPU); "
             f"run dir {Path(cfg.run_dir).resolve()}")
         reports = run_job(cfg)
         print(summary_table(cfg, reports), flush=True)
