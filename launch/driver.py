@@ -69,8 +69,14 @@ def _requested_world(path: str | Path, overrides: list[str]) -> int | None:
 
 
 def load_launch_config(path: str | Path, overrides: list[str]) -> TrainRunConfig:
-    """The run config with the world size the cluster section asks for (nodes x workers_per_node when set)."""
-    return load_config(path, overrides, world_size=_requested_world(path, overrides))
+    """The run config with the world size the cluster section asks for (nodes x workers_per_node when set).
+
+    A relative ``run_dir`` is made absolute against the driver's directory, so every actor writes to the same
+    place whatever its own working directory (under `ray job submit --working-dir`, that is Ray's per-job copy of
+    the directory: give multi-node jobs an absolute run_dir on a shared file system)."""
+    cfg = load_config(path, overrides, world_size=_requested_world(path, overrides))
+    cfg.run_dir = str(Path(cfg.run_dir).resolve())
+    return cfg
 
 
 def group_spec(cfg: TrainRunConfig) -> GroupSpec:
