@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +28,16 @@ from tests.train._tiny import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
+
+# Token authentication for every Ray cluster, driver and client of the session (RAY_AUTH_MODE=token, the token in
+# a file of the session's own): the set-up docs/ray.md recommends for a job API others can reach. Set here, before
+# any test module imports ray, because a process reads RAY_AUTH_MODE once.
+_TOKEN_DIR = Path(tempfile.mkdtemp(prefix="dsa_ray_auth_"))
+RAY_TOKEN = secrets.token_hex(32)
+(_TOKEN_DIR / "auth_token").write_text(RAY_TOKEN)
+(_TOKEN_DIR / "auth_token").chmod(0o600)
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(_TOKEN_DIR / "auth_token"))
+os.environ.pop("RAY_AUTH_TOKEN", None)
 
 
 def ray_cli() -> str:
@@ -76,22 +87,10 @@ class RayHead:
 
 
 @pytest.fixture(scope="session")
-def ray_token(tmp_path_factory) -> str:
-    """Token authentication for every Ray cluster and client of the session (RAY_AUTH_MODE=token, the token in a
-    file of the session's own): the set-up docs/ray.md recommends for a job API that others can reach."""
-    token = secrets.token_hex(32)
-    path = tmp_path_factory.mktemp("ray_auth") / "auth_token"
-    path.write_text(token)
-    path.chmod(0o600)
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(path))
-    os.environ.pop("RAY_AUTH_TOKEN", None)
-    yield token
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+def ray_token() -> str:
+    """The session's Ray token (see the top of this module); its file is removed at the end."""
+    yield RAY_TOKEN
+    shutil.rmtree(_TOKEN_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
