@@ -166,3 +166,26 @@ def test_ctrl_c_of_the_driver_leaves_no_rank_behind(ray_head, tmp_path):
     rc, out = finish(proc, log, timeout=60)
     assert rc == 130, out[-4000:]
     wait_for(lambda: not any(_alive(p) for p in pids), 30, "every rank to exit")
+
+
+def test_restarts_spent_fails_cleanly_and_keeps_the_checkpoints(ray_head, tmp_path):
+    run_dir, rc, out, _ = _interrupted_run(ray_head, tmp_path, signal.SIGKILL, "cluster.max_restarts=0")
+    assert rc == 1, out[-4000:]
+    failure = next(line for line in out.splitlines() if line.startswith("launch: job failed:"))
+    assert "actor died" in failure and "cluster.max_restarts=0 restart(s) spent" in failure
+    assert checkpoint_exists(run_dir, "dense", 2)
+
+
+def test_a_job_asking_for_gpus_the_cluster_lacks_fails_in_seconds(ray_head, tmp_path):
+    import time
+
+    log = tmp_path / "driver.log"
+    proc = start_driver(job_overrides(tmp_path / "run", cluster__address=ray_head.gcs_address,
+                                      cluster__accelerator="gpu", cluster__placement_timeout_s=600), log)
+    wait_for(lambda: "[launch] connected" in log.read_text() or proc.poll() is not None, 120, "the driver")
+    connected = time.monotonic()
+    rc, out = finish(proc, log, timeout=120)
+    assert rc == 1, out[-4000:]
+    assert "the cluster has 0 GPU in 1 alive node(s), the job needs 2 GPU" in out
+    assert time.monotonic() - connected < 20  # not the 600 s placement timeout: the check does not wait
+    assert not (tmp_path / "run" / "launch").exists()  # no rank was started
