@@ -29,12 +29,12 @@ def job_overrides(run_dir: Path, steps: int) -> list[str]:
 
 
 def command(launcher: str, cp: int, run_dir: Path, steps: int, extra: list[str]) -> list[str]:
-    args = ["configs/single_gpu.yaml", *job_overrides(run_dir, steps), f"parallel.cp={cp}", *extra]
+    args = ["configs/single_gpu.yaml", *job_overrides(run_dir, steps), f"parallel.cp={cp}"]
     if launcher == "ray":
         return [sys.executable, "-m", "launch", *args, "cluster.address=local", "cluster.include_dashboard=false",
-                "cluster.cpus_per_worker=2", "cluster.max_restarts=0"]
+                "cluster.cpus_per_worker=2", "cluster.max_restarts=0", *extra]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cp}",
-            "-m", "dsa_dist.train.cli", *args]
+            "-m", "dsa_dist.train.cli", *args, *[e for e in extra if not e.startswith("cluster.")]]
 
 
 def tokens_per_s(run_dir: Path) -> float:
