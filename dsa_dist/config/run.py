@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from dsa_dist.config.cluster import ClusterConfig
 from dsa_dist.config.parallel import ParallelConfig
 from dsa_dist.config.train import (
     CheckpointConfig,
@@ -53,6 +54,8 @@ class TrainRunConfig:
     """Checkpoint cadence, retention, resume and initialisation."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Console and TensorBoard logging."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Ray: placement, restarts and cluster address of `python -m launch` (dsa_dist/config/cluster.py)."""
     rl: RLConfig = field(default_factory=RLConfig)
     """GRPO post-training (dsa_dist/rl/config.py), used by the 'grpo' stage."""
 

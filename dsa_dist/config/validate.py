@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from dsa_dist.config.cluster import validate_cluster
 from dsa_dist.config.run import STAGE_ORDER, TrainRunConfig, stage_value
 from dsa_dist.rl.config import validate_rl
 
@@ -140,6 +141,7 @@ SECTION_VALIDATORS: list[Callable[[TrainRunConfig], None]] = [
     validate_checkpoint,
     validate_logging,
     validate_rl,
+    validate_cluster,
 ]
 """Every rule of a resolved config, in order; a new section appends its validator."""
 

@@ -35,21 +35,26 @@ from dsa_dist.train.trainer import StageTrainer
 HEARTBEAT_S = 1.0
 
 
+def stage_trainer(cfg: TrainRunConfig, stage: str, init_from: str | Path | None = None, *,
+                  heartbeat: Heartbeat | None = None):
+    """The trainer of ``stage``: :class:`dsa_dist.rl.trainer.GRPOTrainer` for ``grpo``, else
+    :class:`StageTrainer` (it restores on construction; ``.start`` says how). Call inside
+    :func:`~dsa_dist.train.cpu_scope.megatron_cpu_scope`."""
+    if stage == "grpo":
+        from dsa_dist.rl.trainer import GRPOTrainer
+
+        return GRPOTrainer(cfg, stage, init_from=init_from)
+    return StageTrainer(cfg, stage, init_from=init_from, heartbeat=heartbeat)
+
+
 def run_stage(cfg: TrainRunConfig, stage: str, init_from: str | Path | None = None, *,
               heartbeat: Heartbeat | None = None) -> list[dict]:
     """Train ``stage`` (resuming from its newest good checkpoint, else from ``init_from``'s weights); history.
 
     Needs an initialised process group and Megatron parallel state (:func:`dsa_dist.parallel.init_parallel`).
-    The ``grpo`` stage runs :class:`dsa_dist.rl.trainer.GRPOTrainer`; the others :class:`StageTrainer`.
     """
     with megatron_cpu_scope():
-        if stage == "grpo":
-            from dsa_dist.rl.trainer import GRPOTrainer
-
-            trainer = GRPOTrainer(cfg, stage, init_from=init_from)
-        else:
-            trainer = StageTrainer(cfg, stage, init_from=init_from, heartbeat=heartbeat)
-        return trainer.run()
+        return stage_trainer(cfg, stage, init_from, heartbeat=heartbeat).run()
 
 
 def _from_rank0(value: object) -> object:
