@@ -67,6 +67,9 @@ class TrainWorker:
             init_parallel(p.tp, p.cp, p.pp, timeout_s=p.timeout_s)
         except ValueError as err:
             raise NonRetryableError(str(err)) from err
+        # One line per rank (Ray tags it with the actor's repr), so the job log shows every rank joined.
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        print(f"[launch] rank {self.rank}/{world_size} joined (attempt {attempt}, {device})", flush=True)
         if self.rank == 0:
             run_dir = Path(self.cfg.run_dir)
             (run_dir / "launch").mkdir(parents=True, exist_ok=True)
