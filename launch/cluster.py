@@ -189,13 +189,31 @@ class WorkerGroup:
         self.placement.remove()
 
 
-def wait_all(refs: list[ray.ObjectRef]) -> list:
-    """Results of ``refs`` in order; raises the first failure as soon as it happens (not after the others)."""
+def wait_all(refs: list[ray.ObjectRef], *, root_cause_grace_s: float = 3.0) -> list:
+    """Results of ``refs`` in order; raises the first failure as soon as it happens (not after the others).
+
+    When one rank dies, its peers fail too, usually first: their collective loses the connection. Before raising a
+    rank's error, the others get ``root_cause_grace_s`` to finish failing, and a dead actor (the root cause) is
+    reported in preference to the peers' collective errors.
+    """
     pending = list(refs)
     while pending:
         # A bounded wait returns to Python every second, so SIGTERM (`ray job stop`) and Ctrl-C are handled at once.
         done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
-        ray.get(done)  # raises RayTaskError / RayActorError of a failed rank right away
+        try:
+            ray.get(done)
+        except ray.exceptions.RayError as first:
+            if isinstance(first, ray.exceptions.RayActorError) or not pending:
+                raise
+            more, _ = ray.wait(pending, num_returns=len(pending), timeout=root_cause_grace_s)
+            for ref in more:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError as died:
+                    raise died from first
+                except ray.exceptions.RayError:
+                    pass
+            raise
     return ray.get(refs)
 
 

@@ -175,8 +175,8 @@ def _topk_agreement(ref_topk: dict, got_topk: dict) -> dict[int, tuple[float, fl
     the meaningful one when upstream rounding differs (one key entering near the top shifts every later slot)."""
     out = {}
     for layer, (pos, idx) in got_topk.items():
-        ref = ref_topk[layer][1][:, pos.long()].long()
-        got = idx.long()
+        ref = ref_topk[layer][1][:, pos.long().cpu()].long().cpu()  # compared on the host: ranks keep them on GPU
+        got = idx.long().cpu()
         k = ref.shape[-1]
         slots = torch.arange(k)
         # −1 (empty) slots must not match each other: give each a distinct negative id per side
