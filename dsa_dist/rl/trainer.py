@@ -350,22 +350,23 @@ class GRPOTrainer:
                                 .double().cpu())[0]
         sums = torch.zeros(9, dtype=torch.float64)
         grad_norm = 0.0
-        skipped = applied = 0
+        skipped = 0
         for u in range(self.rl.updates_per_iteration):
+            where = f"iteration {self.step}, update {u + 1} of {self.rl.updates_per_iteration}"
             res = self.update(batch, old, ref, global_tokens)
             sums += res["sums"]
             grad_norm = res["grad_norm"]
             skipped += int(res["skipped"])
-            applied += int(res["updated"])
-            self.guard.check(f"iteration {self.step}, update {u + 1} of {self.rl.updates_per_iteration}")
-        if applied and not parameters_finite(self.gpt):
-            # Finite gradients, but the update overflowed the weights (e.g. a huge LR): the policy cannot sample
-            # any more and no later update can repair it. Stop; the last checkpoint holds finite weights.
-            raise NonFiniteError(
-                f"training diverged: the update of GRPO iteration {self.step} made the policy's weights non-finite "
-                f"(learning rate {group_lrs(self.optimizer)[0]}). Lower the learning rate (stages.{self.stage}.lr) "
-                "or clip harder (optim.clip_grad), and resume from the last checkpoint (every saved checkpoint "
-                "holds finite weights)")
+            self.guard.check(where)
+            if res["updated"] and not parameters_finite(self.gpt):
+                # Finite gradients, but the update overflowed the weights (e.g. a huge LR): nothing can be sampled
+                # from this policy and no later update can repair it. Stop before the next forward; the last
+                # checkpoint holds finite weights.
+                raise NonFiniteError(
+                    f"training diverged: the update of GRPO {where} made the policy's weights non-finite "
+                    f"(learning rate {group_lrs(self.optimizer)[0]}). Lower the learning rate "
+                    f"(stages.{self.stage}.lr) or clip harder (optim.clip_grad), and resume from the last checkpoint "
+                    "(every saved checkpoint holds finite weights)")
         if self.dims.tp > 1:  # TP ranks score disjoint indexer rows: their KL means average to the global one
             from megatron.core import parallel_state as ps
 

@@ -1,11 +1,13 @@
 """Non-finite numbers in the ``grpo`` stage never reach a checkpoint (dsa_dist/rl/trainer.py, docs/fault_tolerance.md).
 
-- A NaN loss that no reward causes (the frozen reference is corrupted with a NaN weight, so the KL term and every
-  gradient are NaN): each update is skipped (weights, Adam state and LR unchanged) and counted; after
+- A NaN loss that no reward causes (the frozen reference's final norm gets a NaN weight, so its logits, the KL
+  term and every gradient are NaN): each update is skipped (weights, Adam state and LR unchanged) and counted; after
   ``train.max_nonfinite_steps`` in a row the run stops with a clear error. The checkpoints written before hold
   the untouched, finite weights and the skip count.
-- A diverging learning rate (1e39: the first update overflows the weights to inf/NaN): the run stops with a clear
-  error before any checkpoint of those weights is written; whatever is on disk restores finite.
+- A diverging learning rate (1e37): the weights stay finite but the next forwards overflow; the non-finite updates
+  are skipped until the run stops with a clear error. Every checkpoint written restores finite weights.
+- An applied update that overflows the weights (inf injected after Adam's step): the run stops at once, before any
+  checkpoint of those weights is written.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ def _nan_loss_worker(rank: int, world_size: int, run_dir: str) -> dict:
     init_parallel(1, 1)
     trainer = GRPOTrainer(_config(run_dir, *SMALL))
     start = [p.detach().clone() for p in trainer.gpt.parameters()]
-    with torch.no_grad():  # fault injection: one NaN weight in the frozen reference (the policy stays finite)
-        next(trainer.ref.parameters()).view(-1)[0] = float("nan")
+    with torch.no_grad():  # fault injection: a NaN weight in the frozen reference's final norm (its logits only;
+        # the policy and every indexer stay finite, so rollouts and top-k selection are unaffected)
+        dict(trainer.ref.named_parameters())["decoder.final_layernorm.weight"].view(-1)[0] = float("nan")
     out: dict = {}
     try:
         trainer.run()
@@ -74,14 +77,23 @@ def test_nan_loss_updates_are_skipped_counted_and_stop_the_run(tmp_path):
     assert out["resumed_start"].endswith("step_00000001") and out["resumed_skipped"] == 2 and out["resumed_equal"]
 
 
-def _huge_lr_worker(rank: int, world_size: int, run_dir: str) -> dict:
+def _diverge_worker(rank: int, world_size: int, run_dir: str, mode: str) -> dict:
     from dsa_dist.parallel import init_parallel
     from dsa_dist.rl.trainer import GRPOTrainer
     from dsa_dist.train.errors import NonFiniteError
 
     init_parallel(1, 1)
-    trainer = GRPOTrainer(_config(run_dir, *SMALL, "stages.grpo.lr=1e39", "stages.grpo.min_lr=1e39",
-                                  "optim.clip_grad=0"))
+    if mode == "huge_lr":  # the first update takes every weight to ~1e37: finite, but the next forward overflows
+        extra = ("stages.grpo.lr=1e37", "stages.grpo.min_lr=1e37", "optim.clip_grad=0")
+    else:
+        extra = ()
+    trainer = GRPOTrainer(_config(run_dir, *SMALL, *extra))
+    if mode == "overflow":  # an applied update that leaves inf in the weights (injected after Adam's step)
+        def overflow(optimizer, args, kwargs) -> None:
+            next(iter(optimizer.param_groups[0]["params"])).data.view(-1)[0] = float("inf")
+
+        for opt in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+            opt.optimizer.register_step_post_hook(overflow)
     out: dict = {}
     try:
         trainer.run()
@@ -94,8 +106,20 @@ def _huge_lr_worker(rank: int, world_size: int, run_dir: str) -> dict:
 
 
 @pytest.mark.timeout(600)
-def test_diverging_learning_rate_stops_before_saving_non_finite_weights(tmp_path):
-    out = run_ranks(_huge_lr_worker, 1, str(tmp_path / "run"))[0]
+def test_diverging_learning_rate_stops_and_saves_only_finite_weights(tmp_path):
+    """LR 1e37: iteration 1's first update applies (weights ~1e37, still finite: its checkpoint is written); the
+    updates after it overflow and are skipped until ``train.max_nonfinite_steps`` (3) in a row stop the run (or a
+    rollout meets non-finite logits first: also a clear stop)."""
+    out = run_ranks(_diverge_worker, 1, str(tmp_path / "run"), "huge_lr")[0]
+    error = out.get("error", "")
+    assert "training diverged: 3 steps in a row" in error or "non-finite logits" in error, out
+    assert 1 <= out["step"] < 6 and out["weights_finite"]
+    assert out["finite"] and all(out["finite"].values()) and out["tmp"] == [], out
+
+
+@pytest.mark.timeout(600)
+def test_update_that_overflows_the_weights_stops_before_any_save(tmp_path):
+    out = run_ranks(_diverge_worker, 1, str(tmp_path / "run"), "overflow")[0]
     assert "made the policy's weights non-finite" in out.get("error", ""), out
-    assert out["step"] == 1 and not out["weights_finite"]  # the first update overflowed the weights ...
+    assert out["step"] == 1 and not out["weights_finite"]  # the first iteration's update overflowed them ...
     assert out["finite"] == {} and out["tmp"] == []  # ... and nothing of them was written
