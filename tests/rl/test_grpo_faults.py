@@ -123,3 +123,38 @@ def test_update_that_overflows_the_weights_stops_before_any_save(tmp_path):
     assert "made the policy's weights non-finite" in out.get("error", ""), out
     assert out["step"] == 1 and not out["weights_finite"]  # the first iteration's update overflowed them ...
     assert out["finite"] == {} and out["tmp"] == []  # ... and nothing of them was written
+
+
+def _corrupt_worker(rank: int, world_size: int, run_dir: str) -> dict:
+    import contextlib
+    import io
+    import os
+
+    from dsa_dist.parallel import init_parallel
+    from dsa_dist.rl.trainer import GRPOTrainer
+
+    init_parallel(1, 1)
+    cfg = _config(run_dir, *SMALL, "checkpoint.interval=2", "stages.grpo.steps=4", "checkpoint.keep_last=2")
+    straight = GRPOTrainer(cfg).run()
+    root = Path(run_dir, "grpo", "checkpoints")
+    shard = sorted((root / "step_00000004").glob("*.distcp"))[0]
+    with open(shard, "r+b") as fh:  # 4 KB of garbage in the middle of a shard; the size does not change
+        fh.seek(max(0, shard.stat().st_size // 2 - 2048))
+        fh.write(os.urandom(4096))
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        resumed = GRPOTrainer(cfg)
+    return {"straight": straight, "start": resumed.start, "second": resumed.run(), "warning": buf.getvalue(),
+            "aside": sorted(p.name for p in root.glob(".corrupt.*"))}
+
+
+@pytest.mark.timeout(600)
+def test_corrupt_grpo_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    from tests.rl.test_grpo_trainer import TIMING_KEYS
+
+    out = run_ranks(_corrupt_worker, 1, str(tmp_path / "run"))[0]
+    assert out["start"].endswith("step_00000002") and out["aside"] == [".corrupt.step_00000004"]
+    assert "checksum" in out["warning"] and "falling back" in out["warning"], out["warning"]
+    # the iterations redone from step 2 repeat the first run's exactly
+    strip = [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in out["straight"][2:]]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in out["second"]]
