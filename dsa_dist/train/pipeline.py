@@ -46,7 +46,7 @@ def run_stage(cfg: TrainRunConfig, stage: str, init_from: str | Path | None = No
         if stage == "grpo":
             from dsa_dist.rl.trainer import GRPOTrainer
 
-            trainer = GRPOTrainer(cfg, stage, init_from=init_from, heartbeat=heartbeat)
+            trainer = GRPOTrainer(cfg, stage, init_from=init_from)
         else:
             trainer = StageTrainer(cfg, stage, init_from=init_from, heartbeat=heartbeat)
         return trainer.run()
