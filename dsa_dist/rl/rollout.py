@@ -31,6 +31,7 @@ import torch
 from dsa_dist.model.builder import dsa_attention_layers
 from dsa_dist.rl.engine import DecodeEngine, prefill_multiple, unwrap_model
 from dsa_dist.rl.sampling import SamplingParams, sample_tokens
+from dsa_dist.train.errors import NonFiniteError
 
 
 @dataclass
@@ -138,6 +139,10 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
     steps = 0
     for t in range(n_max):
         logits, step_topk = engine.step(cur, pos)  # [B, V]
+        if not bool(torch.isfinite(logits).all()):  # NaN/inf cannot be sampled (the inverse CDF would be garbage)
+            raise NonFiniteError(f"the model produced non-finite logits at decode step {t} of the rollout: its "
+                                 "weights diverged (e.g. too large a learning rate); lower it and resume from the "
+                                 "last checkpoint")
         token, logprob, kept_t = sample_tokens(logits, params, generator)
         token = _same_on_model_parallel_ranks(token, dims)
         active = ~finished

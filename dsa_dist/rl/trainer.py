@@ -16,13 +16,23 @@ One iteration on every data-parallel rank::
 The policy's gradients are summed over DP ranks (``calculate_per_token_loss``) and each rank divides by the
 global response-token count, so the loss is a token mean over the whole rollout batch whatever the layout.
 The frozen reference model lives on the same ranks (same TP sharding) and is the stage's initial weights.
-Checkpoints (at iteration boundaries) hold model, optimizer, scheduler, the iteration (= rollout position:
-prompts and the rollout generator's seed are functions of it) and the per-rank RNG state.
+Checkpoints (at iteration boundaries, through the training core's
+:class:`~dsa_dist.train.checkpoint_manager.CheckpointManager`) hold model, optimizer, scheduler, the per-rank RNG
+state and the train state: the iteration (= rollout position: prompts and the rollout generator's seed are
+functions of it), the reward-failure count, the skipped updates and the reference's origin (lineage). Resume
+takes the newest checkpoint whose checksums verify (a corrupt one is moved aside, the previous one is used) and
+refuses a checkpoint trained against another reference than the one this run starts from.
+
+Non-finite numbers never reach a checkpoint (docs/fault_tolerance.md): an update whose loss or grad norm is not
+finite is skipped (parameters, Adam state and LR schedule unchanged) and counted; after
+``train.max_nonfinite_steps`` skipped updates in a row the run stops with
+:class:`~dsa_dist.train.errors.NonFiniteError`. An applied update that leaves non-finite weights (an overflowing
+LR) stops the run at once (nothing could be sampled from that policy), and a save refuses non-finite weights.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dsa_dist.compat import cuda_literals_to_cpu, default_device, manual_seed
+from dsa_dist.compat import default_device
 from dsa_dist.config import TrainRunConfig
 from dsa_dist.model.builder import build_model, get_indexer_loss_tracker
 from dsa_dist.model.runtime import SPARSE_INFERENCE, DSARuntime
@@ -38,12 +48,16 @@ from dsa_dist.parallel import current_parallel_dims
 from dsa_dist.rl.losses import GRPOTerms, group_advantages, grpo_terms, nonzero_variance_groups, token_logprobs
 from dsa_dist.rl.rewards import PromptGenerator, load_reward, score_responses
 from dsa_dist.train import checkpoint as ckpt
-from dsa_dist.train.checkpoint_manager import rng_state as _rng_state
-from dsa_dist.train.checkpoint_manager import set_rng_state as _set_rng_state
+from dsa_dist.train.checkpoint_manager import CheckpointManager, lineage_of, verified
+from dsa_dist.train.cpu_scope import in_megatron_cpu_scope, megatron_cpu_scope
 from dsa_dist.train.data import ByteTokenizer
+from dsa_dist.train.errors import CheckpointError, NonFiniteError
+from dsa_dist.train.heartbeat import Heartbeat
 from dsa_dist.train.metrics import MetricsLogger
-from dsa_dist.train.optim import build_optimizer, group_lrs, optimizer_step
-from dsa_dist.train.stages import indexer_parameters, resolve_stage, set_trainable
+from dsa_dist.train.optim import group_lrs, optimizer_step
+from dsa_dist.train.setup import build_model_and_optimizer
+from dsa_dist.train.stages import resolve_stage
+from dsa_dist.train.step import NonFiniteGuard, parameters_finite
 
 
 @dataclass
@@ -71,45 +85,40 @@ class RolloutBatch:
 
 
 class GRPOTrainer:
-    """Builds policy, reference, optimizer and prompt stream of the ``grpo`` stage on this rank; runs it."""
+    """Builds policy, reference, optimizer and prompt stream of the ``grpo`` stage on this rank; runs it.
 
-    def __init__(self, cfg: TrainRunConfig, stage: str = "grpo", *, init_from: str | Path | None = None) -> None:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    Assembled from the training-core parts: :func:`~dsa_dist.train.setup.build_model_and_optimizer` (policy, DDP,
+    optimizer, LR schedule over iterations x updates), :class:`~dsa_dist.train.checkpoint_manager.CheckpointManager`
+    (verified resume with fallback, finite-only saves, lineage), :class:`~dsa_dist.train.step.NonFiniteGuard` and
+    :class:`~dsa_dist.train.metrics.MetricsLogger`.
+    """
 
+    @in_megatron_cpu_scope
+    def __init__(self, cfg: TrainRunConfig, stage: str = "grpo", *, init_from: str | Path | None = None,
+                 heartbeat: Heartbeat | None = None) -> None:
         self.cfg, self.stage, self.rl = cfg, stage, cfg.rl
         self.plan = resolve_stage(cfg, stage)
         self.dims = current_parallel_dims()
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.device = default_device()
         self.stage_dir = Path(cfg.run_dir) / stage
-        self.ckpt_root = self.stage_dir / "checkpoints"
         self.params = self.rl.sampling.params()
         self.init_from = str(init_from) if init_from is not None else None
+        self.heartbeat = heartbeat
 
         coeff = self.rl.indexer_loss_coeff
         self.indexer_coeff = float(self.plan.model.indexer_loss_coeff if coeff is None else coeff)
-        manual_seed(cfg.train.seed)
-        # Sparse attention; the indexer KL only while the indexers train (coefficient 0 freezes them).
-        self.gpt = build_model(self.plan.model, runtime=DSARuntime(attention="sparse",
-                                                                   indexer_kl=self.indexer_coeff > 0))
-        self.tracker = get_indexer_loss_tracker(self.gpt)
-        set_trainable(self.gpt, self.plan.spec)
-        if self.indexer_coeff == 0.0:  # the indexers keep their stage-2 weights
-            for p in indexer_parameters(self.gpt):
-                p.requires_grad_(False)
-        config = self.gpt.config
-        config.calculate_per_token_loss = True  # DDP sums gradients over DP; the loss divides by global tokens
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                   use_distributed_optimizer=cfg.parallel.distributed_optimizer)
+        # Sparse attention; the indexer KL only while the indexers train (coefficient 0 freezes them at their
+        # stage-2 weights). The LR schedule runs over optimizer steps: iterations x updates_per_iteration.
+        self.parts = build_model_and_optimizer(
+            cfg, self.plan, runtime=DSARuntime(attention="sparse", indexer_kl=self.indexer_coeff > 0),
+            freeze_indexers=self.indexer_coeff == 0.0, updates_per_step=self.rl.updates_per_iteration)
+        self.gpt, self.ddp, self.tracker = self.parts.gpt, self.parts.ddp, self.parts.tracker
+        self.optimizer, self.scheduler = self.parts.optimizer, self.parts.scheduler
         self.bf16 = self.plan.model.params_dtype == "bfloat16"
-        self.ddp = DistributedDataParallel(config, ddp_config, self._wrap(self.gpt))
-        # The LR schedule runs over optimizer steps: iterations x updates_per_iteration.
-        updates = self.rl.updates_per_iteration
-        opt_plan = dataclasses.replace(self.plan, steps=self.plan.steps * updates,
-                                       warmup_steps=self.plan.warmup_steps * updates)
-        self.optimizer, self.scheduler = build_optimizer(self.ddp, opt_plan, cfg.optim, bf16=self.bf16,
-                                                         indexer_params=indexer_parameters(self.gpt),
-                                                         distributed_optimizer=cfg.parallel.distributed_optimizer)
+        self.checkpoints = CheckpointManager(self.stage_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
+                                             distributed_optimizer=cfg.parallel.distributed_optimizer)
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         self.ref: torch.nn.Module | None = None
         self.prompts = PromptGenerator(self.rl.task.name, ByteTokenizer(), seed=cfg.train.seed,
                                        lengths=self.rl.task.lengths, digits=self.rl.task.digits,
@@ -118,84 +127,73 @@ class GRPOTrainer:
         self.reward_fn = load_reward(self.rl.reward)
         self.step = 0  # GRPO iterations done (the stage's "step": rollout position)
         self.reward_failures = 0
+        self.lineage: dict | None = None  # the checkpoint the stage (and its reference) starts from
         self.start = self._restore()
 
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def layout(self) -> dict:
+        """This run's parallel layout (RNG states are restored only under the same one)."""
+        d = self.dims
+        return {"world_size": d.world_size, "tp": d.tp, "cp": d.cp, "pp": d.pp, "dp": d.dp}
+
+    def train_state(self) -> dict:
+        """The JSON record saved with each checkpoint: the rollout position (prompts and sampler seeds are
+        functions of ``step``), the reward-failure count, the reference's origin and the skipped updates."""
+        return {"step": self.step, "stage": self.stage, "steps": self.plan.steps, "layout": self.layout(),
+                "consumed_samples": self.step * self.rl.prompts_per_iteration, "seed": self.cfg.train.seed,
+                "reward_failures": self.reward_failures, "reference_from": self.init_from, "lineage": self.lineage,
+                "skipped_steps": self.guard.skipped}
+
+    def save(self) -> Path:
+        """Checkpoint model, optimizer, scheduler, train state and RNG at an iteration boundary (collective).
+
+        Refuses non-finite weights (:class:`~dsa_dist.train.errors.NonFiniteError`)."""
+        return self.checkpoints.save(self.parts, self.step, self.train_state())
+
+    def _restore(self) -> str:
+        """Start weights (init_from) -> reference model; then resume this stage's newest good checkpoint if any."""
+        seed = self.cfg.train.seed
+        if self.init_from is not None:
+            self.lineage = lineage_of(self.init_from, verified(self.init_from))
+            self.checkpoints.restore(self.parts, self.init_from, full=False, layout=self.layout(), seed=seed)
+        if self.rl.loss.kl_coeff > 0:
+            # The reference is the stage's starting policy, frozen, on the same ranks and TP shards.
+            ref = build_model(self.plan.model, runtime=SPARSE_INFERENCE)  # no indexer KL: it never trains
+            ref.load_state_dict(self.gpt.state_dict())
+            self.ref = self._wrap(ref).eval()
+            self.ref.requires_grad_(False)
+        latest = self.checkpoints.latest_good() if self.cfg.checkpoint.resume else None
+        if latest is None:
+            return f"initialised from {self.init_from}" if self.init_from else "fresh start (random weights)"
+        saved = ckpt.read_train_state(latest)
+        self._check_reference(latest, saved)
+        self.checkpoints.restore(self.parts, latest, full=True, layout=self.layout(), seed=seed)
+        self.step = int(saved["step"])
+        self.reward_failures = int(saved["reward_failures"])
+        self.guard.skipped = int(saved.get("skipped_steps", 0))
+        return f"resumed from {latest}"
+
+    def _check_reference(self, latest: Path, saved: dict) -> None:
+        """Refuse to resume a checkpoint trained against another reference (starting checkpoint) than this run's."""
+        if "lineage" in saved:  # compare contents (digest), not paths
+            recorded = (saved["lineage"] or {}).get("digest")
+            same = recorded == (self.lineage or {}).get("digest")
+        else:  # a checkpoint that recorded only the reference's path
+            same = saved.get("reference_from") == self.init_from
+        if not same:
+            raise CheckpointError(
+                f"checkpoint {latest} was trained against the reference {saved.get('reference_from')}, but this run "
+                f"starts from {self.init_from} (a different checkpoint, or the same path re-trained since); resume "
+                "with the same checkpoint.init_from / pipeline, or move the grpo stage's directory aside to start it "
+                "again")
+
     def _wrap(self, gpt: torch.nn.Module) -> torch.nn.Module:
+        """The reference as the policy runs: under Megatron's Float16Module for bf16."""
         if not self.bf16:
             return gpt
         from megatron.core.transformer.module import Float16Module
 
         return Float16Module(gpt.config, gpt)
-
-    # ------------------------------------------------------------------------------------------ checkpoints
-    def _layout(self) -> dict:
-        d = self.dims
-        return {"world_size": d.world_size, "tp": d.tp, "cp": d.cp, "pp": d.pp, "dp": d.dp}
-
-    def _train_state(self) -> dict:
-        return {"step": self.step, "stage": self.stage, "steps": self.plan.steps, "layout": self._layout(),
-                "consumed_samples": self.step * self.rl.prompts_per_iteration, "seed": self.cfg.train.seed,
-                "reward_failures": self.reward_failures, "reference_from": self.init_from}
-
-    def _sharded_state(self, *, with_optimizer: bool, is_loading: bool, with_rng: bool) -> dict:
-        from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-        model_sd = self.gpt.sharded_state_dict()
-        state: dict = {"model": model_sd}
-        if with_optimizer:
-            meta = {"distrib_optim_sharding_type": "fully_reshardable"} if self.cfg.parallel.distributed_optimizer \
-                else None
-            state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=meta)
-            state["scheduler"] = self.scheduler.state_dict()
-            state["train"] = self._train_state()
-        if with_rng:
-            state["rng"] = ShardedObject("rng_state", _rng_state(), (self.dims.world_size,), (self.rank,),
-                                         replica_id=0)
-        return state
-
-    def save(self) -> Path:
-        """Checkpoint model, optimizer, scheduler, iteration and RNG at an iteration boundary (collective)."""
-        with cuda_literals_to_cpu():
-            state = self._sharded_state(with_optimizer=True, is_loading=False, with_rng=True)
-            return ckpt.save_checkpoint(self.ckpt_root, self.step, state, self._train_state(),
-                                        self.cfg.checkpoint.keep_last)
-
-    def _restore(self) -> str:
-        """Start weights (init_from) -> reference model; then resume this stage's latest checkpoint if any."""
-        with cuda_literals_to_cpu():
-            if self.init_from is not None:
-                ckpt.read_train_state(self.init_from)
-                state = ckpt.load_checkpoint(self.init_from, self._sharded_state(
-                    with_optimizer=False, is_loading=True, with_rng=False))
-                self.gpt.load_state_dict(state["model"])
-                self.optimizer.reload_model_params()
-            if self.rl.loss.kl_coeff > 0:
-                # The reference is the stage's starting policy, frozen, on the same ranks and TP shards.
-                ref = build_model(self.plan.model, runtime=SPARSE_INFERENCE)  # no indexer KL: it never trains
-                ref.load_state_dict(self.gpt.state_dict())
-                self.ref = self._wrap(ref).eval()
-                self.ref.requires_grad_(False)
-            latest = ckpt.latest_checkpoint(self.ckpt_root) if self.cfg.checkpoint.resume else None
-            if latest is None:
-                return f"initialised from {self.init_from}" if self.init_from else "fresh start (random weights)"
-            saved = ckpt.read_train_state(latest)
-            if saved.get("reference_from") != self.init_from:
-                raise ckpt.CheckpointError(
-                    f"checkpoint {latest} was trained against the reference {saved.get('reference_from')}, but "
-                    f"this run starts from {self.init_from}; resume with the same checkpoint.init_from / pipeline")
-            same_layout = saved["layout"] == self._layout()
-            state = ckpt.load_checkpoint(latest, self._sharded_state(with_optimizer=True, is_loading=True,
-                                                                      with_rng=same_layout))
-        self.gpt.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["train"]["step"])
-        self.reward_failures = int(state["train"]["reward_failures"])
-        if same_layout:
-            _set_rng_state(state["rng"])
-        else:
-            manual_seed(self.cfg.train.seed + 1_000_003 * self.step + self.rank)
-        return f"resumed from {latest}"
 
     # ------------------------------------------------------------------------------------------ rollout
     def _rollout_generator(self) -> torch.Generator:
@@ -214,7 +212,7 @@ class GRPOTrainer:
         prompts = self.prompts.batch(self.step * rl.prompts_per_iteration + self.dims.dp_rank * local, local)
         t0 = time.perf_counter()
         self.gpt.eval()
-        with cuda_literals_to_cpu():
+        with megatron_cpu_scope():
             out = generate(self.gpt, [p.tokens for p in prompts for _ in range(G)], self.params,
                            generator=self._rollout_generator(), record_topk=rl.replay_indexer_topk)
         self.gpt.train()
@@ -285,7 +283,7 @@ class GRPOTrainer:
         was_training = model.training
         model.eval()
         out = []
-        with cuda_literals_to_cpu():
+        with megatron_cpu_scope():
             for mb in self._micro_batches(batch):
                 out.append(self._response_logprobs(model, mb)[0])
         model.train(was_training)
@@ -305,8 +303,9 @@ class GRPOTrainer:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         sums = torch.zeros(9, dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64)
         mbs = self.rl.micro_batch_size
-        with cuda_literals_to_cpu():
+        with megatron_cpu_scope():
             for i, mb in enumerate(self._micro_batches(batch)):
                 rows = slice(i * mbs, i * mbs + mb.tokens.shape[0])
                 logp, entropy = self._response_logprobs(self.ddp, mb)
@@ -321,13 +320,20 @@ class GRPOTrainer:
                     indexer_kl = self.tracker.total()
                     loss = loss + self.indexer_coeff * indexer_kl * (terms.tokens / global_tokens)
                 loss.backward()
+                loss_sum += loss.detach().double().cpu()
                 sums += torch.stack([t.detach().double().cpu() for t in (
                     terms.policy_loss_sum, terms.kl_sum, terms.clipped_sum, terms.entropy_sum, terms.approx_kl_sum,
                     terms.abs_log_ratio_sum, terms.opsm_masked, terms.sequences, indexer_kl * terms.tokens)])
             finalize_model_grads([self.ddp])  # sums gradients over DP (per-token loss: no 1/dp scaling)
-        updated, grad_norm = optimizer_step(self.optimizer, self.cfg.optim.clip_grad)
-        self.scheduler.step(1)
-        return {"sums": sums, "grad_norm": grad_norm, "updated": updated}
+        # Non-finite guard: the same verdict on every rank (TP peers hold the same loss; DP ranks vote).
+        loss_finite = float(self._dp_sum(torch.tensor([float(not torch.isfinite(loss_sum))],
+                                                      dtype=torch.float64))[0]) == 0.0
+        updated, grad_norm = optimizer_step(self.optimizer, self.cfg.optim.clip_grad, loss_finite=loss_finite)
+        skipped = not (loss_finite and math.isfinite(grad_norm))
+        if updated:  # a skipped update leaves the LR schedule where it was (as Megatron does)
+            self.scheduler.step(1)
+        self.guard.record(skipped)
+        return {"sums": sums, "grad_norm": grad_norm, "updated": updated, "skipped": skipped}
 
     def train_iteration(self) -> dict:
         """Rollout + scoring + updates_per_iteration optimizer steps; returns the iteration's metrics."""
@@ -344,10 +350,23 @@ class GRPOTrainer:
                                 .double().cpu())[0]
         sums = torch.zeros(9, dtype=torch.float64)
         grad_norm = 0.0
-        for _ in range(self.rl.updates_per_iteration):
+        skipped = 0
+        for u in range(self.rl.updates_per_iteration):
+            where = f"iteration {self.step}, update {u + 1} of {self.rl.updates_per_iteration}"
             res = self.update(batch, old, ref, global_tokens)
             sums += res["sums"]
             grad_norm = res["grad_norm"]
+            skipped += int(res["skipped"])
+            self.guard.check(where)
+            if res["updated"] and not parameters_finite(self.gpt):
+                # Finite gradients, but the update overflowed the weights (e.g. a huge LR): nothing can be sampled
+                # from this policy and no later update can repair it. Stop before the next forward; the last
+                # checkpoint holds finite weights.
+                raise NonFiniteError(
+                    f"training diverged: the update of GRPO {where} made the policy's weights non-finite "
+                    f"(learning rate {group_lrs(self.optimizer)[0]}). Lower the learning rate "
+                    f"(stages.{self.stage}.lr) or clip harder (optim.clip_grad), and resume from the last checkpoint "
+                    "(every saved checkpoint holds finite weights)")
         if self.dims.tp > 1:  # TP ranks score disjoint indexer rows: their KL means average to the global one
             from megatron.core import parallel_state as ps
 
@@ -369,10 +388,12 @@ class GRPOTrainer:
             "indexer_kl": float(per_token[8]) if self.indexer_coeff > 0 else None,
             "lr": lr, "indexer_lr": indexer_lr, "grad_norm": grad_norm,
             "perf/train_tokens_per_s": train_tokens * (updates + 2) / (time.perf_counter() - t0) / self.dims.dp,
+            "skipped_updates": skipped,  # of this iteration (non-finite loss or grad norm; no update applied)
         }
         return metrics
 
     # ------------------------------------------------------------------------------------------ the stage
+    @in_megatron_cpu_scope
     def run(self, until: int | None = None) -> list[dict]:
         """Run iterations until ``plan.steps`` (or stop at ``until``, with a checkpoint); returns the records."""
         cfg, plan = self.cfg, self.plan
@@ -384,15 +405,23 @@ class GRPOTrainer:
         rl = self.rl
         log.print(f"[{self.stage}] {self.start}: iteration {self.step}/{plan.steps}, {rl.prompts_per_iteration} "
                   f"prompts x {rl.group_size} samples, {rl.updates_per_iteration} updates/iteration, "
-                  f"task {rl.task.name}, reward {rl.reward}, layout {self._layout()}")
+                  f"task {rl.task.name}, reward {rl.reward}, layout {self.layout()}")
         try:
             stop = plan.steps if until is None else min(until, plan.steps)
             while self.step < stop:
                 rec = self.train_iteration()
                 history.append(rec)
                 log.advance(self.step)
+                if self.heartbeat is not None:
+                    self.heartbeat.step = self.step
+                if rec.get("skipped_updates"):
+                    log.print(f"[{self.stage}] iteration {self.step}: {rec['skipped_updates']} update(s) skipped "
+                              f"(non-finite loss or grad norm; {self.guard.in_row} in a row, {self.guard.skipped} "
+                              "in this stage)")
+                    log.log(self.step, {"skipped_steps": self.guard.skipped}, quiet=True)
                 if self.step % cfg.logging.log_interval == 0 or self.step == plan.steps:
-                    log.log(self.step, {k: v for k, v in rec.items() if k != "step" and v is not None})
+                    log.log(self.step, {k: v for k, v in rec.items()
+                                        if k not in ("step", "skipped_updates") and v is not None})
                 last = self.step == plan.steps
                 if last or self.step == stop or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
                     log.print(f"[{self.stage}] saved {self.save()}")

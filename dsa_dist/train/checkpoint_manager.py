@@ -111,15 +111,20 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------ state
     def sharded_state(self, parts: ModelAndOptimizer, *, is_loading: bool, with_optimizer: bool,
-                      with_rng: bool, train_state: dict | None = None) -> dict:
-        """The sharded state dict of ``parts`` (model; optimizer + scheduler + train state; per-rank RNG)."""
+                      with_rng: bool, train_state: dict | None = None, optimizer_state: bool = True) -> dict:
+        """The sharded state dict of ``parts`` (model; optimizer + scheduler + train state; per-rank RNG).
+
+        ``optimizer_state=False`` leaves the optimizer's own state out (used while it has none: no update applied).
+        """
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
         model_sd = parts.gpt.sharded_state_dict()
         state: dict = {"model": model_sd}
         if with_optimizer:
             meta = {"distrib_optim_sharding_type": "fully_reshardable"} if self.distributed_optimizer else None
-            state["optimizer"] = parts.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=meta)
+            if optimizer_state:
+                state["optimizer"] = parts.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                                        metadata=meta)
             state["scheduler"] = parts.scheduler.state_dict()
             state["train"] = dict(train_state or {})
         if with_rng:
@@ -134,8 +139,12 @@ class CheckpointManager:
             raise NonFiniteError(f"refusing to save step {step} to {self.root}: the model has non-finite weights "
                                  "(training diverged); the last checkpoint is kept. Lower the learning rate and "
                                  "resume")
+        # Before the first applied update (e.g. every step so far skipped as non-finite) the optimizer has no
+        # state; Megatron would save none but expect Adam's moments on load. Record that, and resume with a fresh
+        # optimizer (which is exactly that empty state).
+        train_state = {**train_state, "optimizer_state": optimizer_has_state(parts.optimizer)}
         state = self.sharded_state(parts, is_loading=False, with_optimizer=True, with_rng=True,
-                                   train_state=train_state)
+                                   train_state=train_state, optimizer_state=train_state["optimizer_state"])
         return ckpt.save_checkpoint(self.root, step, state, train_state, self.keep_last)
 
     # ------------------------------------------------------------------------------------------ find
@@ -173,10 +182,14 @@ class CheckpointManager:
         if full:
             same_layout = saved["layout"] == layout
             schedule = group_schedule(parts.optimizer)
+            with_state = bool(saved.get("optimizer_state", True))
             state = ckpt.load_checkpoint(path, self.sharded_state(parts, is_loading=True, with_optimizer=True,
-                                                                  with_rng=same_layout))
+                                                                  with_rng=same_layout, optimizer_state=with_state))
             parts.gpt.load_state_dict(state["model"])
-            parts.optimizer.load_state_dict(state["optimizer"])
+            if with_state:
+                parts.optimizer.load_state_dict(state["optimizer"])
+            else:  # saved before any applied update: the fresh optimizer is that state; refresh its master weights
+                parts.optimizer.reload_model_params()
             parts.scheduler.load_state_dict(state["scheduler"])
             apply_schedule_after_resume(parts.optimizer, parts.scheduler, schedule)
             if same_layout:
@@ -189,6 +202,13 @@ class CheckpointManager:
             parts.gpt.load_state_dict(state["model"])
             parts.optimizer.reload_model_params()  # refresh fp32 master weights from the loaded bf16 ones
         return saved
+
+
+def optimizer_has_state(optimizer) -> bool:
+    """Whether the Megatron optimizer holds per-parameter state (Adam moments), i.e. took an update already."""
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(len(getattr(opt, "optimizer", opt).state) > 0 for opt in inner
+               if getattr(opt, "optimizer", None) is not None)
 
 
 def lineage_of(path: str | Path, state: dict) -> dict:

@@ -6,10 +6,15 @@ main-model and indexer LR groups and its ``OptimizerParamScheduler``. Which para
 (:func:`dsa_dist.train.stages.set_trainable`); indexer parameters are found by module type
 (:func:`dsa_dist.train.stages.indexer_parameters`), never by name.
 
+A trainer whose stage differs from the pre-training ones in what the model computes or how often the optimizer
+steps passes that explicitly: the GRPO trainer (dsa_dist/rl/trainer.py) runs the DSA layers with its own
+``runtime`` (indexer KL only while the indexers train), freezes the indexers when their loss coefficient is 0,
+and takes ``updates_per_step`` optimizer steps per stage step (its LR schedule spans steps x updates).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +24,7 @@ from dsa_dist.compat import manual_seed
 from dsa_dist.config import TrainRunConfig
 from dsa_dist.model.builder import build_model, get_indexer_loss_tracker
 from dsa_dist.model.indexer_loss import IndexerLossTracker
+from dsa_dist.model.runtime import DSARuntime
 from dsa_dist.train.cpu_scope import in_megatron_cpu_scope
 from dsa_dist.train.metrics import flops_per_sequence
 from dsa_dist.train.optim import build_optimizer
@@ -44,8 +50,18 @@ class ModelAndOptimizer:
 
 
 @in_megatron_cpu_scope
-def build_model_and_optimizer(cfg: TrainRunConfig, plan: StagePlan) -> ModelAndOptimizer:
-    """Build model, DDP and optimizer for ``plan`` (parallel state initialised; identical init on every rank)."""
+def build_model_and_optimizer(cfg: TrainRunConfig, plan: StagePlan, *, runtime: DSARuntime | None = None,
+                              freeze_indexers: bool = False, updates_per_step: int = 1) -> ModelAndOptimizer:
+    """Build model, DDP and optimizer for ``plan`` (parallel state initialised; identical init on every rank).
+
+    Args:
+        cfg: the validated run config.
+        plan: the stage (model, trainable parameters, LR schedule).
+        runtime: what the DSA layers compute (default: the stage's ``plan.runtime``).
+        freeze_indexers: keep the indexer parameters fixed although the stage trains them.
+        updates_per_step: optimizer steps per stage step; the LR schedule (steps and warm-up) spans
+            ``plan.steps * updates_per_step`` optimizer steps.
+    """
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -54,9 +70,16 @@ def build_model_and_optimizer(cfg: TrainRunConfig, plan: StagePlan) -> ModelAndO
 
     # Identical initial weights on every rank (TP shards are cut from one host-side master matrix).
     manual_seed(cfg.train.seed)
-    gpt = build_model(plan.model, runtime=plan.runtime)
+    if updates_per_step < 1:
+        raise ValueError(f"updates_per_step must be >= 1, got {updates_per_step}")
+    gpt = build_model(plan.model, runtime=plan.runtime if runtime is None else runtime)
     tracker = get_indexer_loss_tracker(gpt)
     n_trainable, _ = set_trainable(gpt, plan.spec)
+    if freeze_indexers:
+        for p in indexer_parameters(gpt):
+            if p.requires_grad:
+                p.requires_grad_(False)
+                n_trainable -= p.numel()
     config = gpt.config
     config.calculate_per_token_loss = True  # read by DDP (grad scaling) and the schedule
     config.finalize_model_grads_func = finalize_model_grads
@@ -70,8 +93,10 @@ def build_model_and_optimizer(cfg: TrainRunConfig, plan: StagePlan) -> ModelAndO
 
         module = Float16Module(config, gpt)
     ddp = DistributedDataParallel(config, ddp_config, module)
+    schedule = plan if updates_per_step == 1 else dataclasses.replace(
+        plan, steps=plan.steps * updates_per_step, warmup_steps=plan.warmup_steps * updates_per_step)
     optimizer, scheduler = build_optimizer(
-        ddp, plan, cfg.optim, indexer_params=indexer_parameters(gpt), bf16=plan.model.params_dtype == "bfloat16",
+        ddp, schedule, cfg.optim, indexer_params=indexer_parameters(gpt), bf16=plan.model.params_dtype == "bfloat16",
         distributed_optimizer=cfg.parallel.distributed_optimizer)
     return ModelAndOptimizer(gpt=gpt, ddp=ddp, optimizer=optimizer, scheduler=scheduler, tracker=tracker,
                              n_trainable=n_trainable)

@@ -15,7 +15,8 @@ accumulation and CP/DP layout. The indexer KL is a per-row mean, hence the scali
 
 Non-finite guard: a step whose reduced loss or global grad norm is NaN/inf changes nothing (parameters, Adam
 moments and LR schedule stay as they were; the data stream moves on); :class:`StepFunction` counts such steps
-and raises :class:`~dsa_dist.train.errors.NonFiniteError` after ``train.max_nonfinite_steps`` in a row.
+(:class:`NonFiniteGuard`) and raises :class:`~dsa_dist.train.errors.NonFiniteError` after
+``train.max_nonfinite_steps`` in a row.
 Megatron's own checks do not fit here: DDP's ``check_for_nan_in_grad`` raises at the first NaN instead of
 skipping, and the optimizer's ``found_inf`` skip exists only with an fp16 loss scaler (it is honoured too).
 """
@@ -66,10 +67,22 @@ class StepFunction:
         self.parts, self.plan, self.dims, self.device = parts, plan, dims, device
         self.clip_grad, self.max_nonfinite_steps = clip_grad, max_nonfinite_steps
         self.forward_backward = get_forward_backward_func()
-        self.skipped_steps = 0
-        """Steps skipped because of a non-finite loss or grad norm (this stage run)."""
-        self.nonfinite_in_row = 0
+        self.guard = NonFiniteGuard(max_nonfinite_steps)
         self._measure_recall = False  # set per step; read by forward_step (recall costs a dense pass on few rows)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because of a non-finite loss or grad norm (this stage, restored on resume)."""
+        return self.guard.skipped
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self.guard.skipped = value
+
+    @property
+    def nonfinite_in_row(self) -> int:
+        """Consecutive skipped steps up to the last one."""
+        return self.guard.in_row
 
     def shard(self, x: torch.Tensor) -> torch.Tensor:
         """Full-sequence ``[b, L]`` -> this CP rank's zigzag shard ``[b, L/cp]``."""
@@ -145,11 +158,7 @@ class StepFunction:
         skipped = not (loss_finite and math.isfinite(grad_norm))
         if updated:
             p.scheduler.step(1)
-        if skipped:
-            self.skipped_steps += 1
-            self.nonfinite_in_row += 1
-        else:
-            self.nonfinite_in_row = 0
+        self.guard.record(skipped)
         lr, indexer_lr = group_lrs(p.optimizer)
         return {"loss": loss, "lm_loss": lm_loss, "indexer_kl": kl, "indexer_recall": recall,
                 "grad_norm": grad_norm, "lr": lr, "indexer_lr": indexer_lr, "updated": updated, "skipped": skipped,
@@ -157,12 +166,7 @@ class StepFunction:
 
     def check_divergence(self, step: int) -> None:
         """Raise :class:`NonFiniteError` after ``max_nonfinite_steps`` skipped steps in a row."""
-        if self.nonfinite_in_row >= self.max_nonfinite_steps:
-            raise NonFiniteError(
-                f"training diverged: {self.nonfinite_in_row} steps in a row (up to step {step}) had a non-finite "
-                f"loss or gradient norm and were skipped (train.max_nonfinite_steps={self.max_nonfinite_steps}). "
-                "Lower the learning rate (optim.lr / stages.<stage>.lr) or clip harder (optim.clip_grad), and "
-                "resume from the last checkpoint (every saved checkpoint holds finite weights)")
+        self.guard.check(f"step {step}")
 
     @torch.no_grad()
     @in_megatron_cpu_scope
@@ -172,6 +176,35 @@ class StepFunction:
         reports = self._run_schedule(batches, forward_only=True, micro_batch_size=batches[0].tokens.shape[0])
         lm_loss, kl, _ = self.reduce_reports(reports)
         return {"lm_loss": lm_loss, "indexer_kl": kl}
+
+
+class NonFiniteGuard:
+    """Counts optimizer steps skipped as non-finite and stops a run after ``max_in_row`` of them in a row.
+
+    Shared by every trainer (:class:`StepFunction`, the GRPO trainer): the caller skips the update itself
+    (:func:`~dsa_dist.train.optim.optimizer_step` with ``loss_finite``), then records and checks here.
+    """
+
+    def __init__(self, max_in_row: int) -> None:
+        self.max_in_row = max_in_row
+        self.skipped = 0
+        """Skipped steps in this stage (trainers checkpoint it)."""
+        self.in_row = 0
+        """Consecutive skipped steps up to the last recorded one."""
+
+    def record(self, skipped: bool) -> None:
+        """Count one optimizer step (``skipped``: its update was dropped as non-finite)."""
+        self.skipped += int(skipped)
+        self.in_row = self.in_row + 1 if skipped else 0
+
+    def check(self, where: str) -> None:
+        """Raise :class:`NonFiniteError` after ``max_in_row`` skipped steps in a row (``where``: e.g. "step 7")."""
+        if self.in_row >= self.max_in_row:
+            raise NonFiniteError(
+                f"training diverged: {self.in_row} steps in a row (up to {where}) had a non-finite loss or gradient "
+                f"norm and were skipped (train.max_nonfinite_steps={self.max_in_row}). Lower the learning rate "
+                "(optim.lr / stages.<stage>.lr) or clip harder (optim.clip_grad), and resume from the last "
+                "checkpoint (every saved checkpoint holds finite weights)")
 
 
 def parameters_finite(model: torch.nn.Module) -> bool:

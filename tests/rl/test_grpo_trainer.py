@@ -76,16 +76,16 @@ def _learning_worker(rank: int, world_size: int, run_dir: str, iterations: int) 
 def _replay_mismatch(run_dir: str) -> dict[str, float]:
     """Keep the indexer's choice: after the indexers drift (noise added, as training moves them), the trainer's
     log-probs of a rollout equal the sampler's with the sampler's top-k replayed, and differ without."""
+    from dsa_dist.model.indexer import is_indexer_parameter
     from dsa_dist.rl.trainer import GRPOTrainer
-    from dsa_dist.train.stages import is_indexer_param
 
     trainer = GRPOTrainer(_config(f"{run_dir}/replay", "logging.tensorboard=false", "model.indexer.topk=4",
                                   "rl.replay_indexer_topk=true"))
     batch, metrics = trainer.rollout()
     gen = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
-        for name, p in trainer.gpt.named_parameters():
-            if is_indexer_param(name):
+        for p in trainer.gpt.parameters():
+            if is_indexer_parameter(p):
                 p.add_(torch.randn(p.shape, generator=gen) * p.abs().mean())
     out = {}
     for mode, topk in (("replayed", batch.topk), ("own", None)):
