@@ -43,7 +43,7 @@ def stage_trainer(cfg: TrainRunConfig, stage: str, init_from: str | Path | None 
     if stage == "grpo":
         from dsa_dist.rl.trainer import GRPOTrainer
 
-        return GRPOTrainer(cfg, stage, init_from=init_from)
+        return GRPOTrainer(cfg, stage, init_from=init_from, heartbeat=heartbeat)
     return StageTrainer(cfg, stage, init_from=init_from, heartbeat=heartbeat)
 
 
