@@ -1,4 +1,4 @@
-"""Shared plumbing of the kernel benchmarks in benchmarks/indexer_topk.py and benchmarks/indexer_kl.py (issue 7).
+"""Shared plumbing of the kernel benchmarks in benchmarks/indexer_topk.py and benchmarks/indexer_kl.py.
 
 Only what both scripts do identically: refuse to run without CUDA, one ``triton.testing.do_bench`` median, the
 peak extra memory of one call, run metadata, a markdown table, and writing ``<stem>.json`` / ``<stem>.md``.

@@ -1,4 +1,4 @@
-"""Single-GPU attention benchmark: cuDNN dense causal attention vs the DSA layer (DESIGN.md §5, issue 7).
+"""Single-GPU attention benchmark: cuDNN dense causal attention vs the DSA layer (docs/design.md#performance-targets).
 
     python benchmarks/attention.py --out DIR [--quick] [--sweep]
 

@@ -56,7 +56,7 @@ class GQAConfig:
 
 @dataclass(frozen=True)
 class IndexerConfig:
-    """Lightning indexer (DESIGN.md §1)."""
+    """Lightning indexer (docs/design.md#lightning-indexer)."""
 
     heads: int = 64
     """H_I, indexer heads."""

@@ -1,4 +1,4 @@
-"""Collective helpers shared by the context-parallel primitives (DESIGN.md §2, CP).
+"""Collective helpers shared by the context-parallel primitives (docs/design.md#context-parallelism).
 
 Everything here works on any ``torch.distributed`` process group: NCCL on GPUs, gloo on CPU tests. The only
 backend differences are hidden in this file:

@@ -1,4 +1,4 @@
-"""Bytes moved by context parallelism (DESIGN.md §2): per-token sizes and per-layer volumes.
+"""Bytes moved by context parallelism (docs/design.md#context-parallelism): per-token sizes and per-layer volumes.
 
 Used by docs/context_parallel.md and the benchmarks so the numbers quoted there are computed, not typed in.
 Volumes are what **one rank receives** (all-gather, ring, all-to-all) or **sends** (reduce-scatter) for one DSA

@@ -1,4 +1,4 @@
-"""Context parallelism for DSA (DESIGN.md §2, CP): the public API the Megatron model calls.
+"""Context parallelism for DSA (docs/design.md#context-parallelism): the public API the Megatron model calls.
 
 Pure functions over a ``torch.distributed`` process group (the model passes
 ``parallel_state.get_context_parallel_group()``; tests pass gloo groups). Data flow of one DSA layer on CP

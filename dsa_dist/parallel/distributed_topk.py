@@ -1,4 +1,4 @@
-"""Distributed lightning-indexer top-k over a sequence sharded across CP ranks (DESIGN.md §1–§2).
+"""Distributed lightning-indexer top-k over a sequence sharded across CP ranks (docs/design.md#context-parallelism).
 
 Exactness argument used by every mode: the top-k order is the total order (score desc, global index asc).
 Every member of the global top-k is also in the top-k of the shard that holds it, so merging the per-shard

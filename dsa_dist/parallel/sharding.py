@@ -1,4 +1,4 @@
-"""Zigzag sequence sharding and the differentiable sequence all-gather (DESIGN.md §2, CP).
+"""Zigzag sequence sharding and the differentiable sequence all-gather (docs/design.md#context-parallelism).
 
 The sequence of ``L`` tokens is cut into ``2·CP`` equal chunks; CP rank ``r`` holds chunks ``r`` and
 ``2·CP − 1 − r`` (Megatron-Core's ``get_batch_on_this_cp_rank`` convention). Causal work per query grows with
@@ -153,7 +153,7 @@ class _AllGatherSequence(torch.autograd.Function):
 class PendingSequenceGather:
     """An all-gather in flight (``all_gather_sequence(..., async_op=True)``); :meth:`wait` returns the result.
 
-    Lets the KV all-gather run while the indexer scores (DESIGN.md §2): start it, run the top-k, then wait.
+    Lets the KV all-gather run while the indexer scores (docs/design.md#context-parallelism): start it, run the top-k, then wait.
     """
 
     def __init__(self, x: torch.Tensor, seq_dim: int, group: dist.ProcessGroup | None,
