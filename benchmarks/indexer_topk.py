@@ -1,4 +1,6 @@
-"""GPU benchmark of the FP8 lightning indexer + exact top-k kernels (kernels/indexer_topk.py; docs/design.md#top-k-and-the-tie-rule).
+"""GPU benchmark of the FP8 lightning indexer + exact top-k kernels (kernels/indexer_topk.py).
+
+Design: docs/design.md#top-k-and-the-tie-rule.
 
     python benchmarks/indexer_topk.py [--lengths 8192 32768 ...] [--shapes V3.2 small] [--no-sweep] [--out DIR]
 

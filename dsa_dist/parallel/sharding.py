@@ -153,7 +153,8 @@ class _AllGatherSequence(torch.autograd.Function):
 class PendingSequenceGather:
     """An all-gather in flight (``all_gather_sequence(..., async_op=True)``); :meth:`wait` returns the result.
 
-    Lets the KV all-gather run while the indexer scores (docs/design.md#context-parallelism): start it, run the top-k, then wait.
+    Lets the KV all-gather run while the indexer scores (docs/design.md#context-parallelism): start it, run the
+    top-k, then wait.
     """
 
     def __init__(self, x: torch.Tensor, seq_dim: int, group: dist.ProcessGroup | None,

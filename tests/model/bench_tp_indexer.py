@@ -1,4 +1,6 @@
-"""Measure the two ways a TP group can agree on the indexer top-k (docs/design.md#tensor-parallelism), on CPU with gloo ranks.
+"""Measure the two ways a TP group can agree on the indexer top-k, on CPU with gloo ranks.
+
+Design: docs/design.md#tensor-parallelism.
 
 - ``replicated``: every TP rank scores all L queries (deterministic, identical results, no communication).
 - ``split``: rank r scores the strided rows ``r::tp`` and the [L/tp, k] int32 indices are all-gathered.
