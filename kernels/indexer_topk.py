@@ -114,7 +114,10 @@ def _score_kernel(
             ks = tl.load(ks_ptr + b * stride_ksb + kk, mask=k_ok, other=0.0)
             s = s * ks[:, None]
         kpos = tl.load(kpos_ptr + kk, mask=k_ok, other=0)
-        ok = (kpos[:, None] <= qpos[None, :]) & k_ok[:, None]
+        # A NaN score (NaN/inf in q, k, weights or k_scale) is not a key: the select kernel's counts and its
+        # compaction order NaN differently (a negative NaN is counted but never compacted), so a NaN left in the
+        # row makes the sort read unwritten candidate slots and return indices past Lk.
+        ok = (kpos[:, None] <= qpos[None, :]) & k_ok[:, None] & (s == s)
         s = tl.where(ok, s, float("-inf"))
         tl.store(
             ws_ptr + b * stride_wsb + qq[None, :].to(tl.int64) * stride_wst + kk[:, None],
@@ -297,7 +300,8 @@ def _select_kernel(
             slot = tl.atomic_add(tl.broadcast_to(cnt_row[:, None], (ROWS, BLOCK)), 1, mask=sel)
             skey = (ukey ^ 0x80000000).to(tl.int32, bitcast=True)  # signed order = float order
             packed = (skey.to(tl.int64) << 32) | (2147483647 - offs[None, :]).to(tl.int64)
-            tl.store(cand_row[:, None] + slot, packed, mask=sel)
+            # slot < CAP holds by the count above; the bound keeps a miscount from writing past the row.
+            tl.store(cand_row[:, None] + slot, packed, mask=sel & (slot < CAP))
     else:
         # Exact ties at the k-th value: compact in ascending key order so the first `quota` equal ones are the
         # lowest indices, as the rule wants.
@@ -512,7 +516,8 @@ def lightning_indexer_topk(
 
     Returns:
         ``(topk_scores [B, Lq, k] float32, topk_indices [B, Lq, k] int32)`` ordered (score desc, index asc),
-        ties to the lowest index, (−inf, −1) in slots with no valid key. Peak extra memory:
+        ties to the lowest index, (−inf, −1) in slots with no valid key; a key whose score is NaN is no valid
+        key (never selected), so every index is −1 or in [0, Lk) for any input. Peak extra memory:
         ``4·B·chunk·Lk + 8·B·chunk·next_pow2(k)`` bytes.
     """
     check_indexer_inputs(q_index, k_index, weights, k_scale)

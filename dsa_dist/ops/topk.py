@@ -2,7 +2,8 @@
 
 Rules every implementation (Triton kernel, CP merge, decode) must match exactly:
 - keys are ranked by score descending; **ties go to the lowest key index**, so every TP/CP rank picks one set;
-- slots with no valid key (row has fewer than k causal keys) hold index −1 and score −inf;
+- slots with no valid key (row has fewer than k causal keys) hold index −1 and score −inf; a NaN score (from a
+  NaN/inf in the inputs) is no valid key, so an index is always −1 or a real key row;
 - the full [L, L] score matrix is never held: scores are built and reduced one query chunk at a time.
 Returned indices are ``int32`` row indices into the key tensor, ordered by (score desc, index asc).
 """
@@ -20,7 +21,7 @@ INVALID_INDEX = -1
 def topk_from_scores(
     scores: torch.Tensor, topk: int, key_indices: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of ``scores`` [..., N] with lowest-index tie-breaking; −inf entries are invalid.
+    """Top-k of ``scores`` [..., N] with lowest-index tie-breaking; −inf and NaN entries are invalid.
 
     ``key_indices`` [..., N] (int) names each column's key (default: the column number); entries < 0 are
     invalid. Used both for a score row block and for merging per-shard candidates. Returns
@@ -36,7 +37,7 @@ def topk_from_scores(
     elif key_indices.shape != scores.shape:
         raise ValueError(f"key_indices must match scores' shape {tuple(scores.shape)}, got {tuple(key_indices.shape)}")
     key_indices = key_indices.long()
-    invalid = (key_indices < 0) | torch.isneginf(scores)
+    invalid = (key_indices < 0) | torch.isneginf(scores) | torch.isnan(scores)
     scores = scores.masked_fill(invalid, float("-inf"))
     k_eff = min(topk, n)
     if monotone:

@@ -93,6 +93,36 @@ def _case_random_scores():
     assert recall >= 0.99
 
 
+def _case_nan_scores_are_no_key():
+    """A NaN score (here a negative-NaN k_scale, as a NaN anywhere in the inputs gives) is not selected. Before
+    the fix the select kernel counted it but never compacted it, so the sort read an unwritten candidate slot
+    and returned an index past Lk (2^31-1-ish), which sparse attention then rejected or gathered out of bounds."""
+    import kernels.indexer_topk as kt
+    from dsa_dist.ops.topk import lightning_indexer_topk as ref
+
+    g = torch.Generator().manual_seed(7)
+    lk, nan_key, topk = 10, 3, 16  # topk > Lk: every causal non-NaN key is selected, so the sets are exact
+    q, k = torch.randn(2, lk, 4, 32, generator=g), torch.randn(2, lk, 32, generator=g)
+    w = torch.rand(2, lk, 4, generator=g)
+    scale = torch.ones(2, lk)
+    scale[:, nan_key] = torch.tensor(0xFFC00000, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    ref_i = ref(q, k, w, topk, scale)[1]  # the reference op follows the same rule
+    for fast in (True, False):
+        kt.FAST_SELECT = fast
+        try:
+            s, idx = kt.lightning_indexer_topk(q, k, w, topk, scale)
+        finally:
+            kt.FAST_SELECT = True
+        assert int(idx.min()) >= -1 and int(idx.max()) < lk, (fast, idx.min(), idx.max())
+        for t in range(lk):
+            want = sorted(j for j in range(t + 1) if j != nan_key)
+            for b in range(2):
+                got = idx[b, t]
+                assert sorted(got[got >= 0].tolist()) == want, (fast, b, t, got.tolist())
+                assert sorted(ref_i[b, t][ref_i[b, t] >= 0].tolist()) == want, (b, t, ref_i[b, t].tolist())
+                assert torch.isfinite(s[b, t, : len(want)]).all() and (s[b, t, len(want):] == float("-inf")).all()
+
+
 def _case_dispatch():
     """dsa_dist.ops.dispatch with DSA_BACKEND=triton (set by the interpreter child) reaches these kernels with the
     reference signatures, and prepare_indexer_qk's FP8 quantisation runs the kernel with the reference's bits."""
@@ -144,7 +174,7 @@ def _case_dispatch():
 
 
 CASES = ["_case_exact_ties_and_short_rows", "_case_positions_shapes_dtypes", "_case_random_scores",
-         "_case_dispatch"]
+         "_case_dispatch", "_case_nan_scores_are_no_key"]
 
 
 @pytest.fixture(scope="module")
