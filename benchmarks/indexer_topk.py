@@ -103,7 +103,7 @@ def bench_end_to_end(h: int, d: int, k: int, length: int, results: list[dict]) -
     chunk = max(1, min(length, kt.WORKSPACE_ELEMS // length))
     ws = torch.empty(1, chunk, length, device="cuda")
     cand = torch.empty(1, chunk, 2 * triton.next_power_of_2(k), dtype=torch.int64, device="cuda")
-    counters = torch.zeros(chunk, dtype=torch.int32, device="cuda")
+    counters = torch.zeros(2, 1, chunk, dtype=torch.int32, device="cuda")  # slot counters, counts; B = 1
     o_s = torch.empty(1, length, k, device="cuda")
     o_i = torch.empty(1, length, k, dtype=torch.int32, device="cuda")
     starts = [(st, min(chunk, length - st)) for st in range(0, length, chunk)]

@@ -177,8 +177,8 @@ def _count_at_least(row_ptr, n, n_max, thr, ROWS: tl.constexpr, BLOCK: tl.conste
 
 @triton.jit
 def _select_kernel(
-    ws_ptr, nrow_ptr, cnt_ptr, cand_ptr,
-    q_start, n_q,
+    ws_ptr, nrow_ptr, slot_ptr, cnt_ptr, cand_ptr,
+    q_start, n_q, stride_cnt,
     stride_wsb, stride_wst, stride_cb, stride_ct,
     K: tl.constexpr, CAP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr,
 ):
@@ -291,7 +291,7 @@ def _select_kernel(
 
     if tl.max(ranked.to(tl.int32), axis=0) == 0:
         # Compaction in any order (the sort below fixes the order): one atomic slot counter per row.
-        cnt_row = cnt_ptr + b * n_q + rows
+        cnt_row = slot_ptr + b * stride_cnt + rows  # atomic slot counters (not the counts: see below)
         for start in range(0, n_max, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             x = tl.load(row_ptr[:, None] + offs[None, :], mask=offs[None, :] < n[:, None], other=float("-inf"))
@@ -325,7 +325,9 @@ def _select_kernel(
             tl.store(cand_row[:, None] + pos, packed, mask=sel)
             t_cnt += tl.sum(sel_i, axis=1)
             eq_seen += tl.sum(eq_i, axis=1)
-    tl.store(cnt_ptr + b * n_q + rows, taken, mask=row_ok)  # number of candidates of each row
+    # The count goes to its own buffer: storing it over the slot counter raced with other threads' atomics still
+    # in flight (seen on an H100: counts above CAP, so the sort read unwritten slots and returned indices ≥ Lk).
+    tl.store(cnt_ptr + b * stride_cnt + rows, taken, mask=row_ok)  # number of candidates of each row
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -334,14 +336,14 @@ def _select_kernel(
 @triton.jit
 def _sort_kernel(
     cand_ptr, cnt_ptr, s_ptr, i_ptr,
-    q_start, n_q,
+    q_start, n_q, stride_cnt,
     stride_cb, stride_ct, stride_ob, stride_ot,
     K: tl.constexpr, CAP: tl.constexpr, ROWS: tl.constexpr, RANK_SORT: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_q
     b = tl.program_id(1).to(tl.int64)
-    taken = tl.load(cnt_ptr + b * n_q + rows, mask=row_ok, other=0)
+    taken = tl.load(cnt_ptr + b * stride_cnt + rows, mask=row_ok, other=0)
     slots = tl.arange(0, CAP)
     cand_row = cand_ptr + b * stride_cb + rows.to(tl.int64) * stride_ct
     p = tl.load(cand_row[:, None] + slots[None, :], mask=slots[None, :] < taken[:, None], other=INT64_MIN_C)
@@ -468,7 +470,7 @@ def select_chunk(
 ) -> None:
     """Exact top-k of workspace rows [0, n_q) into ``out_s/out_i[:, q_start:q_start+n_q]``.
 
-    ``counters`` [≥B·n_q] int32 zeros (slot counters, then candidate counts); ``cand`` [B, ≥n_q, CAP] int64
+    ``counters`` [2, B, ≥n_q] int32 zeros ([0]: atomic slot counters of the compaction, [1]: candidate counts); ``cand`` [B, ≥n_q, CAP] int64
     scratch with CAP = 2·next_pow2(topk); ``fast``: threshold-counting path first (else radix only).
     """
     b = workspace.shape[0]
@@ -481,12 +483,12 @@ def select_chunk(
         block, warps = config.get("BLOCK", block), config.get("num_warps", warps)
     grid = (triton.cdiv(n_q, rows), b)
     _select_kernel[grid](
-        workspace, row_len, counters, cand, q_start, n_q,
+        workspace, row_len, counters[0], counters[1], cand, q_start, n_q, counters.stride(1),
         workspace.stride(0), workspace.stride(1), cand.stride(0), cand.stride(1),
         K=topk, CAP=cand.shape[-1], ROWS=rows, BLOCK=block, FAST=fast, num_warps=warps,
     )
     _sort_kernel[grid](
-        cand, counters, out_s, out_i, q_start, n_q,
+        cand, counters[1], out_s, out_i, q_start, n_q, counters.stride(1),
         cand.stride(0), cand.stride(1), out_s.stride(0), out_s.stride(1),
         K=topk, CAP=cand.shape[-1], ROWS=rows, RANK_SORT=not on_gpu, num_warps=8 if on_gpu else 1,
     )
@@ -543,7 +545,7 @@ def lightning_indexer_topk(
     cap = 2 * triton.next_power_of_2(topk)  # candidate slots per row (≥ k plus the boundary bucket)
     workspace = torch.empty(b, chunk, width, dtype=torch.float32, device=dev)
     cand = torch.empty(b, chunk, cap, dtype=torch.int64, device=dev)
-    counters = torch.empty(b * chunk, dtype=torch.int32, device=dev)
+    counters = torch.empty(2, b, chunk, dtype=torch.int32, device=dev)
     for start in range(0, lq, chunk):
         n_q = min(chunk, lq - start)
         score_chunk(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, start, n_q, workspace)
