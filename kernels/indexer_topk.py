@@ -471,7 +471,8 @@ def select_chunk(
     """Exact top-k of workspace rows [0, n_q) into ``out_s/out_i[:, q_start:q_start+n_q]``.
 
     ``counters`` [2, B, ≥n_q] int32 zeros ([0]: atomic slot counters of the compaction, [1]: candidate counts);
-    ``cand`` [B, ≥n_q, CAP] int64 scratch with CAP = 2·next_pow2(topk); ``fast``: threshold-counting path first (else radix only).
+    ``cand`` [B, ≥n_q, CAP] int64 scratch with CAP = 2·next_pow2(topk); ``fast``: threshold-counting path first
+    (else radix only).
     """
     b = workspace.shape[0]
     on_gpu = workspace.is_cuda
