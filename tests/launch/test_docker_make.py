@@ -4,6 +4,7 @@ without creating a .venv or installing torch."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -16,8 +17,15 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 
 
+def _clean_env() -> dict[str, str]:
+    """This environment without an outer make's variables: under `make test` they would turn the dry runs
+    below into sub-makes (MAKELEVEL 1, "Entering directory" lines, inherited overrides)."""
+    return {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+
+
 def _make(*args: str) -> list[str]:
-    out = subprocess.run(["make", "-n", *args], cwd=REPO, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=REPO, check=True, capture_output=True,
+                         text=True, env=_clean_env()).stdout
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
@@ -60,7 +68,8 @@ def test_make_default_path_uses_the_venv():
 def test_system_python_check_runs_with_this_interpreter():
     import torch
 
-    res = subprocess.run(["make", "system-python", "USE_SYSTEM_PYTHON=1", f"PYTHON={sys.executable}"], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(["make", "--no-print-directory", "system-python", "USE_SYSTEM_PYTHON=1",
+                          f"PYTHON={sys.executable}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env=_clean_env())
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"using torch {torch.__version__}" in res.stdout
