@@ -6,7 +6,7 @@ The launch layer (``launch/``) reads it; the training code never does. Ranks are
 group (consecutive ranks) never crosses a node.
 
 :func:`validate_cluster` raises ``ValueError`` naming the key, the bad value and the fix, like the rest of the
-config validation (``dsa_dist/config.py``).
+config validation (``dsa_dist/config/validate.py``).
 """
 
 from __future__ import annotations
