@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.rl.test_grpo_trainer import _config
-from tests.train._tiny import run_ranks
+from tests.train._tiny import corrupt_a_shard, run_ranks
 
 SMALL = ("rl.sampling.max_new_tokens=3", "rl.prompts_per_iteration=4", "rl.group_size=4", "logging.tensorboard=false",
          "checkpoint.interval=1", "stages.grpo.steps=6", "rl.updates_per_iteration=2", "train.max_nonfinite_steps=3")
@@ -128,7 +128,6 @@ def test_update_that_overflows_the_weights_stops_before_any_save(tmp_path):
 def _corrupt_worker(rank: int, world_size: int, run_dir: str) -> dict:
     import contextlib
     import io
-    import os
 
     from dsa_dist.parallel import init_parallel
     from dsa_dist.rl.trainer import GRPOTrainer
@@ -137,10 +136,7 @@ def _corrupt_worker(rank: int, world_size: int, run_dir: str) -> dict:
     cfg = _config(run_dir, *SMALL, "checkpoint.interval=2", "stages.grpo.steps=4", "checkpoint.keep_last=2")
     straight = GRPOTrainer(cfg).run()
     root = Path(run_dir, "grpo", "checkpoints")
-    shard = sorted((root / "step_00000004").glob("*.distcp"))[0]
-    with open(shard, "r+b") as fh:  # 4 KB of garbage in the middle of a shard; the size does not change
-        fh.seek(max(0, shard.stat().st_size // 2 - 2048))
-        fh.write(os.urandom(4096))
+    corrupt_a_shard(root / "step_00000004")
     buf = io.StringIO()
     with contextlib.redirect_stderr(buf):
         resumed = GRPOTrainer(cfg)

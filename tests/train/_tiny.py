@@ -42,3 +42,12 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 600.0) -> list:
     from tests._dist import run_distributed
 
     return run_distributed(fn, world_size, *args, timeout=timeout, daemon=False)
+
+
+def corrupt_a_shard(step_dir: Path) -> None:
+    """Write 4 KB of garbage into the middle of one ``.distcp`` shard of checkpoint ``step_dir`` (its size does
+    not change, so only the stored checksums can tell)."""
+    shard = sorted(Path(step_dir).glob("*.distcp"))[0]
+    with open(shard, "r+b") as fh:
+        fh.seek(max(0, shard.stat().st_size // 2 - 2048))
+        fh.write(os.urandom(4096))

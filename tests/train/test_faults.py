@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from dsa_dist.train.checkpoint import list_checkpoints, read_train_state, verify_checkpoint
-from tests.train._tiny import run_ranks, tiny_config
+from tests.train._tiny import corrupt_a_shard, run_ranks, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 DENSE = dict(pipeline="[dense]", stages__dense__steps=4, optim__warmup_steps=1)
@@ -291,10 +291,7 @@ def _corrupt_worker(rank: int, world_size: int, run_dir: str) -> dict:
     cfg = tiny_config(run_dir, **DENSE, checkpoint__interval=2, checkpoint__keep_last=2)
     straight = StageTrainer(cfg, "dense").run()
     root = Path(run_dir, "dense", "checkpoints")
-    shard = sorted((root / "step_00000004").glob("*.distcp"))[0]
-    with open(shard, "r+b") as fh:  # 4 KB of garbage in the middle of a shard; the size does not change
-        fh.seek(max(0, shard.stat().st_size // 2 - 2048))
-        fh.write(os.urandom(4096))
+    corrupt_a_shard(root / "step_00000004")
     buf = io.StringIO()
     with contextlib.redirect_stderr(buf):
         resumed = StageTrainer(cfg, "dense")
