@@ -120,4 +120,6 @@ def test_losing_a_node_with_too_few_resources_left_fails_cleanly(two_nodes, tmp_
     assert "Restart 1/2" in out
     failure = next(line for line in out.splitlines() if line.startswith("launch: job failed:"))
     assert "after 1 restart(s)" in failure and "CPU" in failure
-    assert checkpoint_exists(run_dir, "dense", 2)  # the checkpoints survive for a resubmit
+    # The checkpoints survive for a resubmit. Which ones depends on how far the stage got before the node was
+    # gone (on a loaded machine it can pass step 6, and keep_last=2 then has removed step 2).
+    assert any(checkpoint_exists(run_dir, "dense", step) for step in range(2, 9, 2))
