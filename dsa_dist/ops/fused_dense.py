@@ -17,14 +17,17 @@ no row is empty (the reference's "lse −inf, out 0" rows cannot occur; position
 Kernels, per call (:func:`select_kernel`):
 
 - ``flash`` — ``aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, return_debug_mask,
-  scale=)`` on [B, H, L, d]: fp16/bf16, d_qk = d_v ≤ 256. ``is_causal`` with Lq < Lk is bottom-right for this op
-  (what ``torch.nn.attention.bias.causal_lower_right`` relies on). GQA natively (Hkv divides H).
-  lse [B, H, Lq].
+  scale=)`` on [B, H, L, d]: fp16/bf16, d_qk = d_v ≤ 256, a multiple of 8. ``is_causal`` with Lq < Lk is
+  bottom-right for this op (what ``torch.nn.attention.bias.causal_lower_right`` relies on). GQA natively (Hkv
+  divides H; ``enable_gqa`` of SDPA calls it with the smaller K/V). lse [B, H, Lq].
 - ``efficient`` — ``aten._efficient_attention_forward(q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
   max_seqlen_k, dropout_p, custom_mask_type, compute_log_sumexp, scale=)`` on [B, L, H, d], with
   ``custom_mask_type = CausalVariant.LOWER_RIGHT`` (2): any d_qk, d_v (the absorbed MLA latent, 288/256 in the
-  ``small`` preset, 576/512 in V3.2), fp32 too. Needs equal head counts: K/V heads are expanded (a copy, kept for
-  backward). lse [B, H, ceil(Lq/32)·32], sliced to Lq.
+  ``small`` preset, 576/512 in V3.2), fp32 too. Forward and backward check equal head counts, so K/V heads are
+  expanded to H: by default a stride-0 ``expand`` view (:data:`EFFICIENT_KV_EXPAND` = ``"view"``, no copy; the
+  kernel reads through per-head strides and its backward allocates fresh contiguous dK/dV, which autograd sums
+  over the group), or a materialised copy (``"copy"``, kept for backward). lse [B, H, ceil(Lq/32)·32], sliced
+  to Lq.
 - ``cpu`` — ``aten._scaled_dot_product_flash_attention_for_cpu`` (top-left ``is_causal``, so a lower-right
   additive mask when Lq < Lk; d_qk = d_v, so the shorter side is zero-padded): lets the CPU tests (and
   ``DSA_BACKEND=triton`` with the interpreter) run this whole wrapper, autograd included.
@@ -49,6 +52,8 @@ from dsa_dist.ops.dense_attention import dense_attention as reference_dense_atte
 from dsa_dist.ops.position_blocks import PositionBlocks, blocks_from_positions, check_blocks
 
 Kernel = Literal["flash", "efficient", "cpu"]
+EFFICIENT_KV_EXPAND: Literal["view", "copy"] = "view"
+"""How the ``efficient`` kernel gets H key/value heads from Hkv < H: a stride-0 view or a copy (module docstring)."""
 _log = logging.getLogger(__name__)
 _warned: set[str] = set()
 # ceil(Lq / 32) * 32: the efficient kernel's lse rows (kAlignLSE); sliced back to Lq.
@@ -88,7 +93,8 @@ def select_kernel(device: torch.device, dtype: torch.dtype, d_qk: int, d_v: int)
     """The ATen kernel for these inputs (see the module docstring for each kernel's limits)."""
     if device.type != "cuda":
         return "cpu"
-    if dtype in (torch.float16, torch.bfloat16) and d_qk == d_v and d_qk <= 256:
+    # Flash (FlashAttention-2 in ATen): one head size for q, k and v, a multiple of 8, at most 256.
+    if dtype in (torch.float16, torch.bfloat16) and d_qk == d_v and d_qk <= 256 and d_qk % 8 == 0:
         return "flash"
     return "efficient"
 
@@ -97,11 +103,16 @@ def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
     return x if x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1]))
 
 
-def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, L, Hkv, d] → [B, L, H, d], query head h reading KV head h // (H/Hkv) (the reference's grouping)."""
+def _expand_heads(x: torch.Tensor, heads: int, copy: bool = True) -> torch.Tensor:
+    """[B, L, Hkv, d] → [B, L, H, d], query head h reading KV head h // (H/Hkv) (the reference's grouping).
+
+    ``copy=False``: a view when possible — MQA (Hkv = 1) is a stride-0 ``expand``; GQA groups need a copy.
+    """
     b, n, hkv, d = x.shape
     if hkv == heads:
         return x
+    if not copy and hkv == 1:
+        return x.expand(b, n, heads, d)
     return x[:, :, :, None].expand(b, n, hkv, heads // hkv, d).reshape(b, n, heads, d)
 
 
@@ -121,8 +132,9 @@ def run_segment(kernel: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         return out.transpose(1, 2), lse.transpose(1, 2)
     if kernel == "efficient":
         mask_type = int(CausalVariant.LOWER_RIGHT) if causal else 0
+        copy = EFFICIENT_KV_EXPAND == "copy"
         out, lse = torch.ops.aten._efficient_attention_forward(
-            q, _expand_heads(k, h), _expand_heads(v, h), bias=None, cu_seqlens_q=None, cu_seqlens_k=None,
+            q, _expand_heads(k, h, copy), _expand_heads(v, h, copy), bias=None, cu_seqlens_q=None, cu_seqlens_k=None,
             max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0, custom_mask_type=mask_type,
             compute_log_sumexp=True, scale=scale)[:2]
         return out, lse[:, :, : q.shape[1]].transpose(1, 2)

@@ -102,6 +102,7 @@ def test_select_kernel():
     assert fd.select_kernel(cuda, bf16, 288, 256) == "efficient"  # small preset's absorbed MLA
     assert fd.select_kernel(cuda, bf16, 576, 512) == "efficient"  # V3.2
     assert fd.select_kernel(cuda, torch.float32, 64, 64) == "efficient"
+    assert fd.select_kernel(cuda, bf16, 60, 60) == "efficient"  # flash wants a multiple of 8
     assert fd.select_kernel(torch.device("cpu"), bf16, 64, 64) == "cpu"
 
 
@@ -193,13 +194,16 @@ def test_float64_runs_the_reference():
 
 
 # ---------------------------------------------------------------------------------------------- GPU
-GPU_CASES = {  # name -> (B, Lk, H, Hkv, d_qk, d_v, q_blocks, expected kernel)
-    "small_mla_absorbed": (2, 1024, 16, 1, 288, 256, ((0, 1024),), "efficient"),
-    "small_mla_cp2_rank0": (1, 2048, 16, 1, 288, 256, ((0, 512), (1536, 512)), "efficient"),
-    "v32_mla_576_512_cp": (1, 1024, 16, 1, 576, 512, ((128, 128), (768, 128)), "efficient"),
-    "gqa_d64_cp": (1, 2048, 16, 4, 64, 64, ((256, 256), (1536, 256)), "flash"),
-    "mha_d128": (2, 1024, 16, 16, 128, 128, ((0, 1024),), "flash"),
-    "mha_d128_cp_tail": (1, 1536, 16, 16, 128, 128, ((1024, 512),), "flash"),
+GPU_CASES = {  # name -> (B, Lk, H, Hkv, d_qk, d_v, q_blocks, expected kernel, EFFICIENT_KV_EXPAND)
+    "small_mla_absorbed": (2, 1024, 16, 1, 288, 256, ((0, 1024),), "efficient", "view"),
+    "small_mla_cp2_rank0": (1, 2048, 16, 1, 288, 256, ((0, 512), (1536, 512)), "efficient", "view"),
+    # The same with materialised K/V heads: if only the "view" cases fail, set EFFICIENT_KV_EXPAND = "copy".
+    "small_mla_cp2_rank0_copy": (1, 2048, 16, 1, 288, 256, ((0, 512), (1536, 512)), "efficient", "copy"),
+    "v32_mla_576_512_cp": (1, 1024, 16, 1, 576, 512, ((128, 128), (768, 128)), "efficient", "view"),
+    "gqa_d64_cp": (1, 2048, 16, 4, 64, 64, ((256, 256), (1536, 256)), "flash", "view"),
+    "gqa_d96_fp32_efficient": (1, 512, 8, 2, 96, 96, ((128, 384),), "efficient", "view"),
+    "mha_d128": (2, 1024, 16, 16, 128, 128, ((0, 1024),), "flash", "view"),
+    "mha_d128_cp_tail": (1, 1536, 16, 16, 128, 128, ((1024, 512),), "flash", "view"),
 }
 
 
@@ -217,18 +221,20 @@ def _naive_bf16(q, k, v, *, softmax_scale, q_blocks):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(GPU_CASES))
-def test_gpu_fused_matches_reference(name: str, gpu_seed: int) -> None:
-    b, lk, h, hkv, d, dv, blocks, kernel = GPU_CASES[name]
+def test_gpu_fused_matches_reference(name: str, gpu_seed: int, monkeypatch) -> None:
+    b, lk, h, hkv, d, dv, blocks, kernel, expand = GPU_CASES[name]
+    monkeypatch.setattr(fd, "EFFICIENT_KV_EXPAND", expand)
+    dtype = torch.float32 if "fp32" in name else torch.bfloat16
     lq = sum(n for _, n in blocks)
-    assert fd.select_kernel(torch.device("cuda"), torch.bfloat16, d, dv) == kernel
+    assert fd.select_kernel(torch.device("cuda"), dtype, d, dv) == kernel
     gen = torch.Generator(device="cuda").manual_seed(gpu_seed)
-    q, k, v, grad = _inputs(b, lq, lk, h, hkv, d, dv, torch.bfloat16, "cuda", gen)
+    q, k, v, grad = _inputs(b, lq, lk, h, hkv, d, dv, dtype, "cuda", gen)
     kw = {"softmax_scale": d**-0.5, "q_blocks": blocks}
     assert dispatch.resolve("dense_attention", q.device) is fd.dense_attention
-    got = _grads(dispatch.dense_attention, q, k, v, grad, torch.bfloat16, **kw)
+    got = _grads(dispatch.dense_attention, q, k, v, grad, dtype, **kw)
     ref = _grads(reference, q, k, v, grad, torch.float64, **kw)
     naive = _grads(_naive_bf16, q, k, v, grad, torch.bfloat16, **kw)
-    assert got[0].dtype == torch.bfloat16 and got[0].shape == (b, lq, h, dv), got[0].shape
+    assert got[0].dtype == dtype and got[0].shape == (b, lq, h, dv), got[0].shape
     assert got[1].dtype == torch.float32 and got[1].shape == (b, lq, h), (got[1].dtype, got[1].shape)
     failures = []
     for key, a, r, n in zip(("out", "lse", "dq", "dk", "dv"), got, ref, naive, strict=True):
@@ -257,3 +263,27 @@ def test_gpu_fused_asks_no_host_sync(gpu_seed: int) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_gpu_mla_value_view_of_the_latent(gpu_seed: int) -> None:
+    """MLA as attend() runs it: v = k[..., :d_v] (one latent, gradients of both uses summed into dk)."""
+    gen = torch.Generator(device="cuda").manual_seed(gpu_seed)
+    q, k, _, grad = _inputs(1, 512, 1536, 16, 1, 288, 256, torch.bfloat16, "cuda", gen)
+    blocks = ((256, 256), (1280, 256))
+
+    def run(fn, dtype):
+        ql, kl = (t.detach().to(dtype).requires_grad_() for t in (q, k))
+        out, lse = fn(ql, kl, kl[..., :256], softmax_scale=288**-0.5, q_blocks=blocks)
+        (out * grad.to(dtype)).sum().backward()
+        return out, lse, ql.grad, kl.grad
+
+    got, ref = run(dispatch.dense_attention, torch.bfloat16), run(reference, torch.float64)
+    naive = run(_naive_bf16, torch.bfloat16)
+    for key, a, r, n in zip(("out", "lse", "dq", "dk"), got, ref, naive, strict=True):
+        if key == "lse":
+            err, base = (a.double() - r).abs().max().item(), (n.double() - r).abs().max().item()
+            assert err <= 2 * base + 1e-2, f"lse: fused {err:.3g} vs plain bf16 {base:.3g}"
+        else:
+            err, base = _rel(a, r), _rel(n, r)
+            assert err <= 2 * base + 1e-3, f"{key}: fused {err:.3g} vs plain bf16 {base:.3g}"
