@@ -1,4 +1,4 @@
-"""Fused dense causal attention with the log-sum-exp: PyTorch's flash / memory-efficient kernels (docs/training.md).
+"""Fused dense causal attention with its log-sum-exp: PyTorch's flash / memory-efficient kernels (docs/design.md).
 
 Same contract as the reference :func:`dsa_dist.ops.dense_attention` — ``(out [B, Lq, H, d_v] in q's dtype,
 lse [B, Lq, H] float32, natural log)`` — and the op :mod:`dsa_dist.ops.dispatch` runs for CUDA tensors. It is not
@@ -213,4 +213,5 @@ def dense_attention(
         lses.append(lse)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
     lse = lses[0] if len(lses) == 1 else torch.cat(lses, 1)
-    return out.to(q.dtype), lse.float()
+    # [B, Lq, H] contiguous (flash's lse arrives as a transposed view): what the KL kernels expect.
+    return out.to(q.dtype), lse.float().contiguous()

@@ -171,6 +171,22 @@ def test_attend_checks_position_blocks():
         attend(q, k, v, softmax_scale=0.3, positions=pos, position_blocks=((0, 6),))
 
 
+def test_q_blocks_path_asks_no_host_sync():
+    """With q_blocks the wrapper (planning, slicing, kernel calls, backward) reads nothing back from the device;
+    positions given as tensors are read on the host, as documented."""
+    from tests._host_sync import HostSyncRecorder
+
+    q, k, v, grad = _inputs(1, 8, 24, 2, 1, 8, 8, torch.float32)
+    q.requires_grad_()
+    with HostSyncRecorder() as rec:
+        out, _ = fd.dense_attention(q, k, v, q_blocks=((2, 4), (16, 4)))
+        (out * grad).sum().backward()
+    assert rec.calls == [], rec.calls
+    with HostSyncRecorder() as rec:
+        fd.dense_attention(q, k, v, q_positions=positions_from_blocks(((2, 4), (16, 4))))
+    assert any("tolist" in c for c in rec.calls), rec.calls
+
+
 # ---------------------------------------------------------------------------------------------- dispatch
 def test_dispatch_rule(monkeypatch):
     monkeypatch.delenv("DSA_BACKEND", raising=False)
