@@ -198,6 +198,8 @@ def dense_attention(
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, expected {q.device}")
     lq, lk = q.shape[1], k.shape[1]
+    if lq == 0:  # nothing to attend; shapes as the contract says
+        return q.new_zeros(*q.shape[:3], v.shape[-1]), torch.zeros(q.shape[:3], device=q.device)
     blocks = _resolve_blocks(q_positions, k_positions, q_blocks, lq, lk)
     if blocks is None:
         _warn_once("layout", "fused dense attention: keys not at arange(Lk) or negative query positions; running "

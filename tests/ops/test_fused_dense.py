@@ -155,6 +155,8 @@ def test_errors_name_the_argument():
         fd.dense_attention(q, k.half(), v)
     with pytest.raises(ValueError, match="at least one key"):
         fd.dense_attention(q, k[:, :0], v[:, :0])
+    out, lse = fd.dense_attention(q[:, :0], k, v)
+    assert out.shape == (1, 0, 2, 8) and lse.shape == (1, 0, 2)
 
 
 def test_attend_checks_position_blocks():
