@@ -56,8 +56,6 @@ EFFICIENT_KV_EXPAND: Literal["view", "copy"] = "view"
 """How the ``efficient`` kernel gets H key/value heads from Hkv < H: a stride-0 view or a copy (module docstring)."""
 _log = logging.getLogger(__name__)
 _warned: set[str] = set()
-# ceil(Lq / 32) * 32: the efficient kernel's lse rows (kAlignLSE); sliced back to Lq.
-_LSE_ALIGN = 32
 
 
 @dataclass(frozen=True)
@@ -137,7 +135,7 @@ def run_segment(kernel: Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             q, _expand_heads(k, h, copy), _expand_heads(v, h, copy), bias=None, cu_seqlens_q=None, cu_seqlens_k=None,
             max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0, custom_mask_type=mask_type,
             compute_log_sumexp=True, scale=scale)[:2]
-        return out, lse[:, :, : q.shape[1]].transpose(1, 2)
+        return out, lse[:, :, : q.shape[1]].transpose(1, 2)  # lse rows padded to a multiple of 32 (kAlignLSE)
     width = max(q.shape[-1], d_v)  # the CPU kernel wants one head size: zero columns change no score
     qt, kt, vt = (_pad_last(x, width).transpose(1, 2) for x in (q, _expand_heads(k, h), _expand_heads(v, h)))
     n, m = q.shape[1], k.shape[1]
