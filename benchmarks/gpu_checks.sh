@@ -2,7 +2,8 @@
 # One GPU session's worth of checks on a single H100/H200, in one command (≈ 9 minutes):
 #   1. every GPU test (kernels vs reference, the model on the Triton kernels, KV-cache decode, no host syncs);
 #   2. benchmarks/host_sync.py (one DSA layer fwd+bwd at 32K: GPU time, wall time, syncs seen);
-#   3. benchmarks/decode.py (batched decode tokens/s, sparse vs dense attention over a KV cache);
+#   3. benchmarks/train_stages.py (small model fwd+bwd per stage: dense, warm-up, sparse vs plain SDPA, tokens/s);
+#      benchmarks/decode.py (batched decode tokens/s, sparse vs dense attention over a KV cache);
 #   4. the small model's sparse stage for a few steps (tokens/s) and a GRPO smoke run on the GPU.
 # Usage: OUT=/some/dir bash benchmarks/gpu_checks.sh   (results and logs under $OUT)
 # The GPU image has torch/Triton but not megatron-core or OmegaConf: wheels in .whl/ are installed first when present.
@@ -32,6 +33,7 @@ step gpu_tests 170 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels
 # Decode runs in its own process: a device-side assert breaks the CUDA context for everything after it.
 # DSA_DEBUG=1 makes the value checks raise readable errors (they sync), CUDA_LAUNCH_BLOCKING names the launch.
 DSA_DEBUG=1 CUDA_LAUNCH_BLOCKING=1 step gpu_rl_tests 110 python3 -m pytest -q -p no:cacheprovider -m gpu tests/rl
+step train_stages 120 python3 benchmarks/train_stages.py --out "$OUT"
 step decode 110 python3 benchmarks/decode.py --out "$OUT" --budget-s 75
 step train_sparse 90 python3 -m dsa_dist.train.cli configs/single_gpu.yaml pipeline=[sparse] \
   stages.sparse.steps=20 stages.sparse.warmup_steps=2 logging.log_interval=5 data.eval_tasks=[] \

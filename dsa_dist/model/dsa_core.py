@@ -36,7 +36,7 @@ from dsa_dist.model.config import DSAModelConfig
 from dsa_dist.model.indexer import LightningIndexer
 from dsa_dist.model.indexer_loss import IndexerLossTracker, attach_loss
 from dsa_dist.model.runtime import DSARuntime
-from dsa_dist.ops import dense_attention, dispatch
+from dsa_dist.ops import dispatch
 from dsa_dist.ops._checks import assert_on_device
 from dsa_dist.parallel.groups import ParallelDims
 from dsa_dist.parallel.tp import all_heads, heads_to_rows, rows_to_all
@@ -162,19 +162,34 @@ def select_topk(indexer: LightningIndexer, rows: IndexerRows, topk: int, dims: P
 
 
 def attend(q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, *, softmax_scale: float,
-           positions: torch.Tensor, topk: torch.Tensor | None = None,
-           indices_checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+           positions: torch.Tensor, topk: torch.Tensor | None = None, indices_checked: bool = False,
+           position_blocks: tuple[tuple[int, int], ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of local queries over the whole sequence's KV: ``(out [B, Ll, H, d_v], lse [B, Ll, H])``.
 
     ``topk`` [B, Ll, k] (global key indices, −1 = empty): sparse attention over exactly those keys; None: dense
-    causal attention (query at ``positions[i]`` sees keys ``0 .. positions[i]``). ``indices_checked``: ``topk``
-    is in range by construction (from :func:`select_topk` or :func:`check_replay`), so the sparse attention
-    skips its own range check (see :func:`dsa_dist.ops.sparse_attention`).
+    causal attention (query at ``positions[i]`` sees keys ``0 .. positions[i]``) through
+    :func:`dsa_dist.ops.dispatch.dense_attention` (fused on CUDA). ``position_blocks``: ``positions`` as runs
+    ``((start, length), ...)`` (:meth:`ParallelDims.local_blocks`), which spares the fused dense attention a
+    host read of ``positions``. ``indices_checked``: ``topk`` is in range by construction (from
+    :func:`select_topk` or :func:`check_replay`), so the sparse attention skips its own range check (see
+    :func:`dsa_dist.ops.sparse_attention`).
     """
     if topk is not None:
         return dispatch.sparse_attention(q, k_full, v_full, topk, softmax_scale, indices_checked=indices_checked)
+    if position_blocks is not None:
+        from dsa_dist.ops.position_blocks import positions_from_blocks
+
+        # The fused kernel trusts the runs; one on-device comparison (no host sync) proves they are ``positions``.
+        expected = positions_from_blocks(position_blocks, positions.device)
+        if expected.shape != positions.shape:
+            raise ValueError(f"position_blocks {position_blocks} cover {expected.numel()} positions, but positions "
+                             f"has {positions.numel()}; pass dims.local_blocks(local_len)")
+        assert_on_device((expected == positions).all(), lambda: f"position_blocks {position_blocks} do not "
+                         "describe positions; pass dims.local_blocks(local_len) for dims.local_positions(local_len)")
+        return dispatch.dense_attention(q, k_full, v_full, softmax_scale, q_blocks=position_blocks)
     k_positions = torch.arange(k_full.shape[1], device=q.device)
-    return dense_attention(q, k_full, v_full, softmax_scale, q_positions=positions, k_positions=k_positions)
+    return dispatch.dense_attention(q, k_full, v_full, softmax_scale, q_positions=positions,
+                                    k_positions=k_positions)
 
 
 @torch.no_grad()
@@ -288,8 +303,11 @@ def dsa_attention(inputs: DSAInputs, *, indexer: LightningIndexer, dsa: DSAModel
 
     k_full, v_full = kv.wait()
     # topk_all comes from our own top-k or a validated replay: in range by construction, no second check.
+    # DSAInputs.positions are this rank's dims.local_positions (as every producer builds them): their runs are
+    # known on the host, so the dense path needs no host read of positions.
     out, lse = attend(q, k_full, v_full, softmax_scale=scale, positions=positions,
-                      topk=topk_all if sparse else None, indices_checked=True)
+                      topk=topk_all if sparse else None, indices_checked=True,
+                      position_blocks=None if sparse else dims.local_blocks(local_len))
     if not (kl_on or want_recall):
         return out
     target = kl_target(q, k_full, lse, kv_heads_split=inputs.v is not None, dims=dims)

@@ -2,6 +2,8 @@
 
 Kernels in ``kernels/`` have the *same* signatures as the reference ops, so callers (the Megatron modules, the
 CP code, the benchmarks) call ``dsa_dist.ops.dispatch.<op>`` and never branch on the device themselves.
+``dense_attention``'s "kernel" is :mod:`dsa_dist.ops.fused_dense` (PyTorch's fused flash / memory-efficient
+attention, no Triton of ours); the rule below treats it as any kernel.
 
 ``DSA_BACKEND`` (environment, read on every call):
 
@@ -31,13 +33,14 @@ BACKENDS: tuple[Backend, ...] = ("auto", "reference", "triton")
 # op name -> ("reference module:function", "kernel module:function"); imported on first use, which keeps this
 # module free of import cycles (the reference ops themselves call dispatch.fp8_block_quant).
 _OPS: dict[str, tuple[str, str]] = {
-    name: (f"dsa_dist.ops.{ref}:{name}", f"kernels.{kernel}:{name}")
+    name: (f"dsa_dist.ops.{ref}:{name}", f"{kernel}:{name}")
     for name, ref, kernel in (
-        ("sparse_attention", "sparse_attention", "sparse_attention"),
-        ("lightning_indexer_topk", "topk", "indexer_topk"),
-        ("fp8_block_quant", "fp8", "fp8_quant"),
-        ("indexer_kl_loss_dense", "kl", "indexer_kl"),
-        ("indexer_kl_loss_sparse", "kl", "indexer_kl"),
+        ("sparse_attention", "sparse_attention", "kernels.sparse_attention"),
+        ("lightning_indexer_topk", "topk", "kernels.indexer_topk"),
+        ("fp8_block_quant", "fp8", "kernels.fp8_quant"),
+        ("indexer_kl_loss_dense", "kl", "kernels.indexer_kl"),
+        ("indexer_kl_loss_sparse", "kl", "kernels.indexer_kl"),
+        ("dense_attention", "dense_attention", "dsa_dist.ops.fused_dense"),
     )
 }
 
@@ -106,6 +109,11 @@ def lightning_indexer_topk(q_index: torch.Tensor, *args, **kwargs) -> tuple[torc
 def fp8_block_quant(x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`dsa_dist.ops.fp8_block_quant` on ``x``'s device: ``(x_fp8, scale)``, the same bits either way."""
     return resolve("fp8_block_quant", x.device)(x, *args, **kwargs)
+
+
+def dense_attention(q: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dsa_dist.ops.dense_attention` on ``q``'s device (CUDA: the fused one): ``(out, lse)``."""
+    return resolve("dense_attention", q.device)(q, *args, **kwargs)
 
 
 def _require_lse(op: str, kwargs: dict) -> None:

@@ -55,6 +55,15 @@ class ParallelDims:
 
         return zigzag_positions(local_len * self.cp, self.cp, self.cp_rank, device=device)
 
+    def local_blocks(self, local_len: int) -> tuple[tuple[int, int], ...]:
+        """:meth:`local_positions` as runs ``((start, length), ...)`` of Python ints (the fused dense attention's
+        synchronisation-free ``q_blocks``)."""
+        if self.cp == 1:
+            return ((0, local_len),)
+        from dsa_dist.parallel.sharding import zigzag_blocks
+
+        return zigzag_blocks(local_len * self.cp, self.cp, self.cp_rank)
+
 
 def _check_size(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

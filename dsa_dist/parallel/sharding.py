@@ -67,6 +67,19 @@ def zigzag_positions(
     ])
 
 
+def zigzag_blocks(seq_len: int, cp_size: int, cp_rank: int) -> tuple[tuple[int, int], ...]:
+    """:func:`zigzag_positions` as runs ``((start, length), ...)`` of Python ints (no device tensor to read)."""
+    check_cp_config(seq_len, cp_size)
+    _check_rank(cp_size, cp_rank)
+    if cp_size == 1:
+        return ((0, seq_len),)
+    chunk = seq_len // (2 * cp_size)
+    late = 2 * cp_size - 1 - cp_rank
+    if late == cp_rank + 1:  # the two chunks touch (last rank): one run
+        return ((cp_rank * chunk, 2 * chunk),)
+    return ((cp_rank * chunk, chunk), (late * chunk, chunk))
+
+
 def zigzag_split(x: torch.Tensor, seq_dim: int, cp_size: int, cp_rank: int) -> torch.Tensor:
     """This rank's shard of a full-sequence tensor: chunks ``r`` and ``2CP−1−r`` of dim ``seq_dim``, concatenated.
 

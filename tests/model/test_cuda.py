@@ -1,7 +1,8 @@
 """The DSA model on CUDA: the Triton kernels inside the Megatron model agree with the reference ops.
 
 The same model and batch run twice on one GPU: once with ``DSA_BACKEND=reference`` (plain PyTorch ops) and once
-with the default dispatch (Triton indexer/top-k, sparse attention and KL kernels). Skipped without CUDA.
+with the default dispatch (Triton indexer/top-k, sparse attention and KL kernels; in the warm-up runtime the fused
+dense attention, whose lse feeds the dense KL kernel). Skipped without CUDA.
 """
 
 
@@ -30,15 +31,16 @@ def _step(model, tracker, tokens, labels, backend, monkeypatch):
     return lm.item(), kl.item(), grads
 
 
+@pytest.mark.parametrize("runtime_name", ["SPARSE_TRAIN", "WARMUP"])
 @pytest.mark.parametrize("attention", ["tiny", "tiny-gqa"])
-def test_kernels_match_reference_inside_the_model(_single_gpu, attention, monkeypatch):
+def test_kernels_match_reference_inside_the_model(_single_gpu, attention, runtime_name, monkeypatch):
+    from dsa_dist.model import runtime as runtimes
     from dsa_dist.model.builder import build_model, get_indexer_loss_tracker
-    from dsa_dist.model.runtime import SPARSE_TRAIN
     from tests.model._configs import model_config
 
     torch.manual_seed(0)
     cfg = model_config(attention, seq_len=512, indexer={"topk": 64})
-    model = build_model(cfg, runtime=SPARSE_TRAIN)
+    model = build_model(cfg, runtime=getattr(runtimes, runtime_name))
     assert next(model.parameters()).is_cuda
     tracker = get_indexer_loss_tracker(model)
     tokens = torch.randint(0, cfg.vocab_size, (2, 512), device="cuda")
