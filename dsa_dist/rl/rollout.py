@@ -138,12 +138,12 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
     cur, pos = tokens[rows, lens - 1], lens - 1
     steps = 0
     for t in range(n_max):
-        logits, step_topk = engine.step(cur, pos)  # [B, V]
-        if not bool(torch.isfinite(logits).all()):  # NaN/inf cannot be sampled (the inverse CDF would be garbage)
-            raise NonFiniteError(f"the model produced non-finite logits at decode step {t} of the rollout: its "
-                                 "weights diverged (e.g. too large a learning rate); lower it and resume from the "
-                                 "last checkpoint")
-        token, logprob, kept_t = sample_tokens(logits, params, generator)
+        # The host knows the furthest position of the step (longest prompt − 1 + t): the step reads only the cache
+        # rows up to it and never asks the device.
+        logits, step_topk = engine.step(cur, pos, max_position=p_max - 1 + t)  # [B, V]
+        finite = torch.isfinite(logits).all()  # read with the finished flags below: one host sync per token
+        # Until then, draw from zeros in place of non-finite logits (a NaN CDF could index past the vocabulary).
+        token, logprob, kept_t = sample_tokens(torch.where(finite, logits, 0.0), params, generator)
         token = _same_on_model_parallel_ranks(token, dims)
         active = ~finished
         # Column P_b + t; a finished sequence's column lies past its response, so writing pad there is harmless
@@ -157,7 +157,14 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
                 selected[layer][:, t] = torch.where(active[:, None], idx, -1)
         steps = t + 1
         finished |= active & torch.isin(token, stop)
-        if bool(finished.all()):
+        # The one host sync of a generated token: the loop must know whether to go on. NaN/inf logits cannot be
+        # sampled (the inverse CDF would be garbage), so their draw above is discarded here.
+        all_finished, all_finite = torch.stack([finished.all(), finite]).tolist()
+        if not all_finite:
+            raise NonFiniteError(f"the model produced non-finite logits at decode step {t} of the rollout: its "
+                                 "weights diverged (e.g. too large a learning rate); lower it and resume from the "
+                                 "last checkpoint")
+        if all_finished:
             break
         # Finished sequences keep stepping (batch shapes stay fixed) on pad tokens; nothing of theirs is kept.
         cur, pos = torch.where(finished, pad_id, token), pos + 1
