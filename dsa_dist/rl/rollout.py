@@ -15,8 +15,9 @@ How a batch is generated (:func:`generate`):
    ``response_mask`` False; it keeps stepping on pad tokens so the batch shape stays fixed) and the loop ends when
    every sequence has finished.
 
-Sequences are decoded sorted by prompt length (those sharing a position are contiguous rows, which the per-length
-top-k calls read as views) and returned in the caller's order.
+Sequences are decoded sorted by prompt length (the row order the sampler's draws follow; each layer's top-k is
+one call over all positions whatever the order) and returned in the caller's order. A decode step itself never synchronises with the device; the loop reads one pair
+of flags per token (all finished? logits finite?).
 
 The trainer replays the recorded indices with :func:`replay_topk` (the format of
 ``IndexerLossTracker.begin_forward(replay_topk=...)``), so its forward attends exactly where the sampler did.
@@ -105,8 +106,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
     _check_prompts(prompts, vocab)
     if not 0 <= pad_id < vocab:
         raise ValueError(f"pad_id={pad_id} must be a token id in [0, vocab_size={vocab})")
-    # Decode in prompt-length order: sequences sharing a position are then contiguous rows, and each per-layer top-k
-    # over the cache reads them as a view (one call per distinct length, no copy); outputs return in caller order.
+    # Decode in prompt-length order (see the module docstring); outputs return in the caller's order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     prompts = [prompts[i] for i in order]
     b = len(prompts)
