@@ -27,6 +27,17 @@ Three kernels per chunk of ``chunk_size`` queries, so memory is O(chunk · Lk + 
    CPU interpreter, where ``tl.sort`` runs its combine function per element in Python, ranks come from a
    pairwise compare instead.)
 
+Decode (one query per sequence, ``q_positions`` [B, 1] per sequence, B ≤ 64, Lk up to 128K): the grids above
+would be B programs, each streaming a whole 128K-key row alone — a few SMs busy out of 132. So when a launch has
+fewer programs than SMs, (a) ``_score_kernel`` gets a third grid axis that splits the key range into spans of
+whole ``BLOCK_K`` tiles (about 4 programs per SM in all; each writes its own workspace columns, nothing to
+merge), and (b) each row's exact selection is split into ``n ≈ sqrt(Lk / k)`` key segments (B·n select programs,
+each over Lk / n keys) whose top-k candidates are merged by one more select over the n·k candidates per row —
+exact by the same argument as the CP merge (every global top-k key is in its segment's top-k; the merge row
+lists segments in key order, so its lowest-column tie-break is the lowest-index rule). Not measured: reasoned
+from the grid sizes (see :func:`score_chunk`, :func:`select_segments`). Training grids (≥ SM-count programs) are
+unchanged.
+
 Measured on the H100 (benchmarks/NOTES_indexer.md): scores 803–874 TFLOPS FP8-effective; at 128K the exact
 select + sort costs about as much again.
 

@@ -16,8 +16,8 @@ How a batch is generated (:func:`generate`):
    every sequence has finished.
 
 Sequences are decoded sorted by prompt length (the row order the sampler's draws follow; each layer's top-k is
-one call over all positions whatever the order) and returned in the caller's order. A decode step itself never synchronises with the device; the loop reads one pair
-of flags per token (all finished? logits finite?).
+one call over all positions whatever the order) and returned in the caller's order. A decode step itself never
+synchronises with the device; the loop reads one pair of flags per token (all finished? logits finite?).
 
 The trainer replays the recorded indices with :func:`replay_topk` (the format of
 ``IndexerLossTracker.begin_forward(replay_topk=...)``), so its forward attends exactly where the sampler did.

@@ -104,6 +104,16 @@ def test_max_position_must_bound_the_positions():
         plan_step(layout, torch.tensor([[3]]), max_position=torch.tensor(3))
 
 
+def test_per_sequence_query_positions_shape_errors():
+    from dsa_dist.ops.topk import lightning_indexer_topk
+
+    q, k, w = torch.randn(2, 1, 2, 8), torch.randn(2, 5, 8), torch.randn(2, 1, 2)
+    with pytest.raises(ValueError, match=r"q_positions must have shape \[1\] \(shared\) or \[2, 1\]"):
+        lightning_indexer_topk(q, k, w, 2, q_positions=torch.zeros(3, 1, dtype=torch.long))
+    idx = lightning_indexer_topk(q, k, w, 2, q_positions=torch.tensor([[4], [0]]))[1]
+    assert idx[1, 0].tolist() == [0, -1]  # sequence 1 at position 0 sees key 0 only
+
+
 @pytest.mark.parametrize("per_group", [False, True])
 def test_split_sparse_attention_equals_one_call(per_group):
     """Slot groups attended separately and merged by log-sum-exp = the unsplit sparse attention (float64), with
