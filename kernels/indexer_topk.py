@@ -485,7 +485,7 @@ def score_chunk(
     pad = n_blocks * bq - n_q
     if pad:
         lens = torch.nn.functional.pad(lens, (0, pad))
-    kend, stride_keb = _as_rows(lens.view(lens.shape[0], n_blocks, bq).amax(2))  # keys each query block visits
+    kend, stride_keb = _as_rows(lens.reshape(lens.shape[0], n_blocks, bq).amax(2))  # keys each query block visits
     tiles = max(1, triton.cdiv(n_k, bk))
     splits = cfg.pop("SPLITS", None)
     if splits is None:  # split only a launch with fewer programs than SMs (decode); training grids are unchanged

@@ -190,6 +190,7 @@ def _case_decode_per_sequence_positions():
                 got = kt.lightning_indexer_topk(qq, k, ww, 8, ks, q_positions=pp)
                 want = ref(qq, k, ww, 8, ks, q_positions=pp)
                 _assert_topk_equal(got, want)
+                _assert_topk_equal(kt.lightning_indexer_topk(qq, k, ww, 8, ks, q_positions=pp, chunk_size=1), want)
                 for b in range(3):  # the reference's per-sequence rows equal one call per sequence
                     one = ref(qq[b:b + 1], k[b:b + 1], ww[b:b + 1], 8, ks[b:b + 1], q_positions=pp[b])
                     _assert_topk_equal((want[0][b:b + 1], want[1][b:b + 1]), one)
