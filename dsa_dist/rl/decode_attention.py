@@ -133,12 +133,20 @@ def _sm_count(index: int) -> int:
 
 def attention_splits(q: torch.Tensor, indices: torch.Tensor) -> int:
     """Slot groups for :func:`split_sparse_attention`: 1 off CUDA or when B·n·Hkv programs already fill the
-    GPU (two per SM), else enough groups of ≥ :data:`SPLIT_SLOTS` selected slots to do so."""
+    GPU (two per SM), else enough groups of a multiple of :data:`SPLIT_SLOTS` selected slots to do so (small
+    preset, k = 512: 8 groups of 64 at B = 1, 4 of 128 at B = 64)."""
     if q.device.type != "cuda":
         return 1
     programs = q.shape[0] * q.shape[1] * (indices.shape[2] if indices.dim() == 4 else 1)
     target = 2 * _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    return max(1, min(-(-target // programs), indices.shape[-1] // SPLIT_SLOTS))
+    slots = indices.shape[-1]
+    splits = max(1, min(-(-target // programs), slots // SPLIT_SLOTS))
+    per = _ceil_div(_ceil_div(slots, splits), SPLIT_SLOTS) * SPLIT_SLOTS  # whole multiples of SPLIT_SLOTS
+    return _ceil_div(slots, per)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def split_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
