@@ -3,6 +3,8 @@
     python benchmarks/decode.py --out DIR [--lengths 4096,16384,65536,131072] [--batches 1,8,32,64] [--budget-s 200]
     python benchmarks/decode.py --smoke [--out DIR]      # CPU, tiny model: runs the whole script in seconds
 
+Each row also reports the host syncs of one step (``set_sync_debug_mode("warn")`` on CUDA; 0 expected).
+
 For each cache length L and batch size B, one cache of L rows per sequence and layer (the MLA latent, 576 → here
 288 values, plus the FP8 index key and its scale) is filled with synthetic contents — random latent rows and random
 FP8 index keys: the decode cost does not depend on the values, and prefilling 64 × 128K tokens would take minutes —
@@ -93,8 +95,10 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _time_steps(engine, params, length: int, steps: int, warmup: int) -> tuple[float, float | None]:
-    """(median ms per decode step + sampling, peak GiB or None on CPU)."""
+def _time_steps(engine, params, length: int, steps: int, warmup: int) -> tuple[float, float | None, int]:
+    """(median ms per decode step + sampling, peak GiB or None on CPU, host syncs in one more step — counted by
+    ``set_sync_debug_mode("warn")`` on CUDA, as the host-sync calls of the CPU recorder in --smoke)."""
+    from benchmarks.host_sync import count_cuda_syncs, count_host_sync_calls
     from dsa_dist.rl.sampling import sample_tokens
 
     device = engine.device
@@ -119,13 +123,17 @@ def _time_steps(engine, params, length: int, steps: int, warmup: int) -> tuple[f
         _sync()
         times.append((time.perf_counter() - t0) * 1e3)
     peak = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None
-    return statistics.median(times), peak
+    syncs, sites = (count_cuda_syncs if device.type == "cuda" else count_host_sync_calls)(one)
+    if syncs:
+        print(f"host syncs in a decode step at L={length} B={engine.batch}: {sites}", flush=True)
+    return statistics.median(times), peak, syncs
 
 
 def _time_mode(mode: str, engine, params, length: int, args: argparse.Namespace
-               ) -> tuple[float, float | None, str | None]:
-    """(ms, peak GiB, dense SDPA backend class or None): dense on CUDA is timed with the fused SDPA kernels only
-    (a math fallback would not be a fair baseline), and retried with math allowed only if none applies."""
+               ) -> tuple[float, float | None, int, str | None]:
+    """(ms, peak GiB, host syncs per step, dense SDPA backend class or None): dense on CUDA is timed with the
+    fused SDPA kernels only (a math fallback would not be a fair baseline), and retried with math allowed only
+    if none applies."""
     if mode != "dense" or not torch.cuda.is_available():
         return (*_time_steps(engine, params, length, args.steps, args.warmup), None)
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -166,7 +174,7 @@ def run(args: argparse.Namespace) -> None:
             if cache_gib > args.max_cache_gib:
                 row["skipped"] = f"cache {cache_gib:.1f} GiB > --max-cache-gib {args.max_cache_gib}"
                 results.append(row)
-                rows.append([length, batch, "skip", "skip", "", "", "", f"{cache_gib:.2f}", "", ""])
+                rows.append([length, batch, "skip", "skip", "", "", "", f"{cache_gib:.2f}", "", "", ""])
                 continue
             engines = {}
             try:
@@ -177,11 +185,11 @@ def run(args: argparse.Namespace) -> None:
                                                 attention="dense", cache=engines["sparse"].cache)
                 for mode in MODES:
                     try:
-                        ms, peak, sdpa = _time_mode(mode, engines[mode], params, length, args)
+                        ms, peak, syncs, sdpa = _time_mode(mode, engines[mode], params, length, args)
                         if sdpa:
                             row["dense_sdpa"] = sdpa
                         row[mode] = {"ms_per_step": round(ms, 3), "tokens_per_s": round(batch / ms * 1e3, 1),
-                                     "peak_gib": None if peak is None else round(peak, 3)}
+                                     "peak_gib": None if peak is None else round(peak, 3), "host_syncs": syncs}
                     except torch.cuda.OutOfMemoryError:
                         row[mode] = {"error": "OOM"}
                         torch.cuda.empty_cache()
@@ -198,7 +206,7 @@ def run(args: argparse.Namespace) -> None:
             print(rows[-1], flush=True)
     meta = _meta(args, cfg)
     headers = ["cache len", "batch", "sparse tok/s", "dense tok/s", "sparse/dense", "sparse ms/step",
-               "dense ms/step", "cache GiB", "peak GiB sparse", "peak GiB dense"]
+               "dense ms/step", "cache GiB", "peak GiB sparse", "peak GiB dense", "host syncs/step sparse, dense"]
     write_results(args.out, "decode", meta, results, markdown_table(headers, rows))
 
 
@@ -214,7 +222,7 @@ def _table_row(row: dict) -> list:
         speed = f"{s['tokens_per_s'] / d['tokens_per_s']:.2f}x"
     return [row["cache_len"], row["batch"], get(s, "tokens_per_s"), get(d, "tokens_per_s"), speed,
             get(s, "ms_per_step"), get(d, "ms_per_step"), f"{row['cache_gib']:.2f}", get(s, "peak_gib"),
-            get(d, "peak_gib")]
+            get(d, "peak_gib"), f"{get(s, 'host_syncs')}, {get(d, 'host_syncs')}"]
 
 
 def _meta(args: argparse.Namespace, cfg) -> dict:
