@@ -436,7 +436,7 @@ def _as_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def target_programs(device: torch.device) -> int:
     """Programs a launch should have to fill the device: 4 per SM on CUDA (:data:`TARGET_PROGRAMS` overrides;
-    the CPU interpreter default 1 means no key split, which tests lower to exercise the split paths)."""
+    the CPU interpreter default 1 means no split; tests raise it to exercise the split paths)."""
     if TARGET_PROGRAMS is not None:
         return TARGET_PROGRAMS
     if device.type != "cuda":
