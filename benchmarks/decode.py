@@ -3,6 +3,8 @@
     python benchmarks/decode.py --out DIR [--lengths 4096,16384,65536,131072] [--batches 1,8,32,64] [--budget-s 200]
     python benchmarks/decode.py --smoke [--out DIR]      # CPU, tiny model: runs the whole script in seconds
 
+Each row also reports the host syncs of one step (``set_sync_debug_mode("warn")`` on CUDA; 0 expected).
+
 For each cache length L and batch size B, one cache of L rows per sequence and layer (the MLA latent, 576 → here
 288 values, plus the FP8 index key and its scale) is filled with synthetic contents — random latent rows and random
 FP8 index keys: the decode cost does not depend on the values, and prefilling 64 × 128K tokens would take minutes —
@@ -10,9 +12,29 @@ then two :class:`dsa_dist.rl.engine.DecodeEngine` share it, one decoding with th
 one with dense attention over all L rows. A timed step is what rollout generation does per token: ``engine.step``
 (embedding, 12 layers — projections, FP8 index query, top-k over the index-key cache + sparse attention or dense
 attention over the KV cache, MLP — and the output layer) plus ``sample_tokens`` (temperature 1). Every sequence sits
-at position L, so the context stays L tokens. tokens/s = B / (median step time); peak memory is
-``max_memory_allocated`` over the timed steps (model + cache + workspaces). Rows whose cache would exceed
-``--max-cache-gib`` are skipped; an out-of-memory step is reported as OOM. Writes ``decode.json`` / ``decode.md``.
+at position L, so the context stays L tokens; the step gets ``max_position=L`` (as rollout generation passes its
+host-side bound), so both modes read the cache's first L + 1 rows and nothing past them. A step makes no host
+synchronisation (tests/rl/test_decode_host_sync.py), so the timing is GPU time plus launch overhead.
+tokens/s = B / (median step time); peak memory is ``max_memory_allocated`` over the timed steps (model + cache +
+workspaces). Rows whose cache would exceed ``--max-cache-gib`` are skipped; an out-of-memory step is reported as
+OOM. Writes ``decode.json`` / ``decode.md``.
+
+What each mode runs per layer (CUDA, through ``dsa_dist.ops.dispatch``; ``reference_fallbacks`` in the JSON
+meta must be empty):
+
+- **sparse**: the FP8 index query of the new token scored against all L cached FP8 index keys by the Triton
+  indexer top-k kernel, one call for the batch with per-sequence positions (its key range split over programs
+  and its exact selection split into key segments at decode, kernels/indexer_topk.py), then the Triton sparse
+  attention over the k = 512 selected latent rows (split into slot groups for small B, merged by log-sum-exp).
+- **dense** (the baseline): ``torch.nn.functional.scaled_dot_product_attention`` over the L + 1 cached latent
+  rows — MLA absorbed, so one 288-d key / 256-d value head shared by the 16 query heads, which SDPA sees as 16
+  query rows of one head (the cache is read once per sequence, never repeated per head) — with each sequence's
+  causal limit as a boolean mask (all True here). On CUDA the timed dense steps run under ``sdpa_kernel`` with
+  only the fused backends (memory-efficient, flash, cuDNN) allowed; MLA's 288/256 head dims leave PyTorch the
+  memory-efficient kernel. A row where no fused kernel applies is retried with the math backend allowed and
+  marked ``"dense_sdpa": "math"``. Caveat of this baseline: that kernel has no split over keys, so it runs
+  B programs (one per sequence) and small batches leave most SMs idle; at B ≥ 32 it streams the cache at
+  bandwidth, which is where the sparse / dense ratio is the like-for-like one.
 """
 
 from __future__ import annotations
@@ -73,8 +95,10 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _time_steps(engine, params, length: int, steps: int, warmup: int) -> tuple[float, float | None]:
-    """(median ms per decode step + sampling, peak GiB or None on CPU)."""
+def _time_steps(engine, params, length: int, steps: int, warmup: int) -> tuple[float, float | None, int]:
+    """(median ms per decode step + sampling, peak GiB or None on CPU, host syncs in one more step — counted by
+    ``set_sync_debug_mode("warn")`` on CUDA, as the host-sync calls of the CPU recorder in --smoke)."""
+    from benchmarks.host_sync import count_cuda_syncs, count_host_sync_calls
     from dsa_dist.rl.sampling import sample_tokens
 
     device = engine.device
@@ -84,7 +108,7 @@ def _time_steps(engine, params, length: int, steps: int, warmup: int) -> tuple[f
 
     def one() -> None:
         nonlocal tokens
-        logits, _ = engine.step(tokens, positions)
+        logits, _ = engine.step(tokens, positions, max_position=length)
         tokens = sample_tokens(logits, params, gen)[0]
 
     for _ in range(warmup):
@@ -99,7 +123,30 @@ def _time_steps(engine, params, length: int, steps: int, warmup: int) -> tuple[f
         _sync()
         times.append((time.perf_counter() - t0) * 1e3)
     peak = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None
-    return statistics.median(times), peak
+    syncs, sites = (count_cuda_syncs if device.type == "cuda" else count_host_sync_calls)(one)
+    if syncs:
+        print(f"host syncs in a decode step at L={length} B={engine.batch}: {sites}", flush=True)
+    return statistics.median(times), peak, syncs
+
+
+def _time_mode(mode: str, engine, params, length: int, args: argparse.Namespace
+               ) -> tuple[float, float | None, int, str | None]:
+    """(ms, peak GiB, host syncs per step, dense SDPA backend class or None): dense on CUDA is timed with the
+    fused SDPA kernels only (a math fallback would not be a fair baseline), and retried with math allowed only
+    if none applies."""
+    if mode != "dense" or not torch.cuda.is_available():
+        return (*_time_steps(engine, params, length, args.steps, args.warmup), None)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fused = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    try:
+        with sdpa_kernel(fused):
+            return (*_time_steps(engine, params, length, args.steps, args.warmup), "fused")
+    except RuntimeError as err:
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            raise
+        print(f"dense L={length} B={engine.batch}: no fused SDPA kernel ({str(err)[:200]}); timing math", flush=True)
+        return (*_time_steps(engine, params, length, args.steps, args.warmup), "math")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -127,7 +174,7 @@ def run(args: argparse.Namespace) -> None:
             if cache_gib > args.max_cache_gib:
                 row["skipped"] = f"cache {cache_gib:.1f} GiB > --max-cache-gib {args.max_cache_gib}"
                 results.append(row)
-                rows.append([length, batch, "skip", "skip", "", "", "", f"{cache_gib:.2f}", "", ""])
+                rows.append([length, batch, "skip", "skip", "", "", "", f"{cache_gib:.2f}", "", "", ""])
                 continue
             engines = {}
             try:
@@ -138,9 +185,11 @@ def run(args: argparse.Namespace) -> None:
                                                 attention="dense", cache=engines["sparse"].cache)
                 for mode in MODES:
                     try:
-                        ms, peak = _time_steps(engines[mode], params, length, args.steps, args.warmup)
+                        ms, peak, syncs, sdpa = _time_mode(mode, engines[mode], params, length, args)
+                        if sdpa:
+                            row["dense_sdpa"] = sdpa
                         row[mode] = {"ms_per_step": round(ms, 3), "tokens_per_s": round(batch / ms * 1e3, 1),
-                                     "peak_gib": None if peak is None else round(peak, 3)}
+                                     "peak_gib": None if peak is None else round(peak, 3), "host_syncs": syncs}
                     except torch.cuda.OutOfMemoryError:
                         row[mode] = {"error": "OOM"}
                         torch.cuda.empty_cache()
@@ -157,7 +206,7 @@ def run(args: argparse.Namespace) -> None:
             print(rows[-1], flush=True)
     meta = _meta(args, cfg)
     headers = ["cache len", "batch", "sparse tok/s", "dense tok/s", "sparse/dense", "sparse ms/step",
-               "dense ms/step", "cache GiB", "peak GiB sparse", "peak GiB dense"]
+               "dense ms/step", "cache GiB", "peak GiB sparse", "peak GiB dense", "host syncs/step sparse, dense"]
     write_results(args.out, "decode", meta, results, markdown_table(headers, rows))
 
 
@@ -173,13 +222,18 @@ def _table_row(row: dict) -> list:
         speed = f"{s['tokens_per_s'] / d['tokens_per_s']:.2f}x"
     return [row["cache_len"], row["batch"], get(s, "tokens_per_s"), get(d, "tokens_per_s"), speed,
             get(s, "ms_per_step"), get(d, "ms_per_step"), f"{row['cache_gib']:.2f}", get(s, "peak_gib"),
-            get(d, "peak_gib")]
+            get(d, "peak_gib"), f"{get(s, 'host_syncs')}, {get(d, 'host_syncs')}"]
 
 
 def _meta(args: argparse.Namespace, cfg) -> dict:
+    from dsa_dist.ops import dispatch
+
     meta = {"model": "tiny" if args.smoke else "small", "attention": cfg.attention, "layers": cfg.num_layers,
             "topk": cfg.indexer.topk, "dtype": cfg.params_dtype, "steps": args.steps, "torch": torch.__version__,
-            "cache_contents": "synthetic (random latent rows and FP8 index keys)"}
+            "cache_contents": "synthetic (random latent rows and FP8 index keys)",
+            "dense_baseline": "torch SDPA over the L+1 cached latent rows (fused kernels only on CUDA; see "
+                              "dense_sdpa per row), heads folded as rows of the one MLA latent head",
+            "reference_fallbacks": dispatch.reference_fallbacks()}
     if torch.cuda.is_available():
         meta["device"] = torch.cuda.get_device_name()
     else:

@@ -27,6 +27,17 @@ Three kernels per chunk of ``chunk_size`` queries, so memory is O(chunk · Lk + 
    CPU interpreter, where ``tl.sort`` runs its combine function per element in Python, ranks come from a
    pairwise compare instead.)
 
+Decode (one query per sequence, ``q_positions`` [B, 1] per sequence, B ≤ 64, Lk up to 128K): the grids above
+would be B programs, each streaming a whole 128K-key row alone — a few SMs busy out of 132. So when a launch has
+fewer programs than SMs, (a) ``_score_kernel`` gets a third grid axis that splits the key range into spans of
+whole ``BLOCK_K`` tiles (about 4 programs per SM in all; each writes its own workspace columns, nothing to
+merge), and (b) each row's exact selection is split into ``n ≈ sqrt(Lk / k)`` key segments (B·n select programs,
+each over Lk / n keys) whose top-k candidates are merged by one more select over the n·k candidates per row —
+exact by the same argument as the CP merge (every global top-k key is in its segment's top-k; the merge row
+lists segments in key order, so its lowest-column tie-break is the lowest-index rule). Not measured: reasoned
+from the grid sizes (see :func:`score_chunk`, :func:`select_segments`). Training grids (≥ SM-count programs) are
+unchanged.
+
 Measured on the H100 (benchmarks/NOTES_indexer.md): scores 803–874 TFLOPS FP8-effective; at 128K the exact
 select + sort costs about as much again.
 
@@ -35,6 +46,9 @@ selected scores with gradients).
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 import triton
@@ -48,6 +62,8 @@ N_THRESH: tl.constexpr = tl.constexpr(8)  # thresholds counted per pass by the s
 MAX_COUNT_PASSES: tl.constexpr = tl.constexpr(3)  # counting passes before the exact radix fallback
 FAST_SELECT = True  # threshold-counting fast path (False: always the radix path; for tests)
 WORKSPACE_ELEMS = 1 << 29  # fp32 score workspace budget per chunk (2 GiB) when chunk_size is None
+TARGET_PROGRAMS: int | None = None  # programs a launch aims for (None: 4 per SM on CUDA, 1 on CPU); see
+# target_programs — the decode key splits of the score and select launches follow it
 
 
 @triton.jit
@@ -63,7 +79,8 @@ def _ordered_key(x):
 @triton.jit
 def _score_kernel(
     q_ptr, k_ptr, w_ptr, ks_ptr, qpos_ptr, kpos_ptr, kend_ptr, ws_ptr,
-    q_start, n_q, n_k, n_blocks,
+    q_start, n_q, n_k, n_blocks, span,
+    stride_qpb, stride_keb,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt,
     stride_wb, stride_wt,
@@ -76,6 +93,7 @@ def _score_kernel(
     # Longest blocks (latest queries) first: better tail balance for the causal triangle.
     blk = n_blocks - 1 - tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    k_lo = tl.program_id(2) * span  # this program's key range: [k_lo, min(k_lo + span, kend))
     rows = tl.arange(0, BLOCK_Q * HP)  # (query, head) pairs folded onto the MMA N dimension
     qi = rows // HP
     hi = rows % HP
@@ -92,10 +110,10 @@ def _score_kernel(
     w = tl.load(w_ptr + b * stride_wb + t * stride_wt + hi, mask=row_ok, other=0.0)  # [BLOCK_Q·HP] fp32
     qq = blk * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_ok = qq < n_q
-    qpos = tl.load(qpos_ptr + q_start + qq, mask=q_ok, other=-1)  # [BLOCK_Q]
-    kend = tl.load(kend_ptr + blk)
+    qpos = tl.load(qpos_ptr + b * stride_qpb + q_start + qq, mask=q_ok, other=-1)  # [BLOCK_Q]
+    kend = tl.minimum(tl.load(kend_ptr + b * stride_keb + blk), k_lo + span)
     qT = tl.trans(q)
-    for k0 in range(0, kend, BLOCK_K):
+    for k0 in range(k_lo, kend, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < n_k
         kt = tl.load(
@@ -178,7 +196,7 @@ def _count_at_least(row_ptr, n, n_max, thr, ROWS: tl.constexpr, BLOCK: tl.conste
 @triton.jit
 def _select_kernel(
     ws_ptr, nrow_ptr, slot_ptr, cnt_ptr, cand_ptr,
-    q_start, n_q, stride_cnt,
+    q_start, n_q, stride_cnt, stride_nb,
     stride_wsb, stride_wst, stride_cb, stride_ct,
     K: tl.constexpr, CAP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr,
 ):
@@ -186,7 +204,7 @@ def _select_kernel(
     row_ok = rows < n_q
     b = tl.program_id(1).to(tl.int64)
     # Scores of row r live in ws[b, r, :n]; entries ≥ n are never read. Padding rows get n = 0.
-    n = tl.load(nrow_ptr + q_start + rows, mask=row_ok, other=0)
+    n = tl.load(nrow_ptr + b * stride_nb + q_start + rows, mask=row_ok, other=0)
     n_max = tl.max(n, axis=0)
     row_ptr = ws_ptr + b * stride_wsb + rows.to(tl.int64) * stride_wst  # [ROWS]
     cand_row = cand_ptr + b * stride_cb + rows.to(tl.int64) * stride_ct
@@ -409,6 +427,28 @@ def _row_lengths(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
     return torch.where((k_pos[1:] >= k_pos[:-1]).all(), prefix, lk)
 
 
+def _as_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``x`` [n] (shared by the batch) or [B, n] (per sequence) → ([1 or B, n] contiguous, batch stride: 0 when
+    shared, so a kernel reads row ``b * stride``)."""
+    x = (x if x.dim() == 2 else x[None]).contiguous()
+    return x, (x.stride(0) if x.shape[0] > 1 else 0)
+
+
+def target_programs(device: torch.device) -> int:
+    """Programs a launch should have to fill the device: 4 per SM on CUDA (:data:`TARGET_PROGRAMS` overrides;
+    the CPU interpreter default 1 means no split; tests raise it to exercise the split paths)."""
+    if TARGET_PROGRAMS is not None:
+        return TARGET_PROGRAMS
+    if device.type != "cuda":
+        return 1
+    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def score_chunk(
     q_index: torch.Tensor,
     k_index: torch.Tensor,
@@ -425,8 +465,14 @@ def score_chunk(
     """Write the scores of queries [q_start, q_start+n_q) into ``workspace`` [B, ≥n_q, ≥max row_len] (fp32).
 
     Row r holds I[q_start + r, s] for s < row_len[q_start + r] (−inf where not causal); later columns are not
-    written. Inputs as
+    written. ``q_pos`` and ``row_len`` are [Lq] (shared by the batch) or [B, Lq] (per sequence). Inputs as
     prepared by :func:`_prepare`; exposed for the benchmark and the exactness tests.
+
+    Grid: (query blocks, B, key splits). With few query blocks — decode: Lq = 1, so B programs — each program
+    would stream every key of a 128K cache alone and a small batch would occupy a few SMs; the key range is then
+    split over ``splits`` programs (enough for :func:`target_programs`, whole ``BLOCK_K`` tiles each). Every
+    program writes its own disjoint columns of the workspace, so nothing needs merging. ``config["SPLITS"]``
+    forces the split count.
     """
     b, _, h, d = q_index.shape
     n_k = k_index.shape[1]
@@ -434,16 +480,25 @@ def score_chunk(
     cfg = dict(_score_config(hp, dp, q_index.is_cuda)) | (config or {})
     bq, bk = cfg.pop("BLOCK_Q"), cfg.pop("BLOCK_K")
     n_blocks = triton.cdiv(n_q, bq)
-    lens = row_len[q_start:q_start + n_q]
+    q_rows, stride_qpb = _as_rows(q_pos)
+    lens = _as_rows(row_len)[0][:, q_start:q_start + n_q]
     pad = n_blocks * bq - n_q
     if pad:
         lens = torch.nn.functional.pad(lens, (0, pad))
-    kend = lens.view(n_blocks, bq).amax(1).contiguous()  # keys each query block must visit
+    kend, stride_keb = _as_rows(lens.reshape(lens.shape[0], n_blocks, bq).amax(2))  # keys each query block visits
+    tiles = max(1, triton.cdiv(n_k, bk))
+    splits = cfg.pop("SPLITS", None)
+    if splits is None:  # split only a launch with fewer programs than SMs (decode); training grids are unchanged
+        target = target_programs(q_index.device)
+        splits = min(tiles, target // (n_blocks * b)) if 4 * n_blocks * b <= target else 1
+    span = triton.cdiv(tiles, splits) * bk
+    splits = triton.cdiv(tiles * bk, span)
     ks = k_scale if k_scale is not None else weights  # dummy pointer when absent
     upcast = (not q_index.is_cuda) and q_index.dtype == torch.bfloat16  # interpreter: bf16 dot is wrong
-    _score_kernel[(n_blocks, b)](
-        q_index, k_index, weights, ks, q_pos, k_pos, kend, workspace,
-        q_start, n_q, n_k, n_blocks,
+    _score_kernel[(n_blocks, b, splits)](
+        q_index, k_index, weights, ks, q_rows, k_pos, kend, workspace,
+        q_start, n_q, n_k, n_blocks, span,
+        stride_qpb, stride_keb,
         q_index.stride(0), q_index.stride(1), q_index.stride(2),
         k_index.stride(0), k_index.stride(1),
         weights.stride(0), weights.stride(1),
@@ -470,9 +525,9 @@ def select_chunk(
 ) -> None:
     """Exact top-k of workspace rows [0, n_q) into ``out_s/out_i[:, q_start:q_start+n_q]``.
 
-    ``counters`` [2, B, ≥n_q] int32 zeros ([0]: atomic slot counters of the compaction, [1]: candidate counts);
-    ``cand`` [B, ≥n_q, CAP] int64 scratch with CAP = 2·next_pow2(topk); ``fast``: threshold-counting path first
-    (else radix only).
+    ``row_len`` [Lq] (shared) or [B, Lq] (per sequence): valid entries of each row; ``counters`` [2, B, ≥n_q]
+    int32 zeros ([0]: atomic slot counters of the compaction, [1]: candidate counts); ``cand`` [B, ≥n_q, CAP]
+    int64 scratch with CAP = 2·next_pow2(topk); ``fast``: threshold-counting path first (else radix only).
     """
     b = workspace.shape[0]
     on_gpu = workspace.is_cuda
@@ -482,9 +537,10 @@ def select_chunk(
     rows, block, warps = (1, 1024, 4) if on_gpu else (16, 64, 1)
     if config:
         block, warps = config.get("BLOCK", block), config.get("num_warps", warps)
+    row_len, stride_nb = _as_rows(row_len)
     grid = (triton.cdiv(n_q, rows), b)
     _select_kernel[grid](
-        workspace, row_len, counters[0], counters[1], cand, q_start, n_q, counters.stride(1),
+        workspace, row_len, counters[0], counters[1], cand, q_start, n_q, counters.stride(1), stride_nb,
         workspace.stride(0), workspace.stride(1), cand.stride(0), cand.stride(1),
         K=topk, CAP=cand.shape[-1], ROWS=rows, BLOCK=block, FAST=fast, num_warps=warps,
     )
@@ -493,6 +549,71 @@ def select_chunk(
         cand.stride(0), cand.stride(1), out_s.stride(0), out_s.stride(1),
         K=topk, CAP=cand.shape[-1], ROWS=rows, RANK_SORT=not on_gpu, num_warps=8 if on_gpu else 1,
     )
+
+
+def select_segments(rows: int, width: int, topk: int, device: torch.device) -> int:
+    """How many key segments each row's exact selection is split into (1: none).
+
+    The select kernel runs one program per row, so ``rows`` = B·Lq programs; at decode (Lq = 1, B ≤ 64) each would
+    make its ~5 passes over a 128K-entry row alone while most SMs idle. Splitting a row into ``n`` segments
+    gives B·Lq·n programs that each select the top-k of L/n entries, then one merge row of n·k candidates per
+    query; the two passes cost ∝ L/n and n·k, balanced near n = sqrt(L/k) (128K keys, k = 512: 16 segments of
+    8K). Segments shorter than 4·CAP would make the merge the larger part, so they are not split further.
+    """
+    target = target_programs(device)
+    cap = 2 * triton.next_power_of_2(topk)
+    if rows >= target or width < 8 * cap:
+        return 1
+    n = min(max(2, round(math.sqrt(width / topk))), width // (4 * cap), -(-target // rows))
+    return max(1, n)
+
+
+def _segmented_select(workspace: torch.Tensor, row_len: torch.Tensor, out_s: torch.Tensor, out_i: torch.Tensor,
+                      q_start: int, n_q: int, topk: int, n_seg: int) -> None:
+    """:func:`select_chunk` of workspace rows [0, n_q) with each row split into ``n_seg`` key segments.
+
+    Exact: every key of the row's top-k — under the total order (score desc, index asc) — is in the top-k of
+    its segment, so the merge of the segments' candidates finds the same set. The merge row lists the segments
+    in key order, each sorted (score desc, index asc), so among equal scores the column order is the key order
+    and the merge's lowest-column tie-break is the lowest-index rule.
+    """
+    b, chunk, width = workspace.shape
+    seg_len = width // n_seg
+    dev = workspace.device
+    cap = 2 * triton.next_power_of_2(topk)
+    lens = _as_rows(row_len)[0][:, q_start:q_start + n_q]  # [1 or B, n_q]
+    starts = torch.arange(n_seg, device=dev, dtype=lens.dtype) * seg_len
+    seg_lens = (lens[..., None] - starts).clamp(0, seg_len).reshape(lens.shape[0], n_q * n_seg).to(torch.int32)
+    rows = n_q * n_seg
+    seg_s = torch.empty(b, rows, topk, dtype=torch.float32, device=dev)
+    seg_i = torch.empty(b, rows, topk, dtype=torch.int32, device=dev)
+    counters = torch.zeros(2, b, rows, dtype=torch.int32, device=dev)
+    cand = torch.empty(b, rows, cap, dtype=torch.int64, device=dev)
+    seg_ws = workspace[:, :n_q].reshape(b, rows, seg_len)  # a view: the workspace is contiguous
+    select_chunk(seg_ws, seg_lens, counters, cand, seg_s, seg_i, 0, rows, topk, FAST_SELECT)
+    offsets = starts.repeat(n_q).view(1, rows, 1).to(torch.int32)
+    seg_i = torch.where(seg_i >= 0, seg_i + offsets, -1).view(b, n_q, n_seg * topk)
+    merge_s = torch.empty(b, n_q, topk, dtype=torch.float32, device=dev)
+    merge_i = torch.empty(b, n_q, topk, dtype=torch.int32, device=dev)
+    counters.zero_()
+    merge_len = torch.full((n_q,), n_seg * topk, dtype=torch.int32, device=dev)
+    select_chunk(seg_s.view(b, n_q, n_seg * topk), merge_len, counters, cand, merge_s, merge_i, 0, n_q, topk,
+                 FAST_SELECT)
+    picked = seg_i.gather(-1, merge_i.long().clamp_min(0))
+    out_s[:, q_start:q_start + n_q] = merge_s
+    out_i[:, q_start:q_start + n_q] = torch.where(merge_i >= 0, picked, -1)
+
+
+def _query_positions(q_positions: torch.Tensor | None, b: int, lq: int, dev: torch.device) -> torch.Tensor:
+    """[Lq] shared, or [B, Lq] per sequence (decode), as contiguous int64."""
+    if q_positions is None or q_positions.dim() != 2:
+        return check_positions("q_positions", q_positions, lq, dev).contiguous()
+    if q_positions.dtype not in (torch.int32, torch.int64) or tuple(q_positions.shape) != (b, lq):
+        raise ValueError(f"q_positions must be int [{lq}] (shared) or [{b}, {lq}] (per sequence), got "
+                         f"{q_positions.dtype} {tuple(q_positions.shape)}")
+    if q_positions.device != dev:
+        raise ValueError(f"q_positions is on {q_positions.device}, expected {dev}")
+    return q_positions.long().contiguous()
 
 
 def lightning_indexer_topk(
@@ -514,7 +635,9 @@ def lightning_indexer_topk(
         weights: [B, Lq, H_I] per-head weights (may be negative).
         topk: k (> 0); may exceed Lk (tail padded with −1).
         k_scale: [B, Lk] per-key FP8 scale, applied after the head sum, or None.
-        q_positions / k_positions: [Lq] / [Lk] global positions for the causal rule (default arange).
+        q_positions / k_positions: [Lq] / [Lk] global positions for the causal rule (default arange);
+            ``q_positions`` may be [B, Lq], one row per sequence (decode over a cache, each sequence at its own
+            position: only its keys at positions ≤ its own are scored and read).
         chunk_size: queries scored per workspace fill (default: as many as fit 2 GiB of fp32 scores).
 
     Returns:
@@ -522,6 +645,10 @@ def lightning_indexer_topk(
         ties to the lowest index, (−inf, −1) in slots with no valid key; a key whose score is NaN is no valid
         key (never selected), so every index is −1 or in [0, Lk) for any input. Peak extra memory:
         ``4·B·chunk·Lk + 8·B·chunk·next_pow2(k)`` bytes.
+
+    Decode (Lq = 1, B ≤ 64, Lk up to 128K): the score grid splits the key range over programs
+    (:func:`score_chunk`) and the selection splits each row into key segments merged exactly
+    (:func:`select_segments`), so neither launch collapses to B programs.
     """
     check_indexer_inputs(q_index, k_index, weights, k_scale)
     check_positive_int("topk", topk)
@@ -531,25 +658,31 @@ def lightning_indexer_topk(
     b, lq = q_index.shape[:2]
     lk = k_index.shape[1]
     dev = q_index.device
-    q_pos = check_positions("q_positions", q_positions, lq, dev).contiguous()
+    q_pos = _query_positions(q_positions, b, lq, dev)
     k_pos = check_positions("k_positions", k_positions, lk, dev).contiguous()
     q_index, k_index, weights, k_scale = _prepare(q_index, k_index, weights, k_scale)
     out_s = torch.empty(b, lq, topk, dtype=torch.float32, device=dev)
     out_i = torch.empty(b, lq, topk, dtype=torch.int32, device=dev)
     if lq == 0:
         return out_s, out_i
-    row_len = _row_lengths(q_pos, k_pos)
+    row_len = _row_lengths(q_pos, k_pos)  # [Lq] or [B, Lq]
     width = max(1, lk)
     if chunk_size is None:
         chunk_size = max(1, min(lq, WORKSPACE_ELEMS // (b * width)))
     chunk = min(chunk_size, lq)
+    n_seg = select_segments(b * chunk, width, topk, dev)
+    width = triton.cdiv(width, n_seg) * n_seg  # whole segments (columns ≥ Lk are never read)
     cap = 2 * triton.next_power_of_2(topk)  # candidate slots per row (≥ k plus the boundary bucket)
     workspace = torch.empty(b, chunk, width, dtype=torch.float32, device=dev)
-    cand = torch.empty(b, chunk, cap, dtype=torch.int64, device=dev)
-    counters = torch.empty(2, b, chunk, dtype=torch.int32, device=dev)
+    if n_seg == 1:
+        cand = torch.empty(b, chunk, cap, dtype=torch.int64, device=dev)
+        counters = torch.empty(2, b, chunk, dtype=torch.int32, device=dev)
     for start in range(0, lq, chunk):
         n_q = min(chunk, lq - start)
         score_chunk(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, start, n_q, workspace)
+        if n_seg > 1:
+            _segmented_select(workspace, row_len, out_s, out_i, start, n_q, topk, n_seg)
+            continue
         counters.zero_()
         select_chunk(workspace, row_len, counters, cand, out_s, out_i, start, n_q, topk, FAST_SELECT)
     return out_s, out_i

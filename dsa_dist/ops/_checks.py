@@ -127,6 +127,21 @@ def check_positions(name: str, positions: torch.Tensor | None, length: int, devi
     return positions.long()
 
 
+def check_query_positions(name: str, positions: torch.Tensor | None, batch: int, length: int,
+                          device: torch.device) -> torch.Tensor:
+    """Query positions shared by the batch, [length], or one row per sequence, [batch, length] (decode over a
+    cache, where every sequence sits at its own position); returned as int64 (default ``arange(length)``)."""
+    if positions is not None and positions.dim() == 2:
+        check_tensor(name, positions, ndim=2, dtypes=(torch.int32, torch.int64))
+        if tuple(positions.shape) != (batch, length):
+            raise ValueError(f"{name} must have shape [{length}] (shared) or [{batch}, {length}] (per sequence), "
+                             f"got {tuple(positions.shape)}")
+        if positions.device != device:
+            raise ValueError(f"{name} is on {positions.device}, expected {device}")
+        return positions.long()
+    return check_positions(name, positions, length, device)
+
+
 def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")

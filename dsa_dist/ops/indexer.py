@@ -96,13 +96,14 @@ def _check_score_inputs(q_index, k_index, weights, k_scale):
 
 
 def _scores_block(q, k, w, k_scale, q_pos, k_pos, compute_dtype):
-    """Scores of a query block against all keys: [B, c, Lk] in ``compute_dtype`` with causal −inf."""
+    """Scores of a query block against all keys: [B, c, Lk] in ``compute_dtype`` with causal −inf (``q_pos`` [c]
+    shared by the batch, or [B, c] per sequence)."""
     logits = torch.einsum("bqhd,bkd->bqhk", q.to(compute_dtype), k.to(compute_dtype))
     scores = torch.einsum("bqhk,bqh->bqk", torch.relu(logits), w.to(compute_dtype))
     if k_scale is not None:
         scores = scores * k_scale.to(compute_dtype)[:, None, :]
-    future = k_pos[None, :] > q_pos[:, None]  # [c, Lk]
-    return scores.masked_fill(future[None], float("-inf"))
+    future = k_pos > q_pos[..., None]  # [c, Lk], or [B, c, Lk] for per-sequence query positions
+    return scores.masked_fill(future if future.dim() == 3 else future[None], float("-inf"))
 
 
 def lightning_indexer_scores(

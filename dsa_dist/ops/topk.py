@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from dsa_dist.ops._checks import check_positions, check_positive_int, check_tensor
+from dsa_dist.ops._checks import check_positions, check_positive_int, check_query_positions, check_tensor
 from dsa_dist.ops.indexer import _check_score_inputs, _scores_block
 
 INVALID_INDEX = -1
@@ -97,7 +97,8 @@ def lightning_indexer_topk(
         weights: [B, Lq, H_I] per-head weights.
         topk: k (> 0). May exceed Lk: the tail is padded with −1.
         k_scale: [B, Lk] per-key FP8 scale, or None.
-        q_positions / k_positions: [Lq] / [Lk] global positions for the causal rule (default arange).
+        q_positions / k_positions: [Lq] / [Lk] global positions for the causal rule (default arange);
+            ``q_positions`` may also be [B, Lq], one row per sequence (decode: each sequence at its own position).
         chunk_size: queries scored at once; peak memory is O(chunk_size · H_I · Lk).
 
     Returns:
@@ -107,7 +108,7 @@ def lightning_indexer_topk(
     check_positive_int("topk", topk)
     check_positive_int("chunk_size", chunk_size)
     b, lq = q_index.shape[:2]
-    q_pos = check_positions("q_positions", q_positions, lq, q_index.device)
+    q_pos = check_query_positions("q_positions", q_positions, b, lq, q_index.device)
     k_pos = check_positions("k_positions", k_positions, k_index.shape[1], k_index.device)
     out_scores = torch.empty(b, lq, topk, dtype=torch.float32, device=q_index.device)
     out_indices = torch.empty(b, lq, topk, dtype=torch.int32, device=q_index.device)
@@ -116,7 +117,7 @@ def lightning_indexer_topk(
             end = min(start + chunk_size, lq)
             block = _scores_block(
                 q_index[:, start:end], k_index, weights[:, start:end], k_scale,
-                q_pos[start:end], k_pos, torch.float32,
+                q_pos[..., start:end], k_pos, torch.float32,
             )  # [B, c, Lk]
             out_scores[:, start:end], out_indices[:, start:end] = topk_from_scores(block, topk)
     return out_scores, out_indices

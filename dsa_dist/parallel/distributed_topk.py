@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from dsa_dist.ops._checks import assert_on_device, check_positive_int, check_tensor
+from dsa_dist.ops._checks import assert_on_device, check_positive_int, check_query_positions, check_tensor
 from dsa_dist.ops.indexer import _check_score_inputs
 from dsa_dist.ops.topk import INVALID_INDEX, topk_from_scores
 from dsa_dist.parallel._comm import (
@@ -256,7 +256,8 @@ def candidate_topk(
     Args:
         q_index, weights: [B, Lq, H_I, d_I], [B, Lq, H_I] — identical on all ranks.
         k_index_local, k_scale_local: [B, Lk, d_I], [B, Lk] or None — this rank's shard (Lk may differ by rank).
-        q_positions: [Lq]; k_positions_local: [Lk] positions for the causal rule.
+        q_positions: [Lq], or [B, Lq] (each sequence at its own position); k_positions_local: [Lk] positions
+            for the causal rule.
         k_indices_local: [Lk] global index of each local key (default: ``k_positions_local``); must increase
             along the shard so local and global tie-breaking agree (checked on the device, without a host sync).
         group: the process group over which the keys are sharded; None = world.
@@ -268,7 +269,11 @@ def candidate_topk(
     check_positive_int("topk", topk)
     lk = k_index_local.shape[1]
     device = q_index.device
-    q_pos = _positions("q_positions", q_positions, torch.empty(q_index.shape[1], dtype=torch.long, device=device))
+    if q_positions is not None and q_positions.dim() == 2:  # decode: one position row per sequence
+        q_pos = check_query_positions("q_positions", q_positions, q_index.shape[0], q_index.shape[1], device)
+    else:
+        q_pos = _positions("q_positions", q_positions,
+                           torch.empty(q_index.shape[1], dtype=torch.long, device=device))
     k_pos = _positions("k_positions_local", k_positions_local, torch.empty(lk, dtype=torch.long, device=device))
     rows = k_pos if k_indices_local is None else _positions("k_indices_local", k_indices_local, k_pos)
     _check_monotone("k_indices_local" if k_indices_local is not None else "k_positions_local", rows)

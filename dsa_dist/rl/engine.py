@@ -165,9 +165,14 @@ class DecodeEngine:
 
     # ------------------------------------------------------------------------------------------ decode
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, *, max_position: int | None = None
              ) -> tuple[torch.Tensor, dict[int, torch.Tensor] | None]:
         """Feed one token per sequence: ``tokens`` [B] at ``positions`` [B] (each sequence's next position).
+
+        ``max_position``: a host int ≥ every entry of ``positions`` (checked on the device); the step then reads
+        only the cache rows up to it instead of the whole capacity. A step never synchronises with the device
+        (pass ``tokens`` / ``positions`` already on it): every shape is fixed on the host, value checks are
+        device-side assertions, and the top-k takes per-sequence positions in one call per layer.
 
         Returns ``(logits [B, V] float, {layer_number: [B, k] int32 global key positions} or None)``.
         """
@@ -176,7 +181,7 @@ class DecodeEngine:
                              f"{tuple(tokens.shape)} and {tuple(positions.shape)}")
         layout, topk = self.layout, self.cfg.indexer.topk
         pos = positions.to(self.device).long()
-        plan = plan_step(layout, pos[:, None])  # once per step: shared by every layer
+        plan = plan_step(layout, pos[:, None], max_position)  # once per step: shared by every layer
         want_topk = self.sparse or self.record_topk
         selected: dict[int, torch.Tensor] = {}
 

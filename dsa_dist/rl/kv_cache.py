@@ -22,10 +22,12 @@ written for ``b`` (prompt rows by prefill, later rows by the decode steps that p
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
 
+from dsa_dist.ops._checks import assert_on_device
 from dsa_dist.ops.topk import INVALID_INDEX
 
 
@@ -65,22 +67,26 @@ class CacheLayout:
         row[gen] = prefill_len // cp_size + (gen - prefill_len) // cp_size
         self.owner = owner.to(device)  # [capacity] CP rank holding each position
         self.row = row.to(device)  # [capacity] row on that rank
-        self.positions = (owner == cp_rank).nonzero().squeeze(1).to(device)  # [rows] ascending, local row order
-        self.rows = self.positions.numel()
+        host_positions = (owner == cp_rank).nonzero().squeeze(1)  # built on the host: no device sync
+        self.positions = host_positions.to(device)  # [rows] ascending, local row order
+        self.rows = host_positions.numel()
+        # A host copy for visible_rows, so that sizing a decode step's reads never waits for the device.
+        self._host_positions: list[int] = host_positions.tolist()
 
     def locate(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions`` [B, n] → (``mine`` [B, n] bool: stored on this rank, ``rows`` [B, n] local rows)."""
-        if positions.numel() and int(positions.max()) >= self.capacity:
-            raise ValueError(f"position {int(positions.max())} is beyond the cache capacity {self.capacity}; "
-                             "allocate the cache with a larger max_new_tokens")
+        if positions.numel():  # checked on the device (CUDA: an async assertion, no host sync; CPU: raises now)
+            top = positions.max()
+            assert_on_device(top < self.capacity,
+                             lambda: f"position {int(top)} is beyond the cache capacity {self.capacity}; "
+                                     "allocate the cache with a larger max_new_tokens")
         return self.owner[positions] == self.cp_rank, self.row[positions]
 
     def visible_rows(self, max_position: int) -> int:
-        """Number of local rows (a prefix: rows are in position order) with position ≤ ``max_position``; at
-        least 1 so scoring never sees an empty key set (rows after a query's position are causally masked)."""
-        n = int(torch.searchsorted(self.positions, torch.tensor(max_position, device=self.positions.device),
-                                   right=True))
-        return max(n, 1)
+        """Number of local rows (a prefix: rows are in position order) with position ≤ ``max_position`` (a host
+        int; answered from a host copy of the positions, no device sync); at least 1 so scoring never sees an
+        empty key set (rows after a query's position are causally masked)."""
+        return max(bisect.bisect_right(self._host_positions, int(max_position)), 1)
 
     def to_local(self, indices: torch.Tensor) -> torch.Tensor:
         """Global key positions (int, −1 empty) → this rank's rows, −1 where empty or held by another rank."""

@@ -15,8 +15,10 @@ How a batch is generated (:func:`generate`):
    ``response_mask`` False; it keeps stepping on pad tokens so the batch shape stays fixed) and the loop ends when
    every sequence has finished.
 
-Sequences are decoded sorted by prompt length (those sharing a position are contiguous rows, which the per-length
-top-k calls read as views) and returned in the caller's order.
+Sequences are decoded sorted by prompt length (the row order the sampler's draws follow; each layer's top-k is
+one call over all positions whatever the order) and returned in the caller's order. A decode step itself never
+synchronises with the device; the loop reads its two flags (all finished? a non-finite logit seen?) once every
+:data:`SYNC_EVERY` tokens, so the host queues several steps ahead of the GPU.
 
 The trainer replays the recorded indices with :func:`replay_topk` (the format of
 ``IndexerLossTracker.begin_forward(replay_topk=...)``), so its forward attends exactly where the sampler did.
@@ -32,6 +34,8 @@ from dsa_dist.model.builder import dsa_attention_layers
 from dsa_dist.rl.engine import DecodeEngine, prefill_multiple, unwrap_model
 from dsa_dist.rl.sampling import SamplingParams, sample_tokens
 from dsa_dist.train.errors import NonFiniteError
+
+SYNC_EVERY = 8  # generated tokens between the loop's host syncs (its stop check)
 
 
 @dataclass
@@ -105,8 +109,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
     _check_prompts(prompts, vocab)
     if not 0 <= pad_id < vocab:
         raise ValueError(f"pad_id={pad_id} must be a token id in [0, vocab_size={vocab})")
-    # Decode in prompt-length order: sequences sharing a position are then contiguous rows, and each per-layer top-k
-    # over the cache reads them as a view (one call per distinct length, no copy); outputs return in caller order.
+    # Decode in prompt-length order (see the module docstring); outputs return in the caller's order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     prompts = [prompts[i] for i in order]
     b = len(prompts)
@@ -136,14 +139,17 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
                  for a in engine.attns} if record_topk else None)
     rows = torch.arange(b, device=device)
     cur, pos = tokens[rows, lens - 1], lens - 1
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with non-finite logits (−1: none)
     steps = 0
     for t in range(n_max):
-        logits, step_topk = engine.step(cur, pos)  # [B, V]
-        if not bool(torch.isfinite(logits).all()):  # NaN/inf cannot be sampled (the inverse CDF would be garbage)
-            raise NonFiniteError(f"the model produced non-finite logits at decode step {t} of the rollout: its "
-                                 "weights diverged (e.g. too large a learning rate); lower it and resume from the "
-                                 "last checkpoint")
-        token, logprob, kept_t = sample_tokens(logits, params, generator)
+        # The host knows the furthest position of the step (longest prompt − 1 + t): the step reads only the cache
+        # rows up to it and never asks the device.
+        logits, step_topk = engine.step(cur, pos, max_position=p_max - 1 + t)  # [B, V]
+        finite = torch.isfinite(logits).all()
+        first_bad = torch.where(finite | (first_bad >= 0), first_bad, t)
+        # Until the check below, draw from zeros in place of non-finite logits (a NaN CDF could index past the
+        # vocabulary); the rollout is discarded then.
+        token, logprob, kept_t = sample_tokens(torch.where(finite, logits, 0.0), params, generator)
         token = _same_on_model_parallel_ranks(token, dims)
         active = ~finished
         # Column P_b + t; a finished sequence's column lies past its response, so writing pad there is harmless
@@ -157,10 +163,21 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
                 selected[layer][:, t] = torch.where(active[:, None], idx, -1)
         steps = t + 1
         finished |= active & torch.isin(token, stop)
-        if bool(finished.all()):
-            break
+        # The loop's only host sync: every SYNC_EVERY tokens (and at the last) it reads whether to go on, so in
+        # between the host enqueues the next steps while the GPU runs. Steps after every sequence finished write
+        # only masked slots and are trimmed below.
+        if steps % SYNC_EVERY == 0 or steps == n_max:
+            all_finished, bad = torch.stack([finished.all().long(), first_bad]).tolist()
+            if bad >= 0:  # NaN/inf logits cannot be sampled (the inverse CDF would be garbage)
+                raise NonFiniteError(f"the model produced non-finite logits at decode step {bad} of the rollout: "
+                                     "its weights diverged (e.g. too large a learning rate); lower it and resume "
+                                     "from the last checkpoint")
+            if all_finished:
+                break
         # Finished sequences keep stepping (batch shapes stay fixed) on pad tokens; nothing of theirs is kept.
         cur, pos = torch.where(finished, pad_id, token), pos + 1
+    # Active columns are a prefix (a sequence never restarts): keep up to the last step any sequence produced.
+    steps = int(mask[:, :steps].any(0).sum())
 
     prompt_topk = None
     if record_topk:

@@ -173,8 +173,39 @@ def _case_dispatch():
     assert torch.isfinite(dispatch.indexer_kl_loss_dense(q, k, qi, ki, w, attn_lse=lse))
 
 
+def _case_decode_per_sequence_positions():
+    """Decode shape: per-sequence query positions [B, Lq], Lq = 1 and 2, with the key range split over score
+    programs and each row's selection split into key segments and merged (forced by a low TARGET_PROGRAMS)."""
+    import kernels.indexer_topk as kt
+    from dsa_dist.ops.topk import lightning_indexer_topk as ref
+
+    q, k, w, ks = integer_indexer_inputs(3, 2, 600, 4, 32, seed=3)
+    pos = torch.tensor([[598, 599], [249, 250], [36, 37]])
+    kt.TARGET_PROGRAMS = 24  # B·Lq = 3-6 rows: 8 key splits for scoring, 8 segments of 75 keys per row
+    try:
+        assert kt.select_segments(3, 600, 8, q.device) > 1
+        for lq in (1, 2):
+            for weights in (w, torch.zeros_like(w)):  # zero weights: all scores tie, lowest indices win
+                qq, ww, pp = q[:, :lq], weights[:, :lq], pos[:, :lq]
+                got = kt.lightning_indexer_topk(qq, k, ww, 8, ks, q_positions=pp)
+                want = ref(qq, k, ww, 8, ks, q_positions=pp)
+                _assert_topk_equal(got, want)
+                _assert_topk_equal(kt.lightning_indexer_topk(qq, k, ww, 8, ks, q_positions=pp, chunk_size=1), want)
+                for b in range(3):  # the reference's per-sequence rows equal one call per sequence
+                    one = ref(qq[b:b + 1], k[b:b + 1], ww[b:b + 1], 8, ks[b:b + 1], q_positions=pp[b])
+                    _assert_topk_equal((want[0][b:b + 1], want[1][b:b + 1]), one)
+        # rows with fewer causal keys than k: −1 tail, across segments
+        short = torch.tensor([[3], [0], [599]])
+        got = kt.lightning_indexer_topk(q[:, :1], k, w[:, :1], 8, ks, q_positions=short)
+        _assert_topk_equal(got, ref(q[:, :1], k, w[:, :1], 8, ks, q_positions=short))
+        assert int((got[1][1, 0] == -1).sum()) == 7
+    finally:
+        kt.TARGET_PROGRAMS = None
+
+
 CASES = ["_case_exact_ties_and_short_rows", "_case_positions_shapes_dtypes", "_case_random_scores",
-         "_case_dispatch", "_case_nan_scores_are_no_key"]
+         "_case_dispatch", "_case_nan_scores_are_no_key",
+         "_case_decode_per_sequence_positions"]
 
 
 @pytest.fixture(scope="module")

@@ -239,6 +239,7 @@ def test_decode_benchmark_smoke(tmp_path):
     (row,) = result["results"]
     assert row["cache_len"] == 24 and row["batch"] == 2
     assert row["sparse"]["tokens_per_s"] > 0 and row["dense"]["tokens_per_s"] > 0
+    assert row["sparse"]["host_syncs"] == 0 and row["dense"]["host_syncs"] == 0  # the CPU recorder's count
     assert "| 24 | 2 |" in (tmp_path / "decode.md").read_text()
 
 
