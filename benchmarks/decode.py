@@ -14,7 +14,11 @@ one with dense attention over all L rows. A timed step is what rollout generatio
 attention over the KV cache, MLP — and the output layer) plus ``sample_tokens`` (temperature 1). Every sequence sits
 at position L, so the context stays L tokens; the step gets ``max_position=L`` (as rollout generation passes its
 host-side bound), so both modes read the cache's first L + 1 rows and nothing past them. A step makes no host
-synchronisation (tests/rl/test_decode_host_sync.py), so the timing is GPU time plus launch overhead.
+synchronisation (tests/rl/test_decode_host_sync.py), so the timing is GPU time plus launch overhead. On CUDA the
+step is captured once as a CUDA graph and replayed (``--cuda-graph``, default on; ``dsa_dist.rl.cuda_graph``), which
+removes the launch overhead of its ~6,500 ops (eager steps cost ~35–55 ms of host time whatever B and L:
+benchmarks/results/decode_h100_run1.md); the graph reads the whole cache, L + 1 rows, as ``max_position=L`` does.
+The row's ``sparse_graph`` / ``dense_graph`` say ``replayed`` or why the step ran eagerly.
 tokens/s = B / (median step time); peak memory is ``max_memory_allocated`` over the timed steps (model + cache +
 workspaces). Rows whose cache would exceed ``--max-cache-gib`` are skipped; an out-of-memory step is reported as
 OOM. Writes ``decode.json`` / ``decode.md``.
@@ -95,9 +99,14 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _time_steps(engine, params, length: int, steps: int, warmup: int) -> tuple[float, float | None, int]:
+def _time_steps(engine, params, length: int, steps: int, warmup: int, cuda_graph: bool = False
+                ) -> tuple[float, float | None, int, str | None]:
     """(median ms per decode step + sampling, peak GiB or None on CPU, host syncs in one more step — counted by
-    ``set_sync_debug_mode("warn")`` on CUDA, as the host-sync calls of the CPU recorder in --smoke)."""
+    ``set_sync_debug_mode("warn")`` on CUDA, as the host-sync calls of the CPU recorder in --smoke — and why the
+    step ran eagerly when a CUDA graph was asked for, else None).
+
+    ``cuda_graph``: ``engine.step`` is captured once (:class:`dsa_dist.rl.cuda_graph.GraphedDecodeStep`) and
+    replayed; sampling stays eager."""
     from benchmarks.host_sync import count_cuda_syncs, count_host_sync_calls
     from dsa_dist.rl.sampling import sample_tokens
 
@@ -106,9 +115,23 @@ def _time_steps(engine, params, length: int, steps: int, warmup: int) -> tuple[f
     tokens = torch.zeros(engine.batch, dtype=torch.long, device=device)
     positions = torch.full((engine.batch,), length, dtype=torch.long, device=device)
 
+    if cuda_graph:
+        from dsa_dist.rl.cuda_graph import GraphedDecodeStep
+
+        # The graph reads the whole cache (capacity length + 1 rows: the same rows max_position=length reads).
+        graphed = GraphedDecodeStep(engine, fallback="eager")
+
+        def step():
+            return graphed(tokens, positions)
+    else:
+        graphed = None
+
+        def step():
+            return engine.step(tokens, positions, max_position=length)
+
     def one() -> None:
         nonlocal tokens
-        logits, _ = engine.step(tokens, positions, max_position=length)
+        logits, _ = step()
         tokens = sample_tokens(logits, params, gen)[0]
 
     for _ in range(warmup):
@@ -126,27 +149,28 @@ def _time_steps(engine, params, length: int, steps: int, warmup: int) -> tuple[f
     syncs, sites = (count_cuda_syncs if device.type == "cuda" else count_host_sync_calls)(one)
     if syncs:
         print(f"host syncs in a decode step at L={length} B={engine.batch}: {sites}", flush=True)
-    return statistics.median(times), peak, syncs
+    eager_reason = None if graphed is None or graphed.graphed else graphed.reason
+    return statistics.median(times), peak, syncs, eager_reason
 
 
 def _time_mode(mode: str, engine, params, length: int, args: argparse.Namespace
-               ) -> tuple[float, float | None, int, str | None]:
-    """(ms, peak GiB, host syncs per step, dense SDPA backend class or None): dense on CUDA is timed with the
-    fused SDPA kernels only (a math fallback would not be a fair baseline), and retried with math allowed only
-    if none applies."""
+               ) -> tuple[float, float | None, int, str | None, str | None]:
+    """(ms, peak GiB, host syncs per step, eager reason, dense SDPA backend class or None): dense on CUDA is
+    timed with the fused SDPA kernels only (a math fallback would not be a fair baseline), and retried with
+    math allowed only if none applies."""
     if mode != "dense" or not torch.cuda.is_available():
-        return (*_time_steps(engine, params, length, args.steps, args.warmup), None)
+        return (*_time_steps(engine, params, length, args.steps, args.warmup, args.cuda_graph), None)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     fused = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]
     try:
         with sdpa_kernel(fused):
-            return (*_time_steps(engine, params, length, args.steps, args.warmup), "fused")
+            return (*_time_steps(engine, params, length, args.steps, args.warmup, args.cuda_graph), "fused")
     except RuntimeError as err:
         if isinstance(err, torch.cuda.OutOfMemoryError):
             raise
         print(f"dense L={length} B={engine.batch}: no fused SDPA kernel ({str(err)[:200]}); timing math", flush=True)
-        return (*_time_steps(engine, params, length, args.steps, args.warmup), "math")
+        return (*_time_steps(engine, params, length, args.steps, args.warmup, args.cuda_graph), "math")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -185,9 +209,11 @@ def run(args: argparse.Namespace) -> None:
                                                 attention="dense", cache=engines["sparse"].cache)
                 for mode in MODES:
                     try:
-                        ms, peak, syncs, sdpa = _time_mode(mode, engines[mode], params, length, args)
+                        ms, peak, syncs, eager_reason, sdpa = _time_mode(mode, engines[mode], params, length, args)
                         if sdpa:
                             row["dense_sdpa"] = sdpa
+                        if args.cuda_graph:
+                            row[f"{mode}_graph"] = eager_reason or "replayed"
                         row[mode] = {"ms_per_step": round(ms, 3), "tokens_per_s": round(batch / ms * 1e3, 1),
                                      "peak_gib": None if peak is None else round(peak, 3), "host_syncs": syncs}
                     except torch.cuda.OutOfMemoryError:
@@ -228,7 +254,8 @@ def _table_row(row: dict) -> list:
 def _meta(args: argparse.Namespace, cfg) -> dict:
     from dsa_dist.ops import dispatch
 
-    meta = {"model": "tiny" if args.smoke else "small", "attention": cfg.attention, "layers": cfg.num_layers,
+    meta = {"cuda_graph": args.cuda_graph,
+            "model": "tiny" if args.smoke else "small", "attention": cfg.attention, "layers": cfg.num_layers,
             "topk": cfg.indexer.topk, "dtype": cfg.params_dtype, "steps": args.steps, "torch": torch.__version__,
             "cache_contents": "synthetic (random latent rows and FP8 index keys)",
             "dense_baseline": "torch SDPA over the L+1 cached latent rows (fused kernels only on CUDA; see "
@@ -249,12 +276,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", type=str, default=None, help="comma list of batch sizes")
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps per row (median)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, autotune)")
+    ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                    help="replay each decode step as a CUDA graph (default: on for CUDA, off for --smoke)")
     ap.add_argument("--budget-s", type=float, default=200, help="start no new row after this many seconds")
     ap.add_argument("--max-cache-gib", type=float, default=56, help="skip rows whose cache would be larger")
     args = ap.parse_args(argv)
     args.lengths = args.lengths or ("32,64" if args.smoke else "4096,16384,65536,131072")
     args.batches = args.batches or ("1,3" if args.smoke else "1,8,32,64")
     args.steps = args.steps or (2 if args.smoke else 10)
+    if args.cuda_graph is None:
+        args.cuda_graph = not args.smoke
     run(args)
 
 
