@@ -12,7 +12,7 @@ the same for :class:`dsa_dist.rl.engine.DecodeEngine`:
 - outputs (logits [B, V] and, with ``record_topk``, each layer's selected indices) live in the graph's memory
   pool and are overwritten by the next replay: :meth:`GraphedDecodeStep.__call__` returns clones.
 
-Requirements, checked or enforced: CUDA tensors, CP = 1 (collectives inside a graph are not captured here), and a
+Requirements, checked or enforced: CUDA tensors, TP = CP = 1 (collectives inside a graph are not captured here), and a
 step without host synchronisation (a sync inside the capture raises; capture failure is reported, never hidden —
 ``fallback="eager"`` runs eagerly after logging the reason once, ``fallback="raise"`` re-raises).
 """
@@ -31,7 +31,7 @@ class GraphedDecodeStep:
     """``engine.step`` captured once into a CUDA graph and replayed per token.
 
     Args:
-        engine: a :class:`~dsa_dist.rl.engine.DecodeEngine` on CUDA with CP = 1.
+        engine: a :class:`~dsa_dist.rl.engine.DecodeEngine` on CUDA with TP = CP = 1.
         warmup_steps: eager steps run (on a side stream) before capture, so Triton compiles and autotunes and
             the caching allocator settles outside the graph. Capture happens on the first call with that call's
             inputs: the warm-up steps write the same token at the same cache rows as the first replay, so the
@@ -54,8 +54,9 @@ class GraphedDecodeStep:
         device = torch.device(engine.device)
         if device.type != "cuda":
             self._eager(f"the engine runs on {device}, CUDA graphs need a CUDA device")
-        elif engine.dims.cp > 1:
-            self._eager(f"context parallel (cp={engine.dims.cp}) decode runs collectives; not captured")
+        elif engine.dims.cp > 1 or engine.dims.tp > 1:
+            self._eager(f"model-parallel decode (tp={engine.dims.tp}, cp={engine.dims.cp}) runs collectives; "
+                        "only tp = cp = 1 is captured")
 
     @property
     def graphed(self) -> bool:

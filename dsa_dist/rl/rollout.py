@@ -87,7 +87,8 @@ def _round_up(x: int, multiple: int) -> int:
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingParams, *,
-             generator: torch.Generator, record_topk: bool = False, pad_id: int = 0) -> Rollout:
+             generator: torch.Generator, record_topk: bool = False, pad_id: int = 0,
+             cuda_graph: bool = True) -> Rollout:
     """Sample a response for every prompt with KV-cache decoding through the model's own DSA.
 
     Args:
@@ -100,6 +101,9 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
         record_topk: also return the indexer's selected key positions per layer (:attr:`Rollout.topk_indices`,
             :attr:`Rollout.prompt_topk`) for top-k replay in the trainer.
         pad_id: token id written after each response.
+        cuda_graph: on CUDA with TP = CP = 1, capture the decode step once and replay it per token
+            (:class:`dsa_dist.rl.cuda_graph.GraphedDecodeStep`; same tokens, log-probs and indices as eager steps).
+            The graph reads the whole cache each step; eager steps read the rows up to the furthest position.
 
     Returns:
         A :class:`Rollout`, tensors on the model's device.
@@ -139,12 +143,20 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
                  for a in engine.attns} if record_topk else None)
     rows = torch.arange(b, device=device)
     cur, pos = tokens[rows, lens - 1], lens - 1
+    graphed = None
+    if cuda_graph and device.type == "cuda" and dims.cp == 1 and dims.tp == 1:
+        from dsa_dist.rl.cuda_graph import GraphedDecodeStep
+
+        graphed = GraphedDecodeStep(engine)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with non-finite logits (−1: none)
     steps = 0
     for t in range(n_max):
         # The host knows the furthest position of the step (longest prompt − 1 + t): the step reads only the cache
         # rows up to it and never asks the device.
-        logits, step_topk = engine.step(cur, pos, max_position=p_max - 1 + t)  # [B, V]
+        if graphed is not None:
+            logits, step_topk = graphed(cur, pos)  # [B, V]
+        else:
+            logits, step_topk = engine.step(cur, pos, max_position=p_max - 1 + t)
         finite = torch.isfinite(logits).all()
         first_bad = torch.where(finite | (first_bad >= 0), first_bad, t)
         # Until the check below, draw from zeros in place of non-finite logits (a NaN CDF could index past the

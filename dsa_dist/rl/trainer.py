@@ -214,7 +214,8 @@ class GRPOTrainer:
         self.gpt.eval()
         with megatron_cpu_scope():
             out = generate(self.gpt, [p.tokens for p in prompts for _ in range(G)], self.params,
-                           generator=self._rollout_generator(), record_topk=rl.replay_indexer_topk)
+                           generator=self._rollout_generator(), record_topk=rl.replay_indexer_topk,
+                           cuda_graph=rl.cuda_graph)
         self.gpt.train()
         rollout_time = time.perf_counter() - t0
         mask = out.response_mask

@@ -64,3 +64,24 @@ def test_graphed_steps_equal_eager_steps(attention):
             assert torch.equal(got_sel[layer], want_sel[layer]), (t, layer)
     for a, b in zip(eager.cache.layers, graphed_engine.cache.layers):
         assert torch.equal(a.key, b.key) and torch.equal(a.index_key, b.index_key)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_rollout_equals_eager_rollout():
+    from dsa_dist.rl.rollout import generate
+    from dsa_dist.rl.sampling import SamplingParams
+
+    cfg, engine = _engine("sparse", 1, False)
+    model = engine.gpt
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, cfg.vocab_size, (n,), generator=gen).tolist() for n in (5, 17, 9, 30)]
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=24)
+    runs = [generate(model, prompts, params, generator=torch.Generator(device="cuda").manual_seed(2),
+                     record_topk=True, cuda_graph=graph) for graph in (False, True)]
+    eager, graphed = runs
+    assert torch.equal(eager.tokens, graphed.tokens)
+    assert torch.equal(eager.response_mask, graphed.response_mask)
+    torch.testing.assert_close(graphed.logprobs, eager.logprobs, rtol=1e-5, atol=1e-5)
+    for layer in eager.topk_indices:
+        assert torch.equal(eager.topk_indices[layer], graphed.topk_indices[layer])
