@@ -14,7 +14,8 @@ the same for :class:`dsa_dist.rl.engine.DecodeEngine`:
 
 Requirements, checked or enforced: CUDA tensors, TP = CP = 1 (collectives inside a graph are not captured here), and a
 step without host synchronisation (a sync inside the capture raises; capture failure is reported, never hidden —
-``fallback="eager"`` runs eagerly after logging the reason once, ``fallback="raise"`` re-raises).
+``fallback="eager"`` runs eagerly after logging the reason once, ``fallback="raise"`` re-raises). With the debug
+value checks on (``DSA_DEBUG=1``, which read values on the host) the step is not captured at all.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import logging
 from typing import Literal
 
 import torch
+
+from dsa_dist.ops._checks import debug_checks_enabled
 
 _log = logging.getLogger(__name__)
 
@@ -54,6 +57,10 @@ class GraphedDecodeStep:
         device = torch.device(engine.device)
         if device.type != "cuda":
             self._eager(f"the engine runs on {device}, CUDA graphs need a CUDA device")
+        elif debug_checks_enabled():
+            # Debug checks read values on the host: a sync inside capture fails it, and a failed capture can leave
+            # the CUDA generator in capture state (later random ops raise), so it is not attempted.
+            self._eager("DSA_DEBUG=1: the debug value checks synchronise with the host")
         elif engine.dims.cp > 1 or engine.dims.tp > 1:
             self._eager(f"model-parallel decode (tp={engine.dims.tp}, cp={engine.dims.cp}) runs collectives; "
                         "only tp = cp = 1 is captured")

@@ -7,7 +7,10 @@ import dataclasses
 import pytest
 import torch
 
+from dsa_dist.ops._checks import debug_checks_enabled
 from dsa_dist.rl.cuda_graph import GraphedDecodeStep
+
+_DEBUG_CHECKS = debug_checks_enabled()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,8 +47,19 @@ def test_cpu_engine_runs_eagerly_and_says_why():
         GraphedDecodeStep(engine, fallback="never")
 
 
+def test_debug_checks_keep_the_step_eager(monkeypatch):
+    from dsa_dist.ops import _checks
+
+    _, engine = _engine("sparse", 2, False)
+    monkeypatch.setattr(_checks, "_DEBUG", True)
+    monkeypatch.setattr(engine, "device", torch.device("cuda"))  # the debug rule comes before any CUDA use
+    with pytest.raises(RuntimeError, match="DSA_DEBUG"):
+        GraphedDecodeStep(engine, fallback="raise")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(_DEBUG_CHECKS, reason="DSA_DEBUG=1 keeps decode eager (its checks synchronise)")
 @pytest.mark.parametrize("attention", ["sparse", "dense"])
 def test_graphed_steps_equal_eager_steps(attention):
     cfg, eager = _engine(attention, 3, True)
@@ -68,6 +82,7 @@ def test_graphed_steps_equal_eager_steps(attention):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(_DEBUG_CHECKS, reason="DSA_DEBUG=1 keeps decode eager (its checks synchronise)")
 def test_graphed_rollout_equals_eager_rollout():
     from dsa_dist.rl.rollout import generate
     from dsa_dist.rl.sampling import SamplingParams
