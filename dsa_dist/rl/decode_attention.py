@@ -100,22 +100,30 @@ def cache_topk(q_index: torch.Tensor, weights: torch.Tensor, cache: LayerKVCache
 
 
 def cache_attention(q: torch.Tensor, cache: LayerKVCache, layout: CacheLayout, plan: StepPlan,
-                    topk_indices: torch.Tensor | None, softmax_scale: float, *, cp_group=None) -> torch.Tensor:
+                    topk_indices: torch.Tensor | None, softmax_scale: float, *, cp_group=None,
+                    dense_kernel: str = "sdpa") -> torch.Tensor:
     """Attention of the new queries over the cache: sparse over ``topk_indices`` (global positions [B, n, k]), or
     dense (``topk_indices`` None) over every cached position ≤ the query's.
 
     Args:
         q: [B, n, H/tp, d_qk] queries (rope applied; MLA absorbed).
+        dense_kernel: dense attention with CP = 1 through ``"sdpa"`` (PyTorch's fused SDPA, :func:`sdpa_dense`)
+            or ``"split"``: the sparse attention kernel over every visible row, its slots split into groups that
+            fill the GPU and merged by log-sum-exp (split-KV "flash decoding"; what CP > 1 always uses). The
+            memory-efficient SDPA kernel runs one program per sequence over the whole cache, so at long caches
+            ``"split"`` is the faster dense decode (benchmarks/decode.py times both).
 
     Returns:
         [B, n, H/tp, d_v] output in q's dtype, identical on every CP rank.
     """
+    if dense_kernel not in ("sdpa", "split"):
+        raise ValueError(f"dense_kernel must be 'sdpa' or 'split', got {dense_kernel!r}")
     k, v = cache.keys(plan.rows), cache.values(plan.rows)
-    if topk_indices is None and layout.cp_size == 1:
+    if topk_indices is None and layout.cp_size == 1 and dense_kernel == "sdpa":
         return sdpa_dense(q, k, v, plan.visible, softmax_scale)
     if topk_indices is None:
-        # Dense under CP: every visible local row, as an index list (−1 past the query), so the partial comes
-        # with its log-sum-exp for the cross-rank merge.
+        # Dense under CP (or split): every visible local row, as an index list (−1 past the query), so the
+        # partial comes with its log-sum-exp for the cross-rank merge.
         local = torch.arange(plan.rows, device=q.device, dtype=torch.int32).expand(plan.visible.shape)
         local = torch.where(plan.visible, local, INVALID_INDEX)
     else:

@@ -60,10 +60,13 @@ class DecodeEngine:
         attention: "sparse" / "dense" decoding; None (default): the model's runtime (``DSARuntime.attention``).
         cache: reuse this :class:`DecodeCache` (same batch and layout) instead of allocating one — e.g. to time
             sparse and dense decoding over one cache.
+        dense_kernel: how dense decoding attends with CP = 1: ``"sdpa"`` or ``"split"`` (split-KV through the
+            sparse kernel; see :func:`dsa_dist.rl.decode_attention.cache_attention`).
     """
 
     def __init__(self, model: torch.nn.Module, *, batch: int, prefill_len: int, decode_len: int,
-                 record_topk: bool = False, attention: str | None = None, cache: DecodeCache | None = None) -> None:
+                 record_topk: bool = False, attention: str | None = None, cache: DecodeCache | None = None,
+                 dense_kernel: str = "sdpa") -> None:
         gpt = unwrap_model(model)
         if not (getattr(gpt, "pre_process", False) and getattr(gpt, "post_process", False)):
             raise ValueError("rollout generation needs the embedding and the output layer on this rank "
@@ -80,6 +83,9 @@ class DecodeEngine:
         if attention not in ("sparse", "dense"):
             raise ValueError(f"attention must be 'sparse', 'dense' or None (the model's runtime), got {attention!r}")
         self.sparse = attention == "sparse"
+        if dense_kernel not in ("sdpa", "split"):
+            raise ValueError(f"dense_kernel must be 'sdpa' or 'split', got {dense_kernel!r}")
+        self.dense_kernel = dense_kernel
         self.record_topk = record_topk
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive int, got {batch!r}")
@@ -201,7 +207,8 @@ class DecodeEngine:
                                  cp_group=attn.dims.cp_group)  # [B, 1, k]
                 selected[attn.layer_number] = idx[:, 0]
             o = cache_attention(inputs.q.transpose(0, 1), cache, layout, plan, idx if self.sparse else None,
-                                attn.dsa.softmax_scale, cp_group=attn.dims.cp_group)  # [B, 1, H/tp, d_v]
+                                attn.dsa.softmax_scale, cp_group=attn.dims.cp_group,
+                                dense_kernel=self.dense_kernel)  # [B, 1, H/tp, d_v]
             return attn.project_output(o)
 
         logits = self._forward(tokens.to(self.device).long()[:, None], attention, logits=True)

@@ -100,3 +100,19 @@ def test_graphed_rollout_equals_eager_rollout():
     torch.testing.assert_close(graphed.logprobs, eager.logprobs, rtol=1e-5, atol=1e-5)
     for layer in eager.topk_indices:
         assert torch.equal(eager.topk_indices[layer], graphed.topk_indices[layer])
+
+
+def test_split_dense_decode_equals_sdpa_dense_decode():
+    """The split-KV dense decode (sparse kernel over every visible row, merged by lse) against PyTorch SDPA."""
+    from dsa_dist.rl.engine import DecodeEngine
+
+    cfg, sdpa = _engine("dense", 3, False)
+    split = DecodeEngine(sdpa.gpt, batch=3, prefill_len=0, decode_len=64, attention="dense", dense_kernel="split")
+    tokens = torch.randint(0, cfg.vocab_size, (3, 20), generator=torch.Generator().manual_seed(1))
+    for t in range(20):
+        pos = torch.tensor([t, max(t - 3, 0), t // 2])
+        a, _ = sdpa.step(tokens[:, t].to(sdpa.device), pos.to(sdpa.device))
+        b, _ = split.step(tokens[:, t].to(sdpa.device), pos.to(sdpa.device))
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="dense_kernel"):
+        DecodeEngine(sdpa.gpt, batch=3, prefill_len=0, decode_len=64, dense_kernel="flash")
