@@ -210,7 +210,8 @@ def run(args: argparse.Namespace) -> None:
                                                  attention="sparse")
                 _fill_synthetic(engines["sparse"].cache, length)
                 engines["dense"] = DecodeEngine(model, batch=batch, prefill_len=0, decode_len=length + 1,
-                                                attention="dense", cache=engines["sparse"].cache)
+                                                attention="dense", cache=engines["sparse"].cache,
+                                                dense_kernel="sdpa")
                 engines["dense_split"] = DecodeEngine(model, batch=batch, prefill_len=0, decode_len=length + 1,
                                                       attention="dense", cache=engines["sparse"].cache,
                                                       dense_kernel="split")

@@ -107,6 +107,8 @@ def test_split_dense_decode_equals_sdpa_dense_decode():
     from dsa_dist.rl.engine import DecodeEngine
 
     cfg, sdpa = _engine("dense", 3, False)
+    assert sdpa.dense_kernel == ("split" if sdpa.device.type == "cuda" else "sdpa")  # "auto"
+    sdpa.dense_kernel = "sdpa"
     split = DecodeEngine(sdpa.gpt, batch=3, prefill_len=0, decode_len=64, attention="dense", dense_kernel="split")
     tokens = torch.randint(0, cfg.vocab_size, (3, 20), generator=torch.Generator().manual_seed(1))
     for t in range(20):
