@@ -302,5 +302,5 @@ def dsa_attention(inputs: DSAInputs, *, indexer: LightningIndexer, dsa: DSAModel
                     indices_checked=True)
     tracker.record(layer, kl)
     if tracker.attach_coeff is not None:
-        out = attach_loss(out, kl, tracker.attach_coeff)
+        out = attach_loss(out, kl, tracker.attach_weight)
     return out

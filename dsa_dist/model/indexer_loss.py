@@ -41,6 +41,7 @@ class IndexerLossTracker:
 
     def __init__(self, attach_coeff: float | None = None) -> None:
         self.attach_coeff = attach_coeff
+        self._attach_scale: float | torch.Tensor = 1.0
         self._measure_recall = False
         self._record_topk = False
         self._replay: dict[int, torch.Tensor] | None = None
@@ -49,7 +50,8 @@ class IndexerLossTracker:
         self._topk: dict[int, torch.Tensor] = {}
 
     def begin_forward(self, *, measure_recall: bool = False, record_topk: bool = False,
-                      replay_topk: dict[int, torch.Tensor] | None = None) -> None:
+                      replay_topk: dict[int, torch.Tensor] | None = None,
+                      attach_scale: float | torch.Tensor = 1.0) -> None:
         """Start a forward pass: clear the records and set its options.
 
         Args:
@@ -63,7 +65,11 @@ class IndexerLossTracker:
                 every TP rank; any k >= 1). Each layer then uses these indices instead of its own top-k — for the
                 sparse attention and the sparse KL alike (GRPO's indexer top-k replay); every entry must be −1 or
                 a causal key. Needs ``DSARuntime(attention="sparse")``.
+            attach_scale: with ``attach_coeff`` set, the KL of this forward is backpropagated with the weight
+                ``attach_coeff * attach_scale`` (a float, or a scalar tensor on the model's device: no host sync);
+                ignored otherwise.
         """
+        self._attach_scale = attach_scale
         self._measure_recall = bool(measure_recall)
         self._record_topk = bool(record_topk)
         self._replay = None if replay_topk is None else dict(replay_topk)
@@ -81,6 +87,13 @@ class IndexerLossTracker:
     def record_topk(self) -> bool:
         """Whether this forward records each layer's selected indices."""
         return self._record_topk
+
+    @property
+    def attach_weight(self) -> float | torch.Tensor | None:
+        """The weight a layer attaches its KL with in this forward (``attach_coeff * attach_scale``), or None."""
+        if self.attach_coeff is None:
+            return None
+        return self.attach_coeff * self._attach_scale
 
     def replayed_topk(self, layer: int) -> torch.Tensor | None:
         """The indices to replay in ``layer`` this forward, or None (the layer selects its own)."""
@@ -125,6 +138,13 @@ class IndexerLossTracker:
             return torch.zeros(())
         return torch.stack([self._losses[k] for k in self.layers]).sum()
 
+    def total_detached(self) -> torch.Tensor:
+        """Detached sum over layers of the recorded KL (0 if nothing was recorded), for logging in either mode
+        (each layer counted once, also when a recomputed forward recorded it again)."""
+        if not self._losses:
+            return torch.zeros(())
+        return torch.stack([self._losses[k].detach() for k in self.layers]).sum()
+
     def values(self, reduce: bool = False, groups: tuple = ()) -> dict[int, float]:
         """Detached per-layer KL as floats; ``reduce=True`` averages each over ``groups`` (default: TP and CP)."""
         return self._as_floats(self._losses, reduce, groups)
@@ -159,17 +179,22 @@ class _AttachLoss(torch.autograd.Function):
     """Identity on ``out``; in backward gives ``loss`` the gradient ``coeff`` (so the loss trains its indexer)."""
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, loss: torch.Tensor, coeff: float) -> torch.Tensor:
-        ctx.coeff = coeff
+    def forward(ctx, out: torch.Tensor, loss: torch.Tensor, coeff: float | torch.Tensor) -> torch.Tensor:
+        ctx.coeff = coeff.detach() if isinstance(coeff, torch.Tensor) else coeff
         ctx.loss_meta = (loss.shape, loss.dtype, loss.device)
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         shape, dtype, device = ctx.loss_meta
-        return grad_out, torch.full(shape, ctx.coeff, dtype=dtype, device=device), None
+        if isinstance(ctx.coeff, torch.Tensor):
+            grad_loss = ctx.coeff.to(device=device, dtype=dtype).reshape(()).expand(shape).clone()
+        else:
+            grad_loss = torch.full(shape, ctx.coeff, dtype=dtype, device=device)
+        return grad_out, grad_loss, None
 
 
-def attach_loss(out: torch.Tensor, loss: torch.Tensor, coeff: float) -> torch.Tensor:
-    """Return ``out`` unchanged, wired so that its backward also backpropagates ``coeff * loss``."""
+def attach_loss(out: torch.Tensor, loss: torch.Tensor, coeff: float | torch.Tensor) -> torch.Tensor:
+    """Return ``out`` unchanged, wired so that its backward also backpropagates ``coeff * loss`` (``coeff``: a
+    float or a scalar tensor)."""
     return _AttachLoss.apply(out, loss, coeff)
