@@ -40,6 +40,11 @@ class MemoryPeak:
     peak_bytes: int
     by_site: dict[str, int] = field(default_factory=dict)
     """Bytes live at the peak per allocation site (innermost dsa_dist/benchmarks frame, else the op name)."""
+    at_backward_bytes: int = 0
+    """Bytes live when the first autograd backward function starts (what the forward kept: saved activations,
+    outputs); 0 when the call has no backward."""
+    at_backward_by_site: dict[str, int] = field(default_factory=dict)
+    """The same per allocation site."""
 
 
 def _site(event) -> str:
@@ -54,35 +59,46 @@ def _site(event) -> str:
 
 
 def peak_memory(fn: Callable[[], object]) -> MemoryPeak:
-    """Run ``fn`` once under torch's CPU memory profiler; return its peak live bytes and their allocation sites."""
+    """Run ``fn`` once under torch's CPU memory profiler; return its peak live bytes and their allocation sites.
+
+    Reads the allocation events of the profiler's event tree directly (size, pointer, parent op): the memory
+    profiler's data-flow graph rejects some in-place writes, which this code makes on purpose.
+    """
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
+    from torch.profiler._memory_profiler import OpTree
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         fn()
-    mp = prof._memory_profile()
-    creator = {}
-    for node in mp._data_flow_graph.flow_nodes:
-        for key in node.outputs:
-            creator.setdefault(key, node._event)
-    live: dict = {}
+    nodes = OpTree(prof.profiler.kineto_results).sorted_nodes
+    backward_starts = [e.start_time_ns for e in nodes if e.name.startswith("autograd::engine::evaluate_function")]
+    t_backward = min(backward_starts) if backward_starts else None
+    live: dict[int, tuple[int, str]] = {}  # pointer -> (bytes, site) of blocks allocated during the call
     cur = peak = 0
     snapshot: dict = {}
-    for _, action, (key, _version), size in mp.timeline:
-        if action == Action.CREATE:
-            live[key] = size
-            cur += size
-        elif action == Action.DESTROY and key in live:
-            cur -= live.pop(key)
-        else:
+    at_backward: dict | None = None
+    for e in nodes:
+        if e.typed[0] != _EventType.Allocation:
             continue
+        if t_backward is not None and at_backward is None and e.start_time_ns >= t_backward:
+            at_backward = dict(live)
+        fields = e.typed[1]
+        if fields.alloc_size > 0:
+            live[fields.ptr] = (fields.alloc_size, _site(e.parent) if e.parent is not None else "(no op)")
+            cur += fields.alloc_size
+        elif fields.ptr in live:  # a block allocated before the call is not counted when freed either
+            cur -= live.pop(fields.ptr)[0]
         if cur > peak:
             peak, snapshot = cur, dict(live)
-    by_site: dict[str, int] = defaultdict(int)
-    for key, size in snapshot.items():
-        event = creator.get(key)
-        by_site[_site(event) if event is not None else "(unattributed)"] += size
-    return MemoryPeak(peak, dict(sorted(by_site.items(), key=lambda kv: -kv[1])))
+
+    def by_site(blocks: dict) -> dict[str, int]:
+        sites: dict[str, int] = defaultdict(int)
+        for size, site in blocks.values():
+            sites[site] += size
+        return dict(sorted(sites.items(), key=lambda kv: -kv[1]))
+
+    at_backward = at_backward or {}
+    return MemoryPeak(peak, by_site(snapshot), sum(size for size, _ in at_backward.values()), by_site(at_backward))
 
 
 def main() -> None:
@@ -120,7 +136,11 @@ def main() -> None:
             print(json.dumps({"part": args.part, "L": length, "cp": world, "L_local": length // world,
                               "topk": args.topk, "mode": args.mode, "recompute": args.recompute,
                               "peak_mib": round(result.peak_bytes / MIB, 2),
-                              "sites_mib": {k: round(v / MIB, 2) for k, v in top.items()}}, indent=1), flush=True)
+                              "sites_mib": {k: round(v / MIB, 2) for k, v in top.items()},
+                              "at_backward_mib": round(result.at_backward_bytes / MIB, 2),
+                              "at_backward_sites_mib": {k: round(v / MIB, 2) for k, v in
+                                                        list(result.at_backward_by_site.items())[: args.top]}},
+                             indent=1), flush=True)
         del step
     dist.barrier()
     dist.destroy_process_group()
