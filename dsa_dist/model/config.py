@@ -96,10 +96,10 @@ class RecomputeConfig:
     ``num_layers`` layers (of each pipeline stage) and keeps the activations of the others."""
     num_layers: int = 1
     """For 'full': layers per checkpointed chunk ('uniform') or layers checkpointed ('block'); 1 = least memory."""
-    modules: tuple[Literal["mlp", "layernorm"], ...] = ("mlp",)
-    """For 'selective': Megatron's ``recompute_modules`` that apply to this model ('mlp': the SwiGLU MLP;
-    'layernorm': the pre-attention and pre-MLP RMSNorms). Megatron's 'core_attn' does not apply: the DSA
-    attention is not Megatron's core attention."""
+    modules: tuple[str, ...] = ("mlp",)
+    """For 'selective': Megatron's ``recompute_modules`` that apply to this model: 'mlp' (the SwiGLU MLP).
+    Megatron's 'core_attn' does not reach the DSA attention (it is not Megatron's core attention) and its
+    'layernorm' needs Transformer Engine."""
 
     @property
     def enabled(self) -> bool:
@@ -314,12 +314,13 @@ def _check_recompute(rc: RecomputeConfig, num_layers: int) -> None:
     if rc.granularity == "selective":
         modules = tuple(rc.modules)
         if not modules:
-            raise ValueError("recompute.modules is empty with recompute.granularity='selective'; list 'mlp' and/or "
-                             "'layernorm', or set recompute.granularity='none'")
+            raise ValueError("recompute.modules is empty with recompute.granularity='selective'; list 'mlp', or set "
+                             "recompute.granularity='none'")
         for name in modules:
-            if name not in ("mlp", "layernorm"):
-                raise ValueError(f"recompute.modules holds {name!r}; allowed: 'mlp', 'layernorm' (Megatron's "
-                                 "'core_attn' does not reach the DSA attention: use recompute.granularity='full')")
+            if name != "mlp":
+                raise ValueError(f"recompute.modules holds {name!r}; allowed: 'mlp' (Megatron's 'core_attn' does "
+                                 "not reach the DSA attention and its 'layernorm' needs Transformer Engine: use "
+                                 "recompute.granularity='full' to recompute whole layers)")
 
 
 def _megatron_recompute(rc: RecomputeConfig) -> dict[str, Any]:

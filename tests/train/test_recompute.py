@@ -5,7 +5,7 @@ Reference: the same tiny model, same seed and batches, without recompute. Checke
   the warm-up stage (frozen embedding: the recomputed layers must still run their backward) and the sparse stage:
   the reported LM loss and KL, and every parameter's reduced gradient (``main_grad``);
 - the model directly in sparse mode: the top-k recorded in the forward and again by the recomputed forward, the
-  logged KL and recall, and every gradient, also with a replayed top-k;
+  logged KL and recall, and every gradient, also with a replayed top-k and with dropout on (RNG replay);
 - a non-attaching tracker with full recompute is refused (its KL would silently not train the indexer).
 
 Recompute re-runs the same float32 CPU ops in the same order, so the tolerances are tight.
@@ -22,6 +22,7 @@ from tests.train._tiny import tiny_config
 SEED = 1234
 RECOMPUTE = {"model.recompute.granularity": "full", "model.recompute.method": "uniform",
              "model.recompute.num_layers": 1}
+SELECTIVE = {"model.recompute.granularity": "selective", "model.recompute.modules": "[mlp]"}
 
 
 def _batches(cfg, n: int, seed: int) -> list:
@@ -90,6 +91,12 @@ def _model_direct(cfg) -> dict:
     for idx in replay.values():
         idx[..., -1] = -1
     res["replay"] = run(replay_topk=replay)
+    # Dropout draws from the RNG: the recomputed forward must replay the first forward's masks (Megatron saves and
+    # restores the RNG states around it). The config keeps dropout at 0, so it is switched on in the layers here.
+    for layer in model.decoder.layers:
+        layer.hidden_dropout = 0.3
+    torch.manual_seed(SEED + 2)
+    res["dropout"] = run()
     return res
 
 
@@ -104,6 +111,9 @@ def _worker(rank: int, world_size: int, run_dir: str) -> dict:
                           **{k.replace(".", "__"): v for k, v in extra.items()})
         out[name] = {"warmup": _trainer_step(cfg, "warmup"), "sparse": _trainer_step(cfg, "sparse"),
                      "direct": _model_direct(cfg)}
+    if world_size == 1:  # selective recompute (the MLPs): the model directly
+        cfg = tiny_config(run_dir, **{k.replace(".", "__"): v for k, v in SELECTIVE.items()})
+        out["selective"] = {"direct": _model_direct(cfg)}
     return out
 
 
@@ -125,7 +135,7 @@ def _check(out: dict) -> None:
         _close(rc[stage]["grads"], base[stage]["grads"], f"{stage} grad")
         for n, g in base[stage]["grads"].items():
             assert g.abs().sum() > 0 or stage == "warmup", f"{stage}: {n} got no gradient"
-    for mode in ("plain", "replay"):
+    for mode in ("plain", "replay", "dropout"):
         b, r = base["direct"][mode], rc["direct"][mode]
         assert r["lm"] == pytest.approx(b["lm"], rel=1e-6)
         assert r["kl"] == pytest.approx(b["kl"], rel=1e-6)
@@ -137,8 +147,13 @@ def _check(out: dict) -> None:
     for layer, idx in b["topk_fwd"].items():
         assert torch.equal(r["topk_fwd"][layer], idx)
         assert torch.equal(r["topk_after"][layer], idx)  # the recomputed forward selected the same keys
-    # the replayed selection really differs from the model's own (its loss changes)
+    for mode in ("plain", "replay", "dropout") if "selective" in out else ():
+        s = out["selective"]["direct"][mode]
+        assert s["lm"] == pytest.approx(base["direct"][mode]["lm"], rel=1e-6)
+        _close(s["grads"], base["direct"][mode]["grads"], f"selective {mode} grad")
+    # the replayed selection and the dropout really change the loss
     assert base["direct"]["replay"]["lm"] != b["lm"]
+    assert base["direct"]["dropout"]["lm"] != b["lm"]
 
 
 @pytest.mark.timeout(400)
@@ -171,6 +186,8 @@ def test_full_recompute_refuses_a_non_attaching_tracker():
     ("num_layers", 0, "recompute.num_layers"),
     ("num_layers", 3, "larger than num_layers=2"),
     ("modules", ("core_attn",), "core_attn"),
+    ("modules", ("layernorm",), "Transformer Engine"),
+    ("modules", (), "empty"),
 ])
 def test_recompute_config_errors_name_the_field(field, value, match):
     from dataclasses import replace
