@@ -84,8 +84,10 @@ def build_model(cfg: DSAModelConfig, *, runtime: DSARuntime, pre_process: bool =
 def _tracker_for(cfg: DSAModelConfig, runtime: DSARuntime, tracker: IndexerLossTracker | None) -> IndexerLossTracker:
     """The layers' tracker: the caller's, or a new one that attaches the KL when full recompute needs it."""
     needs_attach = cfg.recompute.full and runtime.indexer_kl
+    keep = cfg.recompute.full and cfg.recompute.keep_topk and runtime.attention == "sparse"
     if tracker is None:
-        return IndexerLossTracker(attach_coeff=cfg.indexer_loss_coeff if needs_attach else None)
+        return IndexerLossTracker(attach_coeff=cfg.indexer_loss_coeff if needs_attach else None,
+                                  keep_topk_for_recompute=keep)
     if needs_attach and tracker.attach_coeff is None:
         raise ValueError("model.recompute.granularity='full' with the indexer KL on needs an attaching tracker: the "
                          "first forward of a recomputed layer has no autograd graph, so a KL added to the loss "

@@ -101,6 +101,12 @@ class RecomputeConfig:
     Megatron's 'core_attn' does not reach the DSA attention (it is not Megatron's core attention) and its
     'layernorm' needs Transformer Engine."""
 
+    keep_topk: bool = True
+    """For 'full' in the sparse stage: keep each layer's top-k indices from the first forward and replay them in
+    the recomputed forward, instead of running the indexer's O(L²) scoring again (identical indices). Costs
+    L/CP · k · 4 bytes per layer until its backward (small model, 128K tokens per GPU: 256 MiB per layer);
+    false trades that memory for the second scoring."""
+
     @property
     def enabled(self) -> bool:
         """Whether any recompute is on."""

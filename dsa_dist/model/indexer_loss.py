@@ -18,6 +18,21 @@ Pipeline parallelism: a KL recorded on a non-last stage never reaches that stage
 With ``attach_coeff`` set, each layer instead attaches ``attach_coeff * KL`` to its attention output through an
 identity autograd function whose backward feeds the KL a gradient of ``attach_coeff`` (the loss itself stays out
 of the LM loss); :meth:`total` then refuses, so the two paths cannot be mixed by accident.
+
+Activation recompute (``model.recompute.granularity='full'``, Megatron's reentrant checkpoint) needs the attach
+path too: the first forward of a checkpointed layer runs without grad, so the KL it records has no graph; the
+layer runs again in backward with grad, and only a KL attached to *that* output reaches the indexer — once, since
+the first forward's attachment is a no-op without grad. :func:`dsa_dist.model.build_model` therefore makes an
+attaching tracker when recompute is on. The recomputed forward records again under the same options (they stay in
+force until the next :meth:`begin_forward`): the KL, recall and top-k records are overwritten by equal values,
+never added, so :meth:`values` and :meth:`total_detached` count each layer once. ``attach_scale`` of
+:meth:`begin_forward` carries the per-forward factor of a loss that is not a plain mean (the trainer's per-token
+normalisation multiplies the KL by the micro-batch's token count).
+
+``keep_topk_for_recompute`` (sparse models under full recompute): the first forward of a checkpointed layer keeps
+its selected indices here and the recomputed forward replays them instead of scoring every key again (the
+indexer's O(L²) scoring is most of a long-sequence forward); each is dropped once replayed. Cost: [B, L_local, k]
+int32 per checkpointed layer between the forward and that layer's backward.
 """
 
 from __future__ import annotations
@@ -39,8 +54,10 @@ class IndexerLossTracker:
             to their output with this coefficient (for pipeline parallelism), see the module docstring.
     """
 
-    def __init__(self, attach_coeff: float | None = None) -> None:
+    def __init__(self, attach_coeff: float | None = None, keep_topk_for_recompute: bool = False) -> None:
         self.attach_coeff = attach_coeff
+        self.keep_topk_for_recompute = keep_topk_for_recompute
+        self._kept: dict[int, torch.Tensor] = {}  # first forward's top-k of checkpointed layers, until replayed
         self._attach_scale: float | torch.Tensor = 1.0
         self._measure_recall = False
         self._record_topk = False
@@ -76,6 +93,7 @@ class IndexerLossTracker:
         self._losses.clear()
         self._recall.clear()
         self._topk.clear()
+        self._kept.clear()
 
     # ---------------------------------------------------------------------------------- read by the layers
     @property
@@ -85,8 +103,17 @@ class IndexerLossTracker:
 
     @property
     def record_topk(self) -> bool:
-        """Whether this forward records each layer's selected indices."""
-        return self._record_topk
+        """Whether the layers hand their selected indices to :meth:`record_selected` in this forward (asked by
+        ``begin_forward``, or kept for the recomputed forward of a checkpointed layer)."""
+        return self._record_topk or self._keeping()
+
+    def _keeping(self) -> bool:
+        """First (no-grad) forward of a layer inside Megatron's activation checkpoint, with top-k keeping on."""
+        return self.keep_topk_for_recompute and not torch.is_grad_enabled() and _in_checkpoint()
+
+    def _replaying_kept(self) -> bool:
+        """The recomputed forward (grad on) of a checkpointed layer, with top-k keeping on."""
+        return self.keep_topk_for_recompute and torch.is_grad_enabled() and _in_checkpoint()
 
     @property
     def attach_weight(self) -> float | torch.Tensor | None:
@@ -98,6 +125,8 @@ class IndexerLossTracker:
     def replayed_topk(self, layer: int) -> torch.Tensor | None:
         """The indices to replay in ``layer`` this forward, or None (the layer selects its own)."""
         if self._replay is None:
+            if self._replaying_kept() and layer in self._kept:
+                return self._kept.pop(layer)  # the indices this layer selected in its first forward
             return None
         if layer not in self._replay:
             raise ValueError(f"replay_topk has no indices for layer {layer} (it has layers {sorted(self._replay)}); "
@@ -115,9 +144,12 @@ class IndexerLossTracker:
         self._recall[layer] = recall.detach().float()
 
     def record_selected(self, layer: int, indices: torch.Tensor) -> None:
-        """Store ``indices`` [B, L_local, k] (global key indices of this rank's tokens) when this forward asks."""
+        """Store ``indices`` [B, L_local, k] (global key indices of this rank's tokens) when this forward asks, and
+        keep them for the layer's recomputed forward (see :attr:`keep_topk_for_recompute`)."""
         if self._record_topk:
             self._topk[layer] = indices.detach()
+        if self._keeping():
+            self._kept[layer] = indices.detach()
 
     # ---------------------------------------------------------------------------------- read by the loop
     def topk(self) -> dict[int, torch.Tensor]:
@@ -165,6 +197,13 @@ class IndexerLossTracker:
                     dist.all_reduce(vec, group=group)
                     vec = vec / dist.get_world_size(group)
         return dict(zip(keys, vec.tolist()))
+
+
+def _in_checkpoint() -> bool:
+    """Whether Megatron's activation checkpoint (``tensor_parallel.checkpoint``) is running a forward now."""
+    from megatron.core.tensor_parallel.random import is_checkpointing
+
+    return is_checkpointing()
 
 
 def _default_groups() -> tuple:

@@ -22,6 +22,7 @@ from tests.train._tiny import tiny_config
 SEED = 1234
 RECOMPUTE = {"model.recompute.granularity": "full", "model.recompute.method": "uniform",
              "model.recompute.num_layers": 1}
+NO_KEEP = {**RECOMPUTE, "model.recompute.keep_topk": "false"}
 SELECTIVE = {"model.recompute.granularity": "selective", "model.recompute.modules": "[mlp]"}
 
 
@@ -73,7 +74,19 @@ def _model_direct(cfg) -> dict:
     batch = _batches(cfg, 1, SEED + 1)[0]
     tokens, labels = (zigzag_split(t, 1, dims.cp, dims.cp_rank) for t in (batch.tokens, batch.labels))
 
+    from dsa_dist.model import dsa_core
+
+    selects = []  # indexer top-k selections run (the recomputed forward replays the kept ones by default)
+    select_topk = dsa_core.select_topk
+
+    def counted(*a, **kw):
+        selects.append(1)
+        return select_topk(*a, **kw)
+
+    dsa_core.select_topk = counted
+
     def run(**options) -> dict:
+        selects.clear()
         model.zero_grad(set_to_none=True)
         tracker.begin_forward(**options)
         lm = model(tokens, None, None, labels=labels).mean()
@@ -81,7 +94,7 @@ def _model_direct(cfg) -> dict:
                "recall": tracker.recall()}
         loss = lm if tracker.attach_coeff is not None else lm + cfg.model.indexer_loss_coeff * tracker.total()
         loss.backward()
-        out.update(lm=float(lm), topk_after=tracker.topk(), kl_after=tracker.values(),
+        out.update(lm=float(lm.detach()), topk_after=tracker.topk(), kl_after=tracker.values(), selects=len(selects),
                    grads={n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
         return out
 
@@ -97,6 +110,7 @@ def _model_direct(cfg) -> dict:
         layer.hidden_dropout = 0.3
     torch.manual_seed(SEED + 2)
     res["dropout"] = run()
+    dsa_core.select_topk = select_topk
     return res
 
 
@@ -114,6 +128,8 @@ def _worker(rank: int, world_size: int, run_dir: str) -> dict:
     if world_size == 1:  # selective recompute (the MLPs): the model directly
         cfg = tiny_config(run_dir, **{k.replace(".", "__"): v for k, v in SELECTIVE.items()})
         out["selective"] = {"direct": _model_direct(cfg)}
+        cfg = tiny_config(run_dir, **{k.replace(".", "__"): v for k, v in NO_KEEP.items()})
+        out["no_keep"] = {"direct": _model_direct(cfg)}
     return out
 
 
@@ -147,10 +163,19 @@ def _check(out: dict) -> None:
     for layer, idx in b["topk_fwd"].items():
         assert torch.equal(r["topk_fwd"][layer], idx)
         assert torch.equal(r["topk_after"][layer], idx)  # the recomputed forward selected the same keys
-    for mode in ("plain", "replay", "dropout") if "selective" in out else ():
-        s = out["selective"]["direct"][mode]
-        assert s["lm"] == pytest.approx(base["direct"][mode]["lm"], rel=1e-6)
-        _close(s["grads"], base["direct"][mode]["grads"], f"selective {mode} grad")
+    layers = len(b["topk_fwd"])
+    # the recomputed forward replayed the kept top-k: no second selection (the user's replay: none at all)
+    assert base["direct"]["plain"]["selects"] == rc["direct"]["plain"]["selects"] == layers
+    assert base["direct"]["replay"]["selects"] == rc["direct"]["replay"]["selects"] == 0
+    for name in ("selective", "no_keep") if "selective" in out else ():
+        for mode in ("plain", "replay", "dropout"):
+            s = out[name]["direct"][mode]
+            assert s["lm"] == pytest.approx(base["direct"][mode]["lm"], rel=1e-6)
+            _close(s["grads"], base["direct"][mode]["grads"], f"{name} {mode} grad")
+    if "no_keep" in out:  # keep_topk=false: the recomputed forward selects again, with the same result
+        nk = out["no_keep"]["direct"]["plain"]
+        assert nk["selects"] == 2 * layers
+        assert all(torch.equal(nk["topk_after"][la], idx) for la, idx in b["topk_fwd"].items())
     # the replayed selection and the dropout really change the loss
     assert base["direct"]["replay"]["lm"] != b["lm"]
     assert base["direct"]["dropout"]["lm"] != b["lm"]
