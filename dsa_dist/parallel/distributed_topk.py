@@ -39,9 +39,9 @@ from dsa_dist.parallel._comm import (
 from dsa_dist.parallel.sharding import check_cp_config, rank_major_to_global, zigzag_positions
 
 # Temporaries of one candidate merge are bounded by this budget: a merge sorts (score, index) pairs of every row
-# by index and by score in int64/fp32 (~40 bytes per candidate with the sort outputs). Unchunked, merging 2k = 4096
-# candidates for 128K rows (V3.2 at 512K tokens on 4 ranks) holds ~20 GiB of temporaries at once — more than the
-# rest of the layer's top-k (docs/context_parallel.md "Memory per rank"). Rows are merged in chunks instead.
+# by index and by score in int64/fp32 (measured ~24 bytes per candidate on CPU; budgeted at 40). Unchunked, merging
+# 2k = 4096 candidates for 128K rows (V3.2 at 512K tokens on 4 ranks) holds ~12 GiB of temporaries at once, three
+# times the top-k's own buffers (docs/context_parallel.md "Memory per rank"). Rows are merged in chunks instead.
 MERGE_BUDGET_BYTES = 512 * 2**20
 _MERGE_BYTES_PER_CANDIDATE = 40
 

@@ -11,9 +11,9 @@ One optimizer step::
 Loss (per-token normalisation, ``calculate_per_token_loss``): each micro-batch returns ``sum of masked LM losses
 + coeff * KL * local tokens`` and its token count (under full activation recompute the layers attach the KL to
 their outputs with that same weight, see :mod:`dsa_dist.model.indexer_loss`, and the loss holds the LM term);
-Megatron sums gradients over micro-batches and DP x CP ranks
-and divides by the global token count, so both terms are exact global per-token means whatever the
-accumulation and CP/DP layout. The indexer KL is a per-row mean, hence the scaling by the local token count.
+Megatron sums gradients over micro-batches and DP x CP ranks and divides by the global token count, so both
+terms are exact global per-token means whatever the accumulation and CP/DP layout. The indexer KL is a per-row
+mean, hence the scaling by the local token count.
 
 Non-finite guard: a step whose reduced loss or global grad norm is NaN/inf changes nothing (parameters, Adam
 moments and LR schedule stay as they were; the data stream moves on); :class:`StepFunction` counts such steps
