@@ -23,7 +23,8 @@ Cases (``--parts``):
 ``--recompute full`` builds the model parts with Megatron's full activation recompute (``model.recompute``: one
 layer per checkpoint; the KL is attached to the layer outputs); a ``--cases`` entry ``part:L:CP:full`` or
 ``part:L:CP:none`` sets it for that case alone. TFLOPS count model FLOPs (the recomputed forward is not counted);
-the arithmetic bytes include the recomputed forward's collectives.
+the arithmetic bytes include the recomputed forward's collectives (KV and KL keys gathered again; the top-k is
+kept from the first forward).
 
 Per case: median step time over the ranks' slowest, tokens/s per GPU (L / (CP · t)), achieved TFLOPS per GPU
 with the FLOP count written in the JSON (``flops``; formulas in :func:`layer_flops` / :func:`model_flops`),
@@ -286,9 +287,8 @@ def _finish_row(row: dict, cfg, sparse: bool, is_model: bool) -> None:
         sparse_terms = vol.index_keys_fwd + vol.kl_keys_fwd + vol.dindex_keys_bwd if sparse else 0
         if sparse and row["mode"] == "candidates":
             sparse_terms += vol.candidates_mode_fwd - vol.index_keys_fwd
-        fwd_terms = vol.kv_fwd + (vol.index_keys_fwd + vol.kl_keys_fwd if sparse else 0)
-        if sparse and row["mode"] == "candidates":
-            fwd_terms += vol.candidates_mode_fwd - vol.index_keys_fwd
+        # ... except the top-k exchange: the recomputed forward replays the kept top-k (model.recompute.keep_topk)
+        fwd_terms = vol.kv_fwd + (vol.kl_keys_fwd if sparse else 0)
         row["arith_bytes_per_layer"] = batch * (vol.kv_fwd + vol.dkv_bwd + sparse_terms
                                                 + (fwd_terms if fwd_again else 0))
 

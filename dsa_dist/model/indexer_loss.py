@@ -125,13 +125,19 @@ class IndexerLossTracker:
     def replayed_topk(self, layer: int) -> torch.Tensor | None:
         """The indices to replay in ``layer`` this forward, or None (the layer selects its own)."""
         if self._replay is None:
-            if self._replaying_kept() and layer in self._kept:
-                return self._kept.pop(layer)  # the indices this layer selected in its first forward
             return None
         if layer not in self._replay:
             raise ValueError(f"replay_topk has no indices for layer {layer} (it has layers {sorted(self._replay)}); "
                              "pass the indices of every DSA layer of the model, as topk() records them")
         return self._replay[layer]
+
+    def kept_topk(self, layer: int) -> torch.Tensor | None:
+        """In the recomputed forward of a checkpointed layer: the indices [B, L_local, k] it used in its first
+        forward (dropped from here; see ``keep_topk_for_recompute``), else None. Trusted as they are: they were
+        selected, or validated as a replay, by this very layer."""
+        if self._replaying_kept() and layer in self._kept:
+            return self._kept.pop(layer)
+        return None
 
     def record(self, layer: int, loss: torch.Tensor) -> None:
         """Store the live KL of ``layer`` (a scalar). A layer recorded twice (e.g. recompute) keeps the latest."""
