@@ -6,6 +6,8 @@ Run (4 GPUs; every case uses all ranks: CP=c runs world/c data-parallel replicas
     python -m torch.distributed.run --nproc-per-node 4 benchmarks/cp_scaling.py --out DIR --budget-s 215 \
         --profile 32768:4          # as run for benchmarks/results/cp_scaling_h100x4.*
     python -m torch.distributed.run --nproc-per-node 2 benchmarks/cp_scaling.py --smoke   # CPU/gloo dry run
+    python -m torch.distributed.run --nproc-per-node 4 benchmarks/cp_scaling.py --out DIR --tag long \
+        --recompute full --cases model:524288:4 layer:524288:4 model:131072:1   # exactly these, in this order
 
 Cases (``--parts``):
 - ``layer``: the DSA steps of one DeepSeek-V3.2 attention layer (``dsa_dist.model.dsa_core.dsa_attention``:
@@ -17,6 +19,12 @@ Cases (``--parts``):
   optimizer step, no DP gradient reduction — the same for every layout);
 - ``dense_layer`` / ``dense_model``: the same with dense causal attention over the KV all-gathered across CP
   (runtime ``dsa_dist.model.runtime.DENSE``: no indexer, no KL), where it fits the budget.
+
+``--recompute full`` builds the model parts with Megatron's full activation recompute (``model.recompute``: one
+layer per checkpoint; the KL is attached to the layer outputs); a ``--cases`` entry ``part:L:CP:full`` or
+``part:L:CP:none`` sets it for that case alone. TFLOPS count model FLOPs (the recomputed forward is not counted);
+the arithmetic bytes include the recomputed forward's collectives (KV and KL keys gathered again; the top-k is
+kept from the first forward).
 
 Per case: median step time over the ranks' slowest, tokens/s per GPU (L / (CP · t)), achieved TFLOPS per GPU
 with the FLOP count written in the JSON (``flops``; formulas in :func:`layer_flops` / :func:`model_flops`),
@@ -44,8 +52,9 @@ import torch.distributed as dist
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repo, unless dsa_dist is already importable
 
+from benchmarks.cp_scaling_plan import PARTS, layer_flops, model_flops, select_cases, shorter, skip_reason  # noqa: E402
 from dsa_dist.compat import default_device  # noqa: E402
-from dsa_dist.model.config import DSAModelConfig, preset  # noqa: E402
+from dsa_dist.model.config import DSAModelConfig, RecomputeConfig, preset  # noqa: E402
 from dsa_dist.model.dsa_core import DSAInputs, dsa_attention  # noqa: E402
 from dsa_dist.model.indexer import LightningIndexer  # noqa: E402
 from dsa_dist.model.indexer_loss import IndexerLossTracker  # noqa: E402
@@ -54,35 +63,6 @@ from dsa_dist.parallel import ParallelDims, _comm, cp_layer_comm_volume, current
 
 K = 1024
 GIB = 2**30
-
-
-# ------------------------------------------------------------------------------------------------------- FLOPs
-def _attn_flops(cfg, length: int, sparse: bool) -> float:
-    """Forward attention FLOPs of one layer over the whole sequence: 2·H·(d_qk + d_v) per (query, key) pair —
-    k keys per query (sparse) or the causal half of L² (dense)."""
-    pairs = length * cfg.indexer.topk if sparse else length * length / 2
-    return 2.0 * cfg.num_heads * (cfg.core_qk_dim + cfg.core_v_dim) * pairs
-
-
-def _indexer_flops(cfg, length: int) -> float:
-    """Indexer scoring (forward only, top-k is not differentiated) + sparse KL (forward, and backward of its
-    indexer half): 2·H_I·d_I per causal pair, then k keys per query for the KL's H heads and H_I heads."""
-    ix = cfg.indexer
-    score = 2.0 * ix.heads * ix.head_dim * length * length / 2
-    kl = 2.0 * length * ix.topk * (cfg.num_heads * cfg.core_qk_dim + 3 * ix.heads * ix.head_dim)
-    return score + kl
-
-
-def layer_flops(cfg, length: int, sparse: bool) -> float:
-    """One DSA core forward + backward: attention 3.5× forward (backward 2.5×, as benchmarks/attention.py),
-    plus the indexer terms of :func:`_indexer_flops` in the sparse stage."""
-    return 3.5 * _attn_flops(cfg, length, sparse) + (_indexer_flops(cfg, length) if sparse else 0.0)
-
-
-def model_flops(cfg, length: int, n_linear_params: int, sparse: bool) -> float:
-    """Model forward + backward: 6 · (parameters outside the embeddings) · L for the GEMMs, plus
-    :func:`layer_flops` for each layer's core attention."""
-    return 6.0 * n_linear_params * length + cfg.num_layers * layer_flops(cfg, length, sparse)
 
 
 # ------------------------------------------------------------------------------------------------------- cases
@@ -103,11 +83,11 @@ def _layer_cfg(smoke: bool, length: int, mode: str) -> DSAModelConfig:
     return _preset("v32-layer", seq_len=length, indexer={"cp_topk_mode": mode})
 
 
-def _model_cfg(smoke: bool, length: int, mode: str) -> DSAModelConfig:
+def _model_cfg(smoke: bool, length: int, mode: str, recompute: str = "none") -> DSAModelConfig:
     name = "tiny" if smoke else "small"
     topk = 32 if smoke else 512
     return _preset(name, seq_len=length, vocab_size=512 if not smoke else 128,
-                   indexer={"topk": topk, "cp_topk_mode": mode})
+                   indexer={"topk": topk, "cp_topk_mode": mode}, recompute=RecomputeConfig(granularity=recompute))
 
 
 def make_layer_step(cfg: DSAModelConfig, dims: ParallelDims, length: int, sparse: bool, batch: int = 1):
@@ -162,7 +142,8 @@ def make_model_step(cfg: DSAModelConfig, dims: ParallelDims, length: int, sparse
         tracker.begin_forward()
         model.zero_grad(set_to_none=True)
         lm = model(inputs, None, None, labels=labels).float().mean()
-        (lm + tracker.total() if sparse else lm).backward()
+        # Under full recompute the layers attach their KL to their outputs (weight model.indexer_loss_coeff).
+        (lm + tracker.total() if sparse and tracker.attach_coeff is None else lm).backward()
 
     n_linear = sum(p.numel() for n, p in model.named_parameters() if "embedding" not in n and "output_layer" not in n)
     step.n_linear = n_linear  # type: ignore[attr-defined]
@@ -288,73 +269,6 @@ def set_layout(cp: int) -> ParallelDims:
     return current_parallel_dims()
 
 
-def _cases(args, world: int) -> list[dict]:
-    """Cases in priority order (the budget cuts the tail):
-
-    1. the model at ``--compare-length`` for every CP (CP versus DP at the same length);
-    2. the 512K targets at the largest CP: the model and the V3.2 layer;
-    3. 128K at the largest CP: model, layer, dense model, dense layer (the communication-hiding target);
-    4. at the compare length and the largest CP: the other top-k modes, and ``--batch`` sequences (CP=1 too);
-    5. everything else, largest CP first, growing lengths.
-    """
-    cps = sorted({c for c in args.cps if world % c == 0}, reverse=True)
-    top = cps[0]
-
-    def case(part, length, cp, mode=args.mode, batch=1):
-        return dict(part=part, L=length, cp=cp, mode=mode, batch=batch)
-
-    out = [case("model", args.compare_length, c) for c in sorted(cps)]
-    if not args.only_compare:
-        out += [case(p, 512 * K, top) for p in ("model", "layer") if p in args.parts]
-        out += [case(p, 128 * K, top) for p in args.parts]
-    if top > 1:
-        out += [case("model", args.compare_length, top, mode=m) for m in args.extra_modes if m != args.mode]
-    if args.batch > 1:
-        out += [case("model", args.compare_length, c, batch=args.batch) for c in sorted({1, top})]
-    if not args.only_compare:
-        for cp in cps:
-            for part in args.parts:
-                for length in sorted(args.model_lengths if part.endswith("model") else args.layer_lengths):
-                    out.append(case(part, length, cp))
-    unique, keys = [], set()
-    for c in out:
-        key = tuple(c.values())
-        if key not in keys and (c["L"] in args.model_lengths + args.layer_lengths + [args.compare_length]):
-            keys.add(key)
-            unique.append(c)
-    return unique
-
-
-def _shorter(seen: dict, key: tuple, length: int) -> dict | None:
-    """The longest measured row of the same (part, cp, mode, batch) below ``length`` (for predictions)."""
-    rows = [r for (k, L), r in seen.items() if k == key and L < length]
-    return max(rows, key=lambda r: r["L"]) if rows else None
-
-
-def _skip_reason(case: dict, cfg, last: dict | None, elapsed: float, args) -> str | None:
-    """Why a case is not run: its shorter twin failed, or it is predicted to exceed memory or the budget."""
-    sparse = not case["part"].startswith("dense")
-    grow = 1.0 if last is None else case["L"] / last["L"]
-    growth = grow if sparse else grow * grow  # dense attention is quadratic
-    if elapsed > args.budget_s:
-        return "skipped: budget"
-    if last is None:
-        flops = (model_flops(cfg, case["L"], 0, sparse) if case["part"].endswith("model")
-                 else layer_flops(cfg, case["L"], sparse))
-        rate = args.guess_tflops if sparse else args.guess_dense_tflops
-        guess = flops / case["cp"] / (rate * 1e12)  # no shorter run to scale from
-        if not args.smoke and elapsed + guess * (2 * args.reps + 4) > args.budget_s:
-            return f"skipped: budget ({guess:.1f} s/step guessed at {rate:g} TFLOPS)"
-        return None
-    if "error" in last:
-        return "skipped: " + last["error"].removeprefix("skipped: ") + f" at {last['L'] // K}K"
-    if last.get("peak_gib", 0) * grow > args.mem_gib:
-        return f"skipped: predicted {last['peak_gib'] * grow:.0f} GiB > {args.mem_gib:g}"
-    if elapsed + last["step_s"] * growth * (2 * args.reps + 4) > args.budget_s:
-        return f"skipped: budget ({last['step_s'] * growth:.1f} s/step predicted)"
-    return None
-
-
 def _finish_row(row: dict, cfg, sparse: bool, is_model: bool) -> None:
     """Throughput, FLOPs and the arithmetic byte count next to the measured one."""
     length, cp, batch = row["L"], row["cp"], row["batch"]
@@ -366,19 +280,23 @@ def _finish_row(row: dict, cfg, sparse: bool, is_model: bool) -> None:
     row["tokens_per_s_per_gpu"] = batch * length / cp / row["step_s"]
     row["tflops_per_gpu"] = flops / cp / row["step_s"] / 1e12
     if cp > 1:
+        fwd_again = row.get("recompute") == "full"  # the recomputed forward repeats the forward exchanges
         vol = cp_layer_comm_volume(length, cp, d_index=cfg.indexer.head_dim, index_heads=cfg.indexer.heads,
                                    kv_dim=cfg.core_qk_dim, kv_dtype=cfg.torch_dtype, topk=cfg.indexer.topk,
                                    kl_key_dtype=cfg.torch_dtype if sparse else None)
         sparse_terms = vol.index_keys_fwd + vol.kl_keys_fwd + vol.dindex_keys_bwd if sparse else 0
         if sparse and row["mode"] == "candidates":
             sparse_terms += vol.candidates_mode_fwd - vol.index_keys_fwd
-        row["arith_bytes_per_layer"] = batch * (vol.kv_fwd + vol.dkv_bwd + sparse_terms)
+        # ... except the top-k exchange: the recomputed forward replays the kept top-k (model.recompute.keep_topk)
+        fwd_terms = vol.kv_fwd + (vol.kl_keys_fwd if sparse else 0)
+        row["arith_bytes_per_layer"] = batch * (vol.kv_fwd + vol.dkv_bwd + sparse_terms
+                                                + (fwd_terms if fwd_again else 0))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", nargs="+", default=["model", "layer", "dense_model", "dense_layer"],
-                        choices=["model", "layer", "dense_model", "dense_layer"])
+                        choices=list(PARTS))
     parser.add_argument("--model-lengths", nargs="+", type=int, default=[128 * K, 256 * K, 512 * K, 1024 * K])
     parser.add_argument("--layer-lengths", nargs="+", type=int, default=[128 * K, 256 * K, 512 * K])
     parser.add_argument("--compare-length", type=int, default=32 * K, help="model length of the CP-vs-DP rows")
@@ -390,6 +308,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4,
                         help="also time this many sequences per micro-batch at the compare length (CP=1, max CP)")
     parser.add_argument("--only-compare", action="store_true", help="only the compare-length rows")
+    parser.add_argument("--cases", nargs="+", default=None, metavar="PART:L:CP[:full|none]",
+                        help="run exactly these cases in this order (comma- or space-separated), e.g. "
+                             "model:524288:4,layer:524288:4,model:131072:1; --parts/--cps/lengths are ignored")
+    parser.add_argument("--recompute", default="none", choices=["none", "full"],
+                        help="full activation recompute of the model parts (model.recompute.granularity)")
     parser.add_argument("--reps", type=int, default=3, help="timed steps per case (median)")
     parser.add_argument("--budget-s", type=float, default=300.0, help="start no case after this many seconds")
     parser.add_argument("--mem-gib", type=float, default=76.0, help="skip a case predicted to need more")
@@ -415,15 +338,16 @@ def main() -> None:
         profile(args, rank)
     rows: list[dict] = []
     seen: dict[tuple, dict] = {}  # ((part, cp, mode, batch), L) -> row that ran: predicts time and memory
-    for case in _cases(args, world):
+    for case in select_cases(args, world):
         part, length, cp = case["part"], case["L"], case["cp"]
         if length % (2 * cp):
             continue
         sparse, is_model = not part.startswith("dense"), part.endswith("model")
-        cfg = (_model_cfg if is_model else _layer_cfg)(args.smoke, length, case["mode"])
+        cfg = (_model_cfg(args.smoke, length, case["mode"], case["recompute"]) if is_model
+               else _layer_cfg(args.smoke, length, case["mode"]))
         row = {**case, "dp": world // cp, "tag": args.tag}
-        key = (part, cp, case["mode"], case["batch"])
-        reason = _skip_reason(case, cfg, _shorter(seen, key, length), time.monotonic() - start, args)
+        key = (part, cp, case["mode"], case["batch"], case["recompute"])
+        reason = skip_reason(case, cfg, shorter(seen, key, length), time.monotonic() - start, args)
         if reason:
             row["error"] = reason
         else:
@@ -479,13 +403,13 @@ def _fmt(x, spec: str) -> str:
 
 def table(rows: list[dict]) -> str:
     """Markdown table of the rows (one line per case)."""
-    head = ("| part | L | B | CP×DP | top-k mode | step s | tok/s/GPU | TFLOPS/GPU | peak GiB | sent MB/layer (arith.) "
-            "| compute alone s | comm alone s | exposed s | hidden |")
+    head = ("| part | L | B | CP×DP | top-k mode | recompute | step s | tok/s/GPU | TFLOPS/GPU | peak GiB "
+            "| sent MB/layer (arith.) | compute alone s | comm alone s | exposed s | hidden |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['part']} | {r['L'] / K:g}K | {r['batch']} | {r['cp']}×{r['dp']} | {r['mode']} | "
-                         f"{r['error']} |" + " |" * 8)
+                         f"{r.get('recompute', 'none')} | {r['error']} |" + " |" * 8)
             continue
         sent = r.get("sent_bytes_per_layer")
         arith = r.get("arith_bytes_per_layer")
@@ -493,7 +417,7 @@ def table(rows: list[dict]) -> str:
         hidden = r.get("hidden_share")
         lines.append(
             f"| {r['part']} | {r['L'] / K:g}K | {r['batch']} | {r['cp']}×{r['dp']} | {r['mode']} | "
-            f"{r['step_s']:.3f} | "
+            f"{r.get('recompute', 'none')} | {r['step_s']:.3f} | "
             f"{r['tokens_per_s_per_gpu']:,.0f} | {r['tflops_per_gpu']:.0f} | {_fmt(r.get('peak_gib'), '.1f')} | "
             f"{sent_s} | {_fmt(r.get('compute_alone_s'), '.3f')} | {_fmt(r.get('comm_alone_s'), '.4f')} | "
             f"{_fmt(r.get('exposed_comm_s'), '.3f')} | {'—' if hidden is None else f'{hidden:.0%}'} |")

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One command on a 4-GPU host (≈ 9 minutes): the NCCL context-parallel tests, the small model's CP=4-vs-DP=4
-# rows of the scaling benchmark, and the same training job launched through Ray and through torchrun.
+# One command on a 4-GPU host (≈ 9 minutes): the NCCL context-parallel tests, then the long-context rows of the
+# scaling benchmark (tag "long"): the small model at 512K tokens on 4 GPUs with full activation recompute, the
+# V3.2 DSA layer at 512K on 4 GPUs, the model at 128K on 1 and 2 GPUs and 256K on 4, and the dense model at 128K
+# on 4 GPUs (the dense case is started only if the budget allows; it uses the fused dense attention when present).
 # Usage: OUT=/some/dir bash benchmarks/gpu_checks_multi.sh   (wheels from .whl/ installed first when present)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_checks_multi}
@@ -24,7 +26,8 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
 }
 
 step nccl_tests 180 python3 -m pytest -q -p no:cacheprovider tests/multigpu
-step cp_scaling 80 python3 -m torch.distributed.run --nproc-per-node "$GPUS" --master-addr 127.0.0.1 \
-  --master-port 29611 benchmarks/cp_scaling.py --out "$OUT" --only-compare --budget-s 55 --tag after_sync
-step ray_vs_torchrun 240 python3 benchmarks/ray_vs_torchrun.py --out "$OUT" --steps 12 --cp 2 4 --timeout 100
+step cp_scaling 370 python3 -m torch.distributed.run --nproc-per-node "$GPUS" --master-addr 127.0.0.1 \
+  --master-port 29611 benchmarks/cp_scaling.py --out "$OUT" --tag long --budget-s 290 --recompute full \
+  --cases model:524288:4,layer:524288:4,model:131072:1,model:131072:2,model:262144:4,dense_model:131072:4 \
+  --guess-dense-tflops 150
 echo "done after ${SECONDS}s"

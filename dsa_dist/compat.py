@@ -11,7 +11,8 @@ Configuration first (no patch needed):
   matrix and the TP shard is sliced out, so TP runs start from exactly the TP=1 weights);
 - our attention uses its own core attention and rotary embedding (:mod:`dsa_dist.model`), never Megatron's
   ``DotProductAttention``/``RotaryEmbedding``, and GPTModel is built with ``position_embedding_type="none"``;
-- dropout defaults to 0 and activation recompute is off on CPU, so Megatron's CUDA RNG tracker is never forked;
+- dropout defaults to 0, so Megatron's CUDA RNG tracker is never forked (activation recompute saves and restores
+  the RNG states around the recomputed forward: see shim 3);
 - :func:`manual_seed` seeds Megatron's CUDA RNG tracker on CUDA and only torch's generator on CPU (Megatron's
   ``model_parallel_cuda_manual_seed`` needs CUDA).
 
@@ -22,6 +23,11 @@ they touch ``torch.cuda`` functions only (no Megatron class is patched):
    mappings, and dist_checkpointing's save (``state_dict_saver``, ``async_utils``).
 2. ``torch.cuda.synchronize()`` is a no-op (dist_checkpointing save and the fully-parallel strategies call it;
    CPU ops are synchronous anyway).
+3. ``torch.cuda.random.get_rng_state()`` (also ``torch.cuda.get_rng_state``) returns an empty byte tensor: Megatron's
+   activation recompute (``tensor_parallel.CheckpointFunction``) saves the CUDA generator's state next to the CPU
+   one and restores both before recomputing. Without CUDA there is no such generator to save; Megatron's restore
+   (``_set_cuda_rng_state``) is queued by torch's lazy CUDA init and never runs. The CPU generator, which CPU ops
+   draw from, is saved and restored by Megatron itself.
 
 Scoped, not global: :func:`cuda_literals_to_cpu` is a ``TorchFunctionMode`` for the Megatron calls that hard-code
 ``device="cuda"`` (``FP32Optimizer``'s loss scale, ``forward_backward_no_pipelining``'s token counter, the
@@ -52,6 +58,10 @@ def _cpu_synchronize(device: object = None) -> None:
     return None
 
 
+def _cpu_cuda_rng_state(device: object = "cuda") -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8)
+
+
 def apply_cpu_shims() -> bool:
     """Install the ``torch.cuda`` shims listed in the module docstring when CUDA is absent.
 
@@ -63,6 +73,8 @@ def apply_cpu_shims() -> bool:
     if not _SHIMS_APPLIED:
         torch.cuda.current_device = _cpu_current_device
         torch.cuda.synchronize = _cpu_synchronize
+        torch.cuda.random.get_rng_state = _cpu_cuda_rng_state
+        torch.cuda.get_rng_state = _cpu_cuda_rng_state
         _SHIMS_APPLIED = True
     return True
 

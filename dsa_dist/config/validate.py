@@ -49,6 +49,10 @@ def validate_pipeline(cfg: TrainRunConfig) -> None:
     require(len(set(stages)) == len(stages), "pipeline", stages, "a stage may appear once")
     order = [STAGE_ORDER.index(s) for s in stages]
     require(order == sorted(order), "pipeline", stages, f"stages must keep the order {' -> '.join(STAGE_ORDER)}")
+    # The GRPO trainer adds tracker.total() to its loss; full recompute attaches the KL to the layer outputs.
+    require(not (cfg.model.recompute.full and "grpo" in stages), "model.recompute.granularity",
+            cfg.model.recompute.granularity, "full recompute is not supported by the 'grpo' stage yet; run it with "
+            "model.recompute.granularity=none (or selective)")
 
 
 def validate_train(cfg: TrainRunConfig) -> None:

@@ -1,7 +1,7 @@
 """Megatron-Core modules for DSA models (docs/design.md §3 ``model/``).
 
-- :mod:`.config` — ``DSAModelConfig`` (+ ``MLAConfig``, ``GQAConfig``, ``IndexerConfig``), frozen, and
-  ``preset(name)``; :mod:`.runtime` — ``DSARuntime`` (dense|sparse attention, indexer KL on|off);
+- :mod:`.config` — ``DSAModelConfig`` (+ ``MLAConfig``, ``GQAConfig``, ``IndexerConfig``, ``RecomputeConfig``),
+  frozen, and ``preset(name)``; :mod:`.runtime` — ``DSARuntime`` (dense|sparse attention, indexer KL on|off);
 - :mod:`.indexer` — ``LightningIndexer``, ``is_indexer_parameter``; :mod:`.indexer_loss` — ``IndexerLossTracker``
   (per-forward options via ``begin_forward``; KL, recall and top-k records);
 - :mod:`.attention` — ``DSAMLASelfAttention`` (absorbed MLA) and ``DSAGQASelfAttention`` (``project`` /
@@ -15,7 +15,8 @@ Names are imported on first use, so ``dsa_dist.model.config`` is usable without 
 from importlib import import_module
 
 _EXPORTS = {
-    "DSAModelConfig": "config", "MLAConfig": "config", "GQAConfig": "config", "IndexerConfig": "config",
+    "DSAModelConfig": "config", "RecomputeConfig": "config", "MLAConfig": "config", "GQAConfig": "config",
+    "IndexerConfig": "config",
     "preset": "config", "PRESET_NAMES": "config",
     "DSARuntime": "runtime",
     "LightningIndexer": "indexer", "sync_indexer_grads": "indexer", "is_indexer_parameter": "indexer",

@@ -14,6 +14,11 @@ Usage::
     tracker.begin_forward(measure_recall=False)                  # before every forward
     per_token_loss = model(tokens, None, None, labels=labels)   # [b, s_local] (tokens/labels zigzag-sharded)
     loss = per_token_loss.mean() + cfg.indexer_loss_coeff * tracker.total()
+
+With ``cfg.recompute.granularity='full'`` (Megatron's full activation recompute) the tracker attaches the KL to
+the layer outputs instead (``IndexerLossTracker(attach_coeff=cfg.indexer_loss_coeff)``): the loss is then the LM
+loss alone, ``tracker.total_detached()`` gives the KL to log, and ``begin_forward(attach_scale=...)`` the
+per-forward weight (see :mod:`dsa_dist.model.indexer_loss`).
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ def build_model(cfg: DSAModelConfig, *, runtime: DSARuntime, pre_process: bool =
                          "DSARuntime(attention='sparse', indexer_kl=True)")
     apply_cpu_shims()
     config = cfg.to_transformer_config(None)
-    tracker = tracker if tracker is not None else IndexerLossTracker()
+    tracker = _tracker_for(cfg, runtime, tracker)
     model = GPTModel(
         config=config,
         transformer_layer_spec=dsa_layer_spec(cfg, runtime, tracker),
@@ -68,10 +73,46 @@ def build_model(cfg: DSAModelConfig, *, runtime: DSARuntime, pre_process: bool =
         position_embedding_type="none",
         vp_stage=vp_stage,
     )
+    if cfg.recompute.full and pre_process:
+        model.decoder.register_forward_pre_hook(_decoder_input_requires_grad, with_kwargs=True)
     device = default_device()
     if device.type != "cpu":
         model = model.to(device)
     return model
+
+
+def _tracker_for(cfg: DSAModelConfig, runtime: DSARuntime, tracker: IndexerLossTracker | None) -> IndexerLossTracker:
+    """The layers' tracker: the caller's, or a new one that attaches the KL when full recompute needs it."""
+    needs_attach = cfg.recompute.full and runtime.indexer_kl
+    keep = cfg.recompute.full and cfg.recompute.keep_topk and runtime.attention == "sparse"
+    if tracker is None:
+        return IndexerLossTracker(attach_coeff=cfg.indexer_loss_coeff if needs_attach else None,
+                                  keep_topk_for_recompute=keep)
+    if needs_attach and tracker.attach_coeff is None:
+        raise ValueError("model.recompute.granularity='full' with the indexer KL on needs an attaching tracker: the "
+                         "first forward of a recomputed layer has no autograd graph, so a KL added to the loss "
+                         "through tracker.total() would never train the indexer. Pass "
+                         "IndexerLossTracker(attach_coeff=coeff) (or no tracker), or turn recompute off")
+    return tracker
+
+
+def _decoder_input_requires_grad(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook of the decoder under full recompute: make its input require grad while training.
+
+    Megatron's reentrant checkpoint runs a layer's backward only if one of its inputs requires grad. When the
+    embedding is frozen (the indexer warm-up trains the indexers alone) nothing upstream does, so the recomputed
+    forward — the only one whose attached KL has a graph — would never run and the indexers would get no gradient.
+    A detached leaf copy of the input (its gradient is dropped) starts that chain; the values are unchanged.
+    """
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if not (module.training and torch.is_grad_enabled() and isinstance(hidden, torch.Tensor)) or hidden.requires_grad:
+        return None
+    hidden = hidden.detach().requires_grad_()
+    if "hidden_states" in kwargs:
+        kwargs["hidden_states"] = hidden
+    else:
+        args = (hidden, *args[1:])
+    return args, kwargs
 
 
 def get_indexer_loss_tracker(model: torch.nn.Module) -> IndexerLossTracker:

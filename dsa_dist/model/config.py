@@ -79,6 +79,46 @@ class IndexerConfig:
 
 
 @dataclass(frozen=True)
+class RecomputeConfig:
+    """Activation recompute through Megatron-Core's own mechanism (``TransformerConfig.recompute_*``).
+
+    ``full`` checkpoints whole transformer layers (only each chunk's input is kept; the layers run again in
+    backward), which is what makes long sequences fit (docs/context_parallel.md "Memory per rank"). The DSA
+    layers then attach their indexer KL to their output (``IndexerLossTracker(attach_coeff=...)``, set up by
+    :func:`dsa_dist.model.build_model`), so the KL's gradient comes from the recomputed forward, exactly once.
+    """
+
+    granularity: Literal["none", "full", "selective"] = "none"
+    """'none': keep all activations; 'full': recompute whole layers (``method`` / ``num_layers`` say which);
+    'selective': recompute only the submodules in ``modules`` (Megatron's 'selective')."""
+    method: Literal["uniform", "block"] = "uniform"
+    """For 'full': 'uniform' checkpoints every chunk of ``num_layers`` layers; 'block' checkpoints the first
+    ``num_layers`` layers (of each pipeline stage) and keeps the activations of the others."""
+    num_layers: int = 1
+    """For 'full': layers per checkpointed chunk ('uniform') or layers checkpointed ('block'); 1 = least memory."""
+    modules: tuple[str, ...] = ("mlp",)
+    """For 'selective': Megatron's ``recompute_modules`` that apply to this model: 'mlp' (the SwiGLU MLP).
+    Megatron's 'core_attn' does not reach the DSA attention (it is not Megatron's core attention) and its
+    'layernorm' needs Transformer Engine."""
+
+    keep_topk: bool = True
+    """For 'full' in the sparse stage: keep each layer's top-k indices from the first forward and replay them in
+    the recomputed forward, instead of running the indexer's O(L²) scoring again (identical indices). Costs
+    L/CP · k · 4 bytes per layer until its backward (small model, 128K tokens per GPU: 256 MiB per layer);
+    false trades that memory for the second scoring."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any recompute is on."""
+        return self.granularity != "none"
+
+    @property
+    def full(self) -> bool:
+        """Whether whole layers are recomputed (the DSA layers' KL is then attached to their output)."""
+        return self.granularity == "full"
+
+
+@dataclass(frozen=True)
 class DSAModelConfig:
     """A decoder-only LM with DSA attention in every layer."""
 
@@ -114,6 +154,8 @@ class DSAModelConfig:
     """GQA shapes (read when attention == 'gqa')."""
     indexer: IndexerConfig = field(default_factory=IndexerConfig)
     """The lightning indexer of every layer."""
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    """Activation recompute (memory for compute; not part of the architecture, results are identical)."""
 
     # ------------------------------------------------------------------ derived shapes
     @property
@@ -206,6 +248,7 @@ class DSAModelConfig:
         if ix.topk > self.seq_len:
             raise ValueError(f"indexer.topk={ix.topk} is larger than seq_len={self.seq_len}; at most seq_len keys "
                              "exist (the dense attention runtime attends to all of them)")
+        _check_recompute(self.recompute, self.num_layers)
         if cp > 1 and self.seq_len % (2 * cp):
             raise ValueError(f"seq_len={self.seq_len} is not divisible by 2*cp={2 * cp} (zigzag context parallel "
                              f"uses 2*cp chunks); pad the sequence to a multiple of {2 * cp} or change cp")
@@ -262,7 +305,38 @@ class DSAModelConfig:
             persist_layer_norm=False,
             apply_rope_fusion=False,
             gradient_accumulation_fusion=False,
+            **_megatron_recompute(self.recompute),
         )
+
+
+def _check_recompute(rc: RecomputeConfig, num_layers: int) -> None:
+    """``recompute.*`` rules (Megatron asserts some of them later, without naming our fields)."""
+    _check_literal("recompute.granularity", rc.granularity, ("none", "full", "selective"))
+    _check_literal("recompute.method", rc.method, ("uniform", "block"))
+    _check_pos("recompute.num_layers", rc.num_layers)
+    if rc.granularity == "full" and rc.num_layers > num_layers:
+        raise ValueError(f"recompute.num_layers={rc.num_layers} is larger than num_layers={num_layers}; use at most "
+                         "the model's layer count (1 recomputes each layer on its own: least memory)")
+    if rc.granularity == "selective":
+        modules = tuple(rc.modules)
+        if not modules:
+            raise ValueError("recompute.modules is empty with recompute.granularity='selective'; list 'mlp', or set "
+                             "recompute.granularity='none'")
+        for name in modules:
+            if name != "mlp":
+                raise ValueError(f"recompute.modules holds {name!r}; allowed: 'mlp' (Megatron's 'core_attn' does "
+                                 "not reach the DSA attention and its 'layernorm' needs Transformer Engine: use "
+                                 "recompute.granularity='full' to recompute whole layers)")
+
+
+def _megatron_recompute(rc: RecomputeConfig) -> dict[str, Any]:
+    """The ``TransformerConfig`` recompute fields for ``rc`` (none when recompute is off)."""
+    if rc.granularity == "full":
+        return {"recompute_granularity": "full", "recompute_method": rc.method,
+                "recompute_num_layers": rc.num_layers}
+    if rc.granularity == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": list(rc.modules)}
+    return {}
 
 
 def _check_pos(name: str, value: object) -> None:

@@ -283,15 +283,19 @@ def dsa_attention(inputs: DSAInputs, *, indexer: LightningIndexer, dsa: DSAModel
     want_recall = tracker is not None and tracker.measure_recall
     want_record = tracker is not None and tracker.record_topk
     replay = tracker.replayed_topk(layer) if tracker is not None else None
+    kept = tracker.kept_topk(layer) if tracker is not None else None  # own first-forward selection (recompute)
     if replay is not None and not sparse:
         raise ValueError(f"replay_topk was given but layer {layer} runs dense attention; replaying indices needs "
                          "a model built with DSARuntime(attention='sparse')")
 
     kv = _PendingKV(inputs, dims)  # the transfer overlaps the indexer's scoring
-    select = replay is None and (sparse or want_recall or want_record)
+    select = replay is None and kept is None and (sparse or want_recall or want_record)
     rows = project_indexer(indexer, inputs, dims) if (kl_on or want_recall or select) else None
     topk_rows = topk_all = None  # [B, Ll/tp, k] this rank's indexer rows / [B, Ll, k] every local row
-    if replay is not None:
+    if kept is not None:  # selected (or validated) by this layer in its first forward: no second check
+        topk_all = kept
+        topk_rows = topk_all[:, dims.tp_rank::dims.tp]
+    elif replay is not None:
         topk_all = check_replay(replay, batch, positions, layer)
         topk_rows = topk_all[:, dims.tp_rank::dims.tp]
     elif select:
@@ -320,5 +324,5 @@ def dsa_attention(inputs: DSAInputs, *, indexer: LightningIndexer, dsa: DSAModel
                     indices_checked=True)
     tracker.record(layer, kl)
     if tracker.attach_coeff is not None:
-        out = attach_loss(out, kl, tracker.attach_coeff)
+        out = attach_loss(out, kl, tracker.attach_weight)
     return out

@@ -18,6 +18,21 @@ Pipeline parallelism: a KL recorded on a non-last stage never reaches that stage
 With ``attach_coeff`` set, each layer instead attaches ``attach_coeff * KL`` to its attention output through an
 identity autograd function whose backward feeds the KL a gradient of ``attach_coeff`` (the loss itself stays out
 of the LM loss); :meth:`total` then refuses, so the two paths cannot be mixed by accident.
+
+Activation recompute (``model.recompute.granularity='full'``, Megatron's reentrant checkpoint) needs the attach
+path too: the first forward of a checkpointed layer runs without grad, so the KL it records has no graph; the
+layer runs again in backward with grad, and only a KL attached to *that* output reaches the indexer — once, since
+the first forward's attachment is a no-op without grad. :func:`dsa_dist.model.build_model` therefore makes an
+attaching tracker when recompute is on. The recomputed forward records again under the same options (they stay in
+force until the next :meth:`begin_forward`): the KL, recall and top-k records are overwritten by equal values,
+never added, so :meth:`values` and :meth:`total_detached` count each layer once. ``attach_scale`` of
+:meth:`begin_forward` carries the per-forward factor of a loss that is not a plain mean (the trainer's per-token
+normalisation multiplies the KL by the micro-batch's token count).
+
+``keep_topk_for_recompute`` (sparse models under full recompute): the first forward of a checkpointed layer keeps
+its selected indices here and the recomputed forward replays them instead of scoring every key again (the
+indexer's O(L²) scoring is most of a long-sequence forward); each is dropped once replayed. Cost: [B, L_local, k]
+int32 per checkpointed layer between the forward and that layer's backward.
 """
 
 from __future__ import annotations
@@ -39,8 +54,11 @@ class IndexerLossTracker:
             to their output with this coefficient (for pipeline parallelism), see the module docstring.
     """
 
-    def __init__(self, attach_coeff: float | None = None) -> None:
+    def __init__(self, attach_coeff: float | None = None, keep_topk_for_recompute: bool = False) -> None:
         self.attach_coeff = attach_coeff
+        self.keep_topk_for_recompute = keep_topk_for_recompute
+        self._kept: dict[int, torch.Tensor] = {}  # first forward's top-k of checkpointed layers, until replayed
+        self._attach_scale: float | torch.Tensor = 1.0
         self._measure_recall = False
         self._record_topk = False
         self._replay: dict[int, torch.Tensor] | None = None
@@ -49,7 +67,8 @@ class IndexerLossTracker:
         self._topk: dict[int, torch.Tensor] = {}
 
     def begin_forward(self, *, measure_recall: bool = False, record_topk: bool = False,
-                      replay_topk: dict[int, torch.Tensor] | None = None) -> None:
+                      replay_topk: dict[int, torch.Tensor] | None = None,
+                      attach_scale: float | torch.Tensor = 1.0) -> None:
         """Start a forward pass: clear the records and set its options.
 
         Args:
@@ -63,13 +82,18 @@ class IndexerLossTracker:
                 every TP rank; any k >= 1). Each layer then uses these indices instead of its own top-k — for the
                 sparse attention and the sparse KL alike (GRPO's indexer top-k replay); every entry must be −1 or
                 a causal key. Needs ``DSARuntime(attention="sparse")``.
+            attach_scale: with ``attach_coeff`` set, the KL of this forward is backpropagated with the weight
+                ``attach_coeff * attach_scale`` (a float, or a scalar tensor on the model's device: no host sync);
+                ignored otherwise.
         """
+        self._attach_scale = attach_scale
         self._measure_recall = bool(measure_recall)
         self._record_topk = bool(record_topk)
         self._replay = None if replay_topk is None else dict(replay_topk)
         self._losses.clear()
         self._recall.clear()
         self._topk.clear()
+        self._kept.clear()
 
     # ---------------------------------------------------------------------------------- read by the layers
     @property
@@ -79,8 +103,24 @@ class IndexerLossTracker:
 
     @property
     def record_topk(self) -> bool:
-        """Whether this forward records each layer's selected indices."""
-        return self._record_topk
+        """Whether the layers hand their selected indices to :meth:`record_selected` in this forward (asked by
+        ``begin_forward``, or kept for the recomputed forward of a checkpointed layer)."""
+        return self._record_topk or self._keeping()
+
+    def _keeping(self) -> bool:
+        """First (no-grad) forward of a layer inside Megatron's activation checkpoint, with top-k keeping on."""
+        return self.keep_topk_for_recompute and not torch.is_grad_enabled() and _in_checkpoint()
+
+    def _replaying_kept(self) -> bool:
+        """The recomputed forward (grad on) of a checkpointed layer, with top-k keeping on."""
+        return self.keep_topk_for_recompute and torch.is_grad_enabled() and _in_checkpoint()
+
+    @property
+    def attach_weight(self) -> float | torch.Tensor | None:
+        """The weight a layer attaches its KL with in this forward (``attach_coeff * attach_scale``), or None."""
+        if self.attach_coeff is None:
+            return None
+        return self.attach_coeff * self._attach_scale
 
     def replayed_topk(self, layer: int) -> torch.Tensor | None:
         """The indices to replay in ``layer`` this forward, or None (the layer selects its own)."""
@@ -90,6 +130,14 @@ class IndexerLossTracker:
             raise ValueError(f"replay_topk has no indices for layer {layer} (it has layers {sorted(self._replay)}); "
                              "pass the indices of every DSA layer of the model, as topk() records them")
         return self._replay[layer]
+
+    def kept_topk(self, layer: int) -> torch.Tensor | None:
+        """In the recomputed forward of a checkpointed layer: the indices [B, L_local, k] it used in its first
+        forward (dropped from here; see ``keep_topk_for_recompute``), else None. Trusted as they are: they were
+        selected, or validated as a replay, by this very layer."""
+        if self._replaying_kept() and layer in self._kept:
+            return self._kept.pop(layer)
+        return None
 
     def record(self, layer: int, loss: torch.Tensor) -> None:
         """Store the live KL of ``layer`` (a scalar). A layer recorded twice (e.g. recompute) keeps the latest."""
@@ -102,9 +150,12 @@ class IndexerLossTracker:
         self._recall[layer] = recall.detach().float()
 
     def record_selected(self, layer: int, indices: torch.Tensor) -> None:
-        """Store ``indices`` [B, L_local, k] (global key indices of this rank's tokens) when this forward asks."""
+        """Store ``indices`` [B, L_local, k] (global key indices of this rank's tokens) when this forward asks, and
+        keep them for the layer's recomputed forward (see :attr:`keep_topk_for_recompute`)."""
         if self._record_topk:
             self._topk[layer] = indices.detach()
+        if self._keeping():
+            self._kept[layer] = indices.detach()
 
     # ---------------------------------------------------------------------------------- read by the loop
     def topk(self) -> dict[int, torch.Tensor]:
@@ -124,6 +175,13 @@ class IndexerLossTracker:
         if not self._losses:
             return torch.zeros(())
         return torch.stack([self._losses[k] for k in self.layers]).sum()
+
+    def total_detached(self) -> torch.Tensor:
+        """Detached sum over layers of the recorded KL (0 if nothing was recorded), for logging in either mode
+        (each layer counted once, also when a recomputed forward recorded it again)."""
+        if not self._losses:
+            return torch.zeros(())
+        return torch.stack([self._losses[k].detach() for k in self.layers]).sum()
 
     def values(self, reduce: bool = False, groups: tuple = ()) -> dict[int, float]:
         """Detached per-layer KL as floats; ``reduce=True`` averages each over ``groups`` (default: TP and CP)."""
@@ -147,6 +205,13 @@ class IndexerLossTracker:
         return dict(zip(keys, vec.tolist()))
 
 
+def _in_checkpoint() -> bool:
+    """Whether Megatron's activation checkpoint (``tensor_parallel.checkpoint``) is running a forward now."""
+    from megatron.core.tensor_parallel.random import is_checkpointing
+
+    return is_checkpointing()
+
+
 def _default_groups() -> tuple:
     from megatron.core import parallel_state as ps
 
@@ -159,17 +224,22 @@ class _AttachLoss(torch.autograd.Function):
     """Identity on ``out``; in backward gives ``loss`` the gradient ``coeff`` (so the loss trains its indexer)."""
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, loss: torch.Tensor, coeff: float) -> torch.Tensor:
-        ctx.coeff = coeff
+    def forward(ctx, out: torch.Tensor, loss: torch.Tensor, coeff: float | torch.Tensor) -> torch.Tensor:
+        ctx.coeff = coeff.detach() if isinstance(coeff, torch.Tensor) else coeff
         ctx.loss_meta = (loss.shape, loss.dtype, loss.device)
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         shape, dtype, device = ctx.loss_meta
-        return grad_out, torch.full(shape, ctx.coeff, dtype=dtype, device=device), None
+        if isinstance(ctx.coeff, torch.Tensor):
+            grad_loss = ctx.coeff.to(device=device, dtype=dtype).reshape(()).expand(shape).clone()
+        else:
+            grad_loss = torch.full(shape, ctx.coeff, dtype=dtype, device=device)
+        return grad_out, grad_loss, None
 
 
-def attach_loss(out: torch.Tensor, loss: torch.Tensor, coeff: float) -> torch.Tensor:
-    """Return ``out`` unchanged, wired so that its backward also backpropagates ``coeff * loss``."""
+def attach_loss(out: torch.Tensor, loss: torch.Tensor, coeff: float | torch.Tensor) -> torch.Tensor:
+    """Return ``out`` unchanged, wired so that its backward also backpropagates ``coeff * loss`` (``coeff``: a
+    float or a scalar tensor)."""
     return _AttachLoss.apply(out, loss, coeff)

@@ -38,6 +38,13 @@ from dsa_dist.parallel._comm import (
 )
 from dsa_dist.parallel.sharding import check_cp_config, rank_major_to_global, zigzag_positions
 
+# Temporaries of one candidate merge are bounded by this budget: a merge sorts (score, index) pairs of every row
+# by index and by score in int64/fp32 (measured ~24 bytes per candidate on CPU; budgeted at 40). Unchunked, merging
+# 2k = 4096 candidates for 128K rows (V3.2 at 512K tokens on 4 ranks) holds ~12 GiB of temporaries at once, three
+# times the top-k's own buffers (docs/context_parallel.md "Memory per rank"). Rows are merged in chunks instead.
+MERGE_BUDGET_BYTES = 512 * 2**20
+_MERGE_BYTES_PER_CANDIDATE = 40
+
 TopkMode = Literal["allgather", "ring", "candidates"]
 TOPK_MODES: tuple[str, ...] = ("allgather", "ring", "candidates")
 
@@ -67,12 +74,33 @@ def _to_global(local_idx: torch.Tensor, global_rows: torch.Tensor) -> torch.Tens
     return torch.where(local_idx >= 0, mapped, INVALID_INDEX)
 
 
-def _merge(a: tuple[torch.Tensor, torch.Tensor] | None, b: tuple[torch.Tensor, torch.Tensor],
-           topk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of the union of two candidate lists ``(scores [..., k], global indices [..., k])``."""
-    if a is None:
-        return b
-    return topk_from_scores(torch.cat([a[0], b[0]], -1), topk, key_indices=torch.cat([a[1], b[1]], -1))
+def merge_chunk_rows(candidates_per_row: int, budget_bytes: int | None = None) -> int:
+    """Rows merged at once so that one merge's temporaries stay within ``budget_bytes`` (default
+    :data:`MERGE_BUDGET_BYTES`)."""
+    budget = MERGE_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    return max(1, budget // (candidates_per_row * _MERGE_BYTES_PER_CANDIDATE))
+
+
+def _merge_shard(best: tuple[torch.Tensor, torch.Tensor] | None, scores: torch.Tensor, local_idx: torch.Tensor,
+                 global_rows: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold one shard's candidates ``(scores, local rows)`` [B, Lq, k] into ``best`` (scores, global indices),
+    exactly, row chunk by row chunk (bounded temporaries); ``best``'s tensors are updated in place."""
+    local_idx = local_idx.contiguous()
+    flat_new = local_idx.view(-1, local_idx.shape[-1])
+    step = merge_chunk_rows(2 * topk)
+    if best is None:  # the first shard: only map its rows to global indices (in place, int32)
+        for r in range(0, flat_new.shape[0], step):
+            flat_new[r:r + step] = _to_global(flat_new[r:r + step], global_rows)
+        return scores, local_idx
+    best_s, best_i = best[0].contiguous(), best[1].contiguous()
+    bs, bi = best_s.view(-1, topk), best_i.view(-1, topk)
+    ns = scores.reshape(-1, scores.shape[-1])
+    for r in range(0, bs.shape[0], step):
+        rows = slice(r, r + step)
+        v, i = topk_from_scores(torch.cat([bs[rows], ns[rows]], -1), topk,
+                                key_indices=torch.cat([bi[rows], _to_global(flat_new[rows], global_rows)], -1))
+        bs[rows], bi[rows] = v, i
+    return best_s, best_i
 
 
 def _pack_keys(k_index: torch.Tensor, k_scale: torch.Tensor | None) -> torch.Tensor:
@@ -197,7 +225,7 @@ def _ring_topk(q, w, k_local, s_local, topk, q_pos, k_pos, rows, group, size, ra
         k, s = _unpack_keys(cur, k_local.dtype, d, s_local is not None)
         scores, local_idx = _local_topk(q, k, w, topk, s, q_positions=q_pos, k_positions=k_pos[src],
                                         chunk_size=chunk_size)
-        best = _merge(best, (scores, _to_global(local_idx, rows[src])), topk)
+        best = _merge_shard(best, scores, local_idx, rows[src], topk)
         for req in reqs:
             req.wait()
         cur, nxt = nxt, cur
@@ -228,9 +256,15 @@ def _exchange_and_merge(scores, gidx, topk, group, size, lq, *, all_to_all):
         recv = all_to_all_stacked(send, group)
     else:
         recv = all_gather_stacked(packed, group)[0]  # [CP, B, Lq, k, 2]
-    recv = recv.movedim(0, 2).flatten(2, 3)  # [B, Lq, CP·k, 2]
-    cand_scores = recv[..., 0].contiguous().view(torch.float32)
-    return topk_from_scores(cand_scores, topk, key_indices=recv[..., 1])
+    b = recv.shape[1]
+    out_s = torch.empty(b, lq, topk, dtype=torch.float32, device=recv.device)
+    out_i = torch.empty(b, lq, topk, dtype=torch.int32, device=recv.device)
+    step = max(1, merge_chunk_rows(size * topk) // b)
+    for r in range(0, lq, step):  # query-row chunks: bounded merge temporaries
+        part = recv[:, :, r:r + step].movedim(0, 2).flatten(2, 3)  # [B, rows, CP·k, 2]
+        cand_scores = part[..., 0].contiguous().view(torch.float32)
+        out_s[:, r:r + step], out_i[:, r:r + step] = topk_from_scores(cand_scores, topk, key_indices=part[..., 1])
+    return out_s, out_i
 
 
 def candidate_topk(

@@ -9,9 +9,11 @@ One optimizer step::
     scheduler.step(1)                                 # only after an applied update (as Megatron does)
 
 Loss (per-token normalisation, ``calculate_per_token_loss``): each micro-batch returns ``sum of masked LM losses
-+ coeff * KL * local tokens`` and its token count; Megatron sums gradients over micro-batches and DP x CP ranks
-and divides by the global token count, so both terms are exact global per-token means whatever the
-accumulation and CP/DP layout. The indexer KL is a per-row mean, hence the scaling by the local token count.
++ coeff * KL * local tokens`` and its token count (under full activation recompute the layers attach the KL to
+their outputs with that same weight, see :mod:`dsa_dist.model.indexer_loss`, and the loss holds the LM term);
+Megatron sums gradients over micro-batches and DP x CP ranks and divides by the global token count, so both
+terms are exact global per-token means whatever the accumulation and CP/DP layout. The indexer KL is a per-row
+mean, hence the scaling by the local token count.
 
 Non-finite guard: a step whose reduced loss or global grad norm is NaN/inf changes nothing (parameters, Adam
 moments and LR schedule stay as they were; the data stream moves on); :class:`StepFunction` counts such steps
@@ -94,7 +96,9 @@ class StepFunction:
         batch = next(data_iterator)
         tokens, labels, mask = (self.shard(t).to(self.device, non_blocking=True)
                                 for t in (batch.tokens, batch.labels, batch.loss_mask))
-        self.parts.tracker.begin_forward(measure_recall=self._measure_recall)
+        # Attaching tracker (full recompute): the KL's weight in this micro-batch's loss is coeff * its tokens,
+        # as in loss_func's added term.
+        self.parts.tracker.begin_forward(measure_recall=self._measure_recall, attach_scale=mask.sum())
         per_token_loss = model(tokens, None, None, labels=labels)  # [b, s_local] fp32 (vocab-parallel CE)
         return per_token_loss, partial(self.loss_func, mask)
 
@@ -103,11 +107,17 @@ class StepFunction:
         tracker, spec = self.parts.tracker, self.plan.spec
         n_tokens = mask.sum()
         lm_sum = (per_token_loss.float() * mask).sum()
-        kl = tracker.total().to(lm_sum.device) if tracker.layers else torch.zeros((), device=lm_sum.device)
+        attached = tracker.attach_coeff is not None  # the layers attached the KL to their outputs (recompute)
+        kl = (tracker.total_detached() if attached else tracker.total()).to(lm_sum.device) if tracker.layers \
+            else torch.zeros((), device=lm_sum.device)
         loss = torch.zeros((), device=lm_sum.device)
         if spec.lm_loss:
             loss = loss + lm_sum
-        if spec.indexer_loss:
+        elif attached:
+            # The attached KL's gradient flows only in a backward through the model's output: route it there
+            # with a zero LM weight (the stage trains no parameter that the LM loss reaches).
+            loss = loss + 0.0 * lm_sum
+        if spec.indexer_loss and not attached:
             # KL is a mean over rows: scale to this micro-batch's tokens
             loss = loss + self.plan.model.indexer_loss_coeff * kl * n_tokens
         recall = tracker.recall()

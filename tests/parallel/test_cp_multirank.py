@@ -128,7 +128,11 @@ def _has_boundary_ties(q, k, w, s, topk):
     return bool((torch.isfinite(nxt) & (kth == nxt)).any())
 
 
-def _topk_worker(rank: int, ws: int) -> dict:
+def _topk_worker(rank: int, ws: int, row_chunks: bool = False) -> dict:
+    if row_chunks:  # merge one query row at a time (the chunked merge that bounds memory at long lengths)
+        import dsa_dist.parallel.distributed_topk as dtk
+
+        dtk.MERGE_BUDGET_BYTES = 1
     torch.manual_seed(1)
     group = dist.group.WORLD
     b, L, h, d, topk = 2, 8 * ws, 2, 8, 6  # topk > L/CP/2 and > t+1 for the first rows
@@ -211,9 +215,9 @@ def _topk_worker(rank: int, ws: int) -> dict:
     return {"cand_s": cand_s, "cand_i": cand_i}
 
 
-@pytest.mark.parametrize("ws", WORLD_SIZES)
-def test_distributed_topk_equals_single_rank(ws):
-    results = run_distributed(_topk_worker, ws)
+@pytest.mark.parametrize("ws,row_chunks", [(ws, False) for ws in WORLD_SIZES] + [(2, True)])
+def test_distributed_topk_equals_single_rank(ws, row_chunks):
+    results = run_distributed(_topk_worker, ws, row_chunks)
     for r in results[1:]:  # candidate_topk: identical on every rank
         _exact(r["cand_i"], results[0]["cand_i"], "candidate indices across ranks")
         _exact(r["cand_s"], results[0]["cand_s"], "candidate scores across ranks")

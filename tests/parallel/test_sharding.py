@@ -117,3 +117,15 @@ def test_single_process_topk_paths_equal_the_reference():
         distributed_indexer_topk(q, w, k, None, 4, mode="bogus")
     with pytest.raises(ValueError, match="increasing"):
         candidate_topk(q, w, k, None, 4, q_positions=pos, k_positions_local=pos.flip(0))
+
+
+@pytest.mark.parametrize("cp,seq_dim", [(1, 1), (2, 0), (4, 1)])
+def test_reorder_and_cast_in_one_pass_equals_reorder_then_cast(cp, seq_dim):
+    # the gather's backward reorders the full-length gradient and widens it to fp32 in one buffer
+    from dsa_dist.parallel.sharding import _global_to_rank_major_as
+
+    x = torch.randn(3, 8 * cp, 5).to(torch.bfloat16)
+    x = x.transpose(0, 1).contiguous() if seq_dim == 0 else x
+    got = _global_to_rank_major_as(x, seq_dim, cp, torch.float32)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, global_to_rank_major(x, seq_dim, cp).float())
