@@ -25,9 +25,11 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
   tail -n 25 "$OUT/$name.log"
 }
 
-step nccl_tests 180 python3 -m pytest -q -p no:cacheprovider tests/multigpu
-step cp_scaling 370 python3 -m torch.distributed.run --nproc-per-node "$GPUS" --master-addr 127.0.0.1 \
-  --master-port 29611 benchmarks/cp_scaling.py --out "$OUT" --tag long --budget-s 290 --recompute full \
-  --cases model:524288:4,layer:524288:4,model:131072:1,model:131072:2,model:262144:4,dense_model:131072:4 \
+step nccl_tests 150 python3 -m pytest -q -p no:cacheprovider tests/multigpu
+# Long cases, most wanted first (the budget cuts the tail): the 512K targets, CP=1/2 at 128K, the dense comparison,
+# 256K and 1M.
+step cp_scaling 420 python3 -m torch.distributed.run --nproc-per-node "$GPUS" --master-addr 127.0.0.1 \
+  --master-port 29611 benchmarks/cp_scaling.py --out "$OUT" --tag long --budget-s 330 --recompute full --reps 2 \
+  --cases model:524288:4,layer:524288:4,model:131072:1,model:131072:2,dense_model:131072:4,model:262144:4,model:1048576:4,dense_layer:131072:4 \
   --guess-dense-tflops 150
 echo "done after ${SECONDS}s"
