@@ -7,6 +7,7 @@ give a :class:`DSAInputs`), runs these steps, each a function of its own:
 2. :func:`select_topk` — top-k key indices of those rows (local, or the CP-distributed top-k);
 3. :func:`attend` — sparse attention over the selected keys, or dense causal attention: ``(out, lse)``;
 4. :func:`kl_target` + :func:`indexer_kl` — the indexer KL (dense over all keys, or sparse over the top-k set);
+   in the sparse stage with tp == 1 steps 3 and 4 are one op instead, :func:`attend_with_sparse_kl`;
 5. :func:`indexer_recall` — the recall metric on a few rows.
 
 :func:`dsa_attention` composes them as the runtime (:class:`~dsa_dist.model.runtime.DSARuntime`) and this
@@ -177,6 +178,28 @@ def attend(q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, *, softm
     return dense_attention(q, k_full, v_full, softmax_scale, q_positions=positions, k_positions=k_positions)
 
 
+def attend_with_sparse_kl(indexer: LightningIndexer, rows: IndexerRows, q: torch.Tensor, k_full: torch.Tensor,
+                          v_full: torch.Tensor, topk: torch.Tensor, *, softmax_scale: float, dims: ParallelDims
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse attention with the sparse KL fused into its backward: ``(out, lse, kl_proxy, kl_value)``.
+
+    Same attention and KL gradient as :func:`attend` + :func:`kl_target` + :func:`indexer_kl` (sparse), but the
+    KL's target p_attn comes from the attention backward's own P tiles
+    (:func:`dsa_dist.ops.sparse_attention_with_indexer_kl`): ``kl_proxy`` (value 0) carries the gradient to the
+    indexer, ``kl_value`` is filled by the backward. Needs tp == 1: p_attn is a mean over *all* heads, which one
+    rank holds only without TP (under TP the separate op gets them by an all-to-all). CP works as for
+    :func:`attend`: ``topk`` holds global indices into the gathered ``k_full``; the index keys are gathered too.
+    ``topk`` [B, Ll, k] comes from our own top-k or a validated replay (in range by construction).
+    """
+    if dims.tp != 1:
+        raise ValueError(f"attend_with_sparse_kl needs tp == 1 (p_attn averages all heads), got tp={dims.tp}")
+    kl_in = indexer.prepare_for_kl(rows.q, rows.k, rows.w, q_positions=rows.q_positions,
+                                   k_positions=rows.k_positions)
+    k_index_full = _gather_sequence(kl_in.k_index, dims)  # [B, L, d_I]
+    return dispatch.sparse_attention_with_indexer_kl(q, k_full, v_full, topk, softmax_scale, kl_in.q_index,
+                                                     k_index_full, kl_in.weights, kl_in.k_scale, indices_checked=True)
+
+
 @torch.no_grad()
 def kl_target(q: torch.Tensor, k_full: torch.Tensor, lse: torch.Tensor, *, kv_heads_split: bool,
               dims: ParallelDims) -> KLTarget:
@@ -257,6 +280,10 @@ def dsa_attention(inputs: DSAInputs, *, indexer: LightningIndexer, dsa: DSAModel
                   dims: ParallelDims, tracker: IndexerLossTracker | None, layer: int) -> torch.Tensor:
     """One DSA attention on this rank's tokens and heads: the steps above as ``runtime`` and ``tracker`` ask.
 
+    Sparse stage with the KL, tp == 1 and grad enabled (``runtime.fused_sparse_kl``, default on): the KL comes
+    from :func:`attend_with_sparse_kl` and is recorded as a proxy whose value the backward fills (see
+    :class:`IndexerLossTracker`); otherwise from the separate op (:func:`indexer_kl`), value known now.
+
     Returns the attention output [B, Ll, H/tp, d_v]. Records this layer's KL (``runtime.indexer_kl``), recall
     (``measure_recall``) and selected indices (``record_topk``) in ``tracker``; replays its indices when given.
     """
@@ -287,20 +314,30 @@ def dsa_attention(inputs: DSAInputs, *, indexer: LightningIndexer, dsa: DSAModel
         tracker.record_selected(layer, topk_all)
 
     k_full, v_full = kv.wait()
+    # The fused KL's value is known only after the backward: without grad (evaluation, forward-only passes) the
+    # separate op computes it in the forward.
+    fused_kl = kl_on and sparse and runtime.fused_sparse_kl and dims.tp == 1 and torch.is_grad_enabled()
+    kl_value = None
     # topk_all comes from our own top-k or a validated replay: in range by construction, no second check.
-    out, lse = attend(q, k_full, v_full, softmax_scale=scale, positions=positions,
-                      topk=topk_all if sparse else None, indices_checked=True)
+    if fused_kl:
+        out, lse, kl, kl_value = attend_with_sparse_kl(indexer, rows, q, k_full, v_full, topk_all,
+                                                       softmax_scale=scale, dims=dims)
+    else:
+        out, lse = attend(q, k_full, v_full, softmax_scale=scale, positions=positions,
+                          topk=topk_all if sparse else None, indices_checked=True)
     if not (kl_on or want_recall):
         return out
-    target = kl_target(q, k_full, lse, kv_heads_split=inputs.v is not None, dims=dims)
+    target = kl_target(q, k_full, lse, kv_heads_split=inputs.v is not None, dims=dims) if (
+        want_recall or not fused_kl) else None
     if want_recall:
         tracker.record_recall(layer, indexer_recall(target, topk_rows, rows.q_positions, softmax_scale=scale,
                                                     n_rows=ix.recall_rows))
     if not kl_on:
         return out
-    kl = indexer_kl(indexer, rows, target, softmax_scale=scale, dims=dims, topk=topk_rows if sparse else None,
-                    indices_checked=True)
-    tracker.record(layer, kl)
+    if not fused_kl:
+        kl = indexer_kl(indexer, rows, target, softmax_scale=scale, dims=dims, topk=topk_rows if sparse else None,
+                        indices_checked=True)
+    tracker.record(layer, kl, value=kl_value)
     if tracker.attach_coeff is not None:
         out = attach_loss(out, kl, tracker.attach_coeff)
     return out
