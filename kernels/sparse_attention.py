@@ -20,6 +20,8 @@ Layout of the work (shaped like Triton's fused-attention tutorial):
   heads of the group on N, operands streamed in 128-wide d-chunks, each chunk of dK/dV added with fp32 atomics
   (keys are shared by many queries and there is no cheap transpose of the index lists), then cast. A single
   fused kernel needs 279–385 KB of shared memory at 576/512 (benchmarks/NOTES_sparse_attention.md).
+* ``WRITE_P`` (dq pass): also store the head-mean of the recomputed P tiles, the sparse indexer KL's target
+  (used by :mod:`kernels.sparse_attention_kl`; compiled out of the plain backward).
 * ``UPCAST`` converts dot operands to fp32 first: Triton's CPU interpreter gets bf16×bf16 ``tl.dot`` wrong
   (docs/design.md, "Testing"), so bf16 runs there upcast; on GPU bf16 operands go to the tensor cores with fp32
   accumulation.
