@@ -123,3 +123,14 @@ def test_fused_rejects_bad_indexer_inputs():
         sparse_attention_with_indexer_kl(q, kv, kv[..., :16], idx, None, qi, ki[:, :-1], w)
     with pytest.raises(ValueError, match="shared by all heads"):
         sparse_attention_with_indexer_kl(q, kv, kv[..., :16], idx[:, :, None], None, qi, ki, w)
+
+
+def test_dispatch_runs_the_reference_fused_op_on_cpu():
+    from dsa_dist.ops import dispatch
+
+    assert dispatch.resolve("sparse_attention_with_indexer_kl", "cpu") is sparse_attention_with_indexer_kl
+    leaves, idx, grad_out = make_problem(seed=3)
+    _, kl_ref, g_ref = grads(fused_loss, leaves, idx, grad_out, True, 16, 0.3)
+    _, kl_disp, g_disp = grads(fused_loss, leaves, idx, grad_out, True, 16, 0.3,
+                               fn=dispatch.sparse_attention_with_indexer_kl)
+    assert torch.equal(kl_ref, kl_disp) and all(torch.equal(a, b) for a, b in zip(g_ref, g_disp))
