@@ -21,6 +21,11 @@ summing P over heads there gives p_attn for free. This op therefore splits the K
 unfused KL would. If nothing depends on ``kl_proxy`` the backward skips the KL and ``kl_value`` stays NaN.
 Activation recompute needs nothing special: the KL's gradient arrives through the attention's own backward.
 
+Tensor parallelism (``head_group``): each rank holds H/tp heads of every local query and trains the indexer on
+the query rows ``rank::tp``. Its backward's p_attn is then a partial mean over its heads; one all-reduce of the
+[B, Lq, k] fp32 partials over the group (instead of moving q [B, Lq, H, d_qk] to the rows' owners, as the
+separate op's all-to-all does) gives every rank the full target, of which it uses its rows.
+
 This is the reference (PyTorch) implementation, the ground truth of the Triton one
 (:mod:`kernels.sparse_attention_kl`), which has the same signature; its backward recomputes the reference
 attention under autograd and p_attn chunk by chunk (:func:`dsa_dist.ops.kl.sparse_attention_target`).
@@ -29,6 +34,7 @@ attention under autograd and p_attn chunk by chunk (:func:`dsa_dist.ops.kl.spars
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from dsa_dist.ops._checks import check_positive_int
 from dsa_dist.ops.indexer import _check_score_inputs
@@ -36,18 +42,42 @@ from dsa_dist.ops.kl import indexer_kl_from_target, sparse_attention_target
 from dsa_dist.ops.sparse_attention import _check_inputs, sparse_attention
 
 
+def head_group_rows(head_group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """``(rank, size)`` of the head (TP) group, ``(0, 1)`` without one: the indexer trains on rows rank::size."""
+    if head_group is None:
+        return 0, 1
+    return dist.get_rank(head_group), dist.get_world_size(head_group)
+
+
+def full_target_rows(p_local: torch.Tensor, topk: torch.Tensor, head_group: dist.ProcessGroup | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows of the all-head p_attn from its partial head-mean ``p_local`` [B, Lq, k] (in place), and
+    their indices: the mean of the ranks' equal-size head means is the mean over all heads."""
+    rank, size = head_group_rows(head_group)
+    if size == 1:
+        return p_local, topk
+    p_local.div_(size)
+    dist.all_reduce(p_local, group=head_group)
+    return p_local[:, rank::size].contiguous(), topk[:, rank::size].contiguous()
+
+
 def check_fused_kl_inputs(q: torch.Tensor, topk_indices: torch.Tensor, q_index: torch.Tensor,
                           k_index: torch.Tensor, weights: torch.Tensor, k_scale: torch.Tensor | None,
-                          lk: int) -> None:
-    """The indexer side of the fused op: [B, Lq, k] indices; q_index/weights rows as q's, k_index keys as k's."""
+                          lk: int, head_group: dist.ProcessGroup | None = None) -> None:
+    """The indexer side of the fused op: [B, Lq, k] indices; q_index/weights rows as q's (rows rank::tp under a
+    head group), k_index keys as k's."""
     if topk_indices.dim() != 3:
         raise ValueError(f"topk_indices must be [B, Lq, k] (shared by all heads) for the fused indexer KL, got "
                          f"{tuple(topk_indices.shape)}; per-KV-group indices have no single KL target")
     _check_score_inputs(q_index, k_index, weights, k_scale)
     b, lq = q.shape[:2]
-    if q_index.shape[:2] != (b, lq):
-        raise ValueError(f"q_index must be [B={b}, Lq={lq}, H_I, d_I] (the attention's query rows), "
-                         f"got {tuple(q_index.shape)}")
+    _, size = head_group_rows(head_group)
+    if lq % size:
+        raise ValueError(f"the query length {lq} must be divisible by the head group's size {size} (the indexer "
+                         "trains on rows rank::size)")
+    if q_index.shape[:2] != (b, lq // size):
+        raise ValueError(f"q_index must be [B={b}, Lq={lq // size}, H_I, d_I] (the attention's query rows"
+                         f"{'' if size == 1 else f' rank::{size}'}), got {tuple(q_index.shape)}")
     if k_index.shape[:2] != (b, lk):
         raise ValueError(f"k_index must be [B={b}, Lk={lk}, d_I] (the attention's keys), got {tuple(k_index.shape)}")
 
@@ -56,12 +86,13 @@ class _SparseAttentionKL(torch.autograd.Function):
     """Reference fused op: inputs q, k, v, q_index, k_index, weights (differentiable), then the rest."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_index, k_index, weights, topk_indices, scale, k_scale, kl_value, chunk_size):
+    def forward(ctx, q, k, v, q_index, k_index, weights, topk_indices, scale, k_scale, kl_value, chunk_size,
+                head_group):
         ctx.set_materialize_grads(False)
         with torch.no_grad():
             out, lse = sparse_attention(q, k, v, topk_indices, scale, chunk_size=chunk_size, indices_checked=True)
         ctx.save_for_backward(q, k, v, q_index, k_index, weights, topk_indices, lse, k_scale)
-        ctx.scale, ctx.chunk_size, ctx.kl_value = scale, chunk_size, kl_value
+        ctx.scale, ctx.chunk_size, ctx.kl_value, ctx.head_group = scale, chunk_size, kl_value, head_group
         ctx.mark_non_differentiable(lse)
         return out, lse, lse.new_zeros(())
 
@@ -69,7 +100,7 @@ class _SparseAttentionKL(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse, grad_kl):
         q, k, v, q_index, k_index, weights, topk, lse, k_scale = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grads: list[torch.Tensor | None] = [None] * 11
+        grads: list[torch.Tensor | None] = [None] * 12
         attn_leaves = [(i, x.detach().requires_grad_()) for i, x in enumerate((q, k, v)) if needs[i]]
         if grad_out is not None and attn_leaves:
             with torch.enable_grad():
@@ -86,6 +117,7 @@ class _SparseAttentionKL(torch.autograd.Function):
                                     lse[:, s:s + ctx.chunk_size], ctx.scale, compute)
             for s in range(0, q.shape[1], ctx.chunk_size)
         ], 1)  # [B, Lq, k] — what the Triton backward sums from its P tiles
+        target, topk = full_target_rows(target, topk, ctx.head_group)
         idx_leaves = [(i, x.detach().requires_grad_()) for i, x in zip((3, 4, 5), (q_index, k_index, weights))
                       if needs[i]]
         with torch.enable_grad():
@@ -112,6 +144,7 @@ def sparse_attention_with_indexer_kl(
     *,
     chunk_size: int = 256,
     indices_checked: bool = False,
+    head_group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sparse attention whose backward also trains the indexer by the sparse KL (see the module docstring).
 
@@ -122,6 +155,9 @@ def sparse_attention_with_indexer_kl(
             indexer's inputs as :func:`dsa_dist.ops.indexer_kl_loss_sparse` takes them (the model passes the
             FP8-fake-quantised ones); only these receive the KL's gradient.
         chunk_size: query rows per chunk of the reference computation.
+        head_group: the process group the heads are split over (tensor parallelism), or None. Then q holds this
+            rank's heads of all Lq rows, ``q_index`` / ``weights`` the rows ``rank::size`` [B, Lq/size, ...], and
+            the backward all-reduces p_attn over the group (every rank of it must run this backward).
 
     Returns:
         ``(out [B, Lq, H, d_v], lse [B, Lq, H], kl_proxy, kl_value)``: out and lse exactly as
@@ -129,10 +165,10 @@ def sparse_attention_with_indexer_kl(
         sparse KL's; ``kl_value`` a 0-dim float32 tensor filled with the KL value during the backward (NaN before).
     """
     _check_inputs(q, k, v, topk_indices, indices_checked)
-    check_fused_kl_inputs(q, topk_indices, q_index, k_index, weights, k_scale, k.shape[1])
+    check_fused_kl_inputs(q, topk_indices, q_index, k_index, weights, k_scale, k.shape[1], head_group)
     check_positive_int("chunk_size", chunk_size)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     kl_value = torch.full((), float("nan"), dtype=torch.float32, device=q.device)
     out, lse, kl_proxy = _SparseAttentionKL.apply(q, k, v, q_index, k_index, weights, topk_indices, scale,
-                                                  k_scale, kl_value, chunk_size)
+                                                  k_scale, kl_value, chunk_size, head_group)
     return out, lse, kl_proxy, kl_value

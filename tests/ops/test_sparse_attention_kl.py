@@ -134,3 +134,37 @@ def test_dispatch_runs_the_reference_fused_op_on_cpu():
     _, kl_disp, g_disp = grads(fused_loss, leaves, idx, grad_out, True, 16, 0.3,
                                fn=dispatch.sparse_attention_with_indexer_kl)
     assert torch.equal(kl_ref, kl_disp) and all(torch.equal(a, b) for a, b in zip(g_ref, g_disp))
+
+
+def _head_split_worker(rank: int, world_size: int, leaves, idx, grad_out):
+    """This rank's heads (all rows) and indexer rows rank::world of the one-rank problem, fused op, float64."""
+    import torch.distributed as dist
+
+    q, kv, qi, ki, w = (x.detach().clone() for x in leaves)
+    h = q.shape[2] // world_size
+    q = q[:, :, rank * h:(rank + 1) * h].clone().requires_grad_()
+    kv.requires_grad_()
+    qi, w = (x[:, rank::world_size].clone().requires_grad_() for x in (qi, w))
+    ki.requires_grad_()
+    out, _, proxy, value = sparse_attention_with_indexer_kl(q, kv, kv[..., :16], idx, 0.3, qi, ki, w, chunk_size=5,
+                                                            head_group=dist.group.WORLD)
+    ((out * grad_out[:, :, rank * h:(rank + 1) * h]).sum() + COEFF * proxy).backward()
+    return {"value": value, "q": q.grad, "kv": kv.grad, "qi": qi.grad, "ki": ki.grad, "w": w.grad}
+
+
+def test_head_split_over_a_group_matches_one_rank():
+    """Heads split over 2 gloo ranks (tensor parallelism): the all-reduced target gives each rank the KL of its
+    rows rank::2 — values average, and the gradients assemble, to the one-rank ones."""
+    from tests._dist import run_distributed
+
+    leaves, idx, grad_out = make_problem(h=4, seed=11)
+    _, kl_one, (g_q, g_kv, g_qi, g_ki, g_w) = grads(fused_loss, leaves, idx, grad_out, True, 16, 0.3)
+    ranks = run_distributed(_head_split_worker, 2, leaves, idx, grad_out)
+    torch.testing.assert_close(sum(r["value"] for r in ranks) / 2, kl_one)
+    torch.testing.assert_close(torch.cat([r["q"] for r in ranks], 2), g_q)
+    # The attention part of dkv is split over heads (summed by the ranks' sum), the KL gives kv nothing.
+    torch.testing.assert_close(ranks[0]["kv"] + ranks[1]["kv"], g_kv)
+    for name, full in (("qi", g_qi), ("w", g_w)):  # a rank's KL is a mean over half the rows: twice the weight
+        for r in range(2):
+            torch.testing.assert_close(ranks[r][name], 2 * full[:, r::2], msg=name)
+    torch.testing.assert_close((ranks[0]["ki"] + ranks[1]["ki"]) / 2, g_ki)  # TP-averaged, as Megatron does
