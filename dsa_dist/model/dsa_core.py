@@ -7,7 +7,7 @@ give a :class:`DSAInputs`), runs these steps, each a function of its own:
 2. :func:`select_topk` — top-k key indices of those rows (local, or the CP-distributed top-k);
 3. :func:`attend` — sparse attention over the selected keys, or dense causal attention: ``(out, lse)``;
 4. :func:`kl_target` + :func:`indexer_kl` — the indexer KL (dense over all keys, or sparse over the top-k set);
-   in the sparse stage (while training) steps 3 and 4 are one op instead, :func:`attend_with_sparse_kl`;
+   in the sparse stage (training, tp == 1) steps 3 and 4 are one op instead, :func:`attend_with_sparse_kl`;
 5. :func:`indexer_recall` — the recall metric on a few rows.
 
 :func:`dsa_attention` composes them as the runtime (:class:`~dsa_dist.model.runtime.DSARuntime`) and this
@@ -186,9 +186,10 @@ def attend_with_sparse_kl(indexer: LightningIndexer, rows: IndexerRows, q: torch
     Same attention and KL gradient as :func:`attend` + :func:`kl_target` + :func:`indexer_kl` (sparse), but the
     KL's target p_attn comes from the attention backward's own P tiles
     (:func:`dsa_dist.ops.sparse_attention_with_indexer_kl`): ``kl_proxy`` (value 0) carries the gradient to the
-    indexer, ``kl_value`` is filled by the backward. TP: p_attn is a mean over *all* heads; each rank's backward
-    sums its heads for all local rows and one all-reduce of those [B, Ll, k] partials over the TP group replaces
-    the separate op's all-to-all of q (this rank's KL rows are then ``tp_rank::tp``, as in :func:`indexer_kl`).
+    indexer, ``kl_value`` is filled by the backward. TP (supported; :func:`dsa_attention` uses it at tp == 1 only,
+    see there): p_attn is a mean over *all* heads; each rank's backward sums its heads for all local rows and one
+    all-reduce of those [B, Ll, k] partials over the TP group replaces the separate op's all-to-all of q (this
+    rank's KL rows are then ``tp_rank::tp``, as in :func:`indexer_kl`).
     CP works as for :func:`attend`: ``topk`` holds global indices into the gathered ``k_full``; the index keys are
     gathered too. ``topk`` [B, Ll, k] (every local row) comes from our own top-k or a validated replay.
     """
@@ -280,7 +281,7 @@ def dsa_attention(inputs: DSAInputs, *, indexer: LightningIndexer, dsa: DSAModel
                   dims: ParallelDims, tracker: IndexerLossTracker | None, layer: int) -> torch.Tensor:
     """One DSA attention on this rank's tokens and heads: the steps above as ``runtime`` and ``tracker`` ask.
 
-    Sparse stage with the KL and grad enabled (``runtime.fused_sparse_kl``, default on): the KL comes
+    Sparse stage with the KL, grad enabled and tp == 1 (``runtime.fused_sparse_kl``, default on): the KL comes
     from :func:`attend_with_sparse_kl` and is recorded as a proxy whose value the backward fills (see
     :class:`IndexerLossTracker`); otherwise from the separate op (:func:`indexer_kl`), value known now.
 
@@ -315,8 +316,11 @@ def dsa_attention(inputs: DSAInputs, *, indexer: LightningIndexer, dsa: DSAModel
 
     k_full, v_full = kv.wait()
     # The fused KL's value is known only after the backward: without grad (evaluation, forward-only passes) the
-    # separate op computes it in the forward.
-    fused_kl = kl_on and sparse and runtime.fused_sparse_kl and torch.is_grad_enabled()
+    # separate op computes it in the forward. Under TP the fused op would sum the target over the ranks' heads in
+    # another order than one rank does; measured in the GRPO TP=2 vs TP=1 test, that rounding change moved the KL
+    # (~1e-4, p ≈ softmax(I): p·log(p/q) cancels) by 2e-4 relative and the second iteration's policy loss by 1.2 %.
+    # TP runs keep the separate op, whose target is computed as at tp == 1, so TP layouts reproduce tp == 1.
+    fused_kl = kl_on and sparse and runtime.fused_sparse_kl and torch.is_grad_enabled() and dims.tp == 1
     kl_value = None
     # topk_all comes from our own top-k or a validated replay: in range by construction, no second check.
     if fused_kl:

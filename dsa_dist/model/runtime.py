@@ -36,8 +36,8 @@ class DSARuntime:
     fused_sparse_kl: bool = True
     """Sparse stage with the KL: take the KL's target from the sparse attention's backward
     (:func:`dsa_dist.ops.sparse_attention_with_indexer_kl`; the KL value is then known after the backward)
-    instead of recomputing it in a separate op. Applies where grad is enabled; in forward-only passes, or when
-    False, the separate op runs (see :func:`dsa_dist.model.dsa_core.dsa_attention`)."""
+    instead of recomputing it in a separate op. Applies where grad is enabled and tp == 1; in forward-only
+    passes, under TP, or when False, the separate op runs (see :func:`dsa_dist.model.dsa_core.dsa_attention`)."""
 
     def __post_init__(self) -> None:
         if self.attention not in ("dense", "sparse"):
