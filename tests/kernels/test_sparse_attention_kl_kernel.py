@@ -3,7 +3,8 @@
 CPU: every case runs under Triton's interpreter in one subprocess (tests/_interpret.py), fp32 against the float64
 reference (dsa_dist.ops.sparse_attention_kl, itself checked against the unfused path in tests/ops): outputs, the
 KL value written by the backward, gradients of q, kv and the indexer inputs, and the head-mean p_attn the dq pass
-writes — in its three modes (one head block: stored; two: added; more: one plane each, summed).
+writes — in its three modes (one head block: stored; two: added; more: one plane each, summed) — and the heads
+split over two gloo ranks (``head_group``, tensor parallelism) against the one-rank reference.
 
 GPU (``-m gpu``): V3.2 shapes, fresh inputs (seed logged), accuracy rule of flash-attn's tests: kernel error vs
 float64 ≤ 2× the error of the reference op run in fp32 on the same bf16 inputs (+ a floor at fp32 rounding).
@@ -98,8 +99,46 @@ def _case_p_attn_matches_reference_target():
         assert torch.equal(dq, dq_p)
 
 
+def _head_group_worker(rank, world_size, attn, indexer, idx, grad_out):
+    """The kernel on this rank's heads (all rows) and indexer rows rank::world, heads' group = the world."""
+    import torch.distributed as dist
+
+    from kernels.sparse_attention_kl import sparse_attention_with_indexer_kl
+
+    q, kv = attn
+    h = q.shape[2] // world_size
+    heads = slice(rank * h, (rank + 1) * h)
+    q = q[:, :, heads].clone().requires_grad_()
+    kv = kv.clone().requires_grad_()
+    qi, w = (x[:, rank::world_size].clone().requires_grad_() for x in (indexer[0], indexer[2]))
+    ki = indexer[1].clone().requires_grad_()
+    out, _, proxy, value = sparse_attention_with_indexer_kl(q, kv, kv[..., :32], idx, None, qi, ki, w,
+                                                            head_group=dist.group.WORLD)
+    ((out * grad_out[:, :, heads]).sum() + COEFF * proxy).backward()
+    return [value, q.grad, kv.grad, qi.grad, ki.grad, w.grad]
+
+
+def _case_head_group_two_ranks():
+    """Heads split over 2 gloo ranks (tensor parallelism): the all-reduced p_attn gives each rank the KL of its
+    rows rank::2; values average, and gradients assemble, to the one-rank float64 reference."""
+    from dsa_dist.ops.sparse_attention_kl import sparse_attention_with_indexer_kl as ref
+    from tests._dist import run_distributed
+
+    attn, indexer, idx, grad_out = _problem(2, 16, 32, 1, 48, 32, 3, 16, 8, True, seed=4)
+    want = _run(ref, [x.double() for x in attn], [x.double() for x in indexer], idx, grad_out.double(), 32, True)
+    ranks = run_distributed(_head_group_worker, 2, attn, indexer, idx, grad_out)
+    g_q, g_kv, g_qi, g_ki, g_w = want[3]
+    checks = [("kl_value", (ranks[0][0] + ranks[1][0]) / 2, want[2]),
+              ("dq", torch.cat([ranks[0][1], ranks[1][1]], 2), g_q), ("dkv", ranks[0][2] + ranks[1][2], g_kv),
+              ("dk_index", (ranks[0][4] + ranks[1][4]) / 2, g_ki)]
+    for r in range(2):  # a rank's KL is a mean over half the rows: twice the weight of each row
+        checks += [(f"dq_index{r}", ranks[r][3], 2 * g_qi[:, r::2]), (f"dweights{r}", ranks[r][5], 2 * g_w[:, r::2])]
+    for name, a, w in checks:
+        assert _rel(a, w) < 1e-5, (name, _rel(a, w))
+
+
 CASES = ["_case_mla_one_head_block", "_case_gqa_two_head_blocks", "_case_gqa_planes",
-         "_case_p_attn_matches_reference_target"]
+         "_case_p_attn_matches_reference_target", "_case_head_group_two_ranks"]
 
 
 @pytest.fixture(scope="module")
