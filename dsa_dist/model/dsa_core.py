@@ -315,12 +315,16 @@ def dsa_attention(inputs: DSAInputs, *, indexer: LightningIndexer, dsa: DSAModel
         tracker.record_selected(layer, topk_all)
 
     k_full, v_full = kv.wait()
-    # The fused KL's value is known only after the backward: without grad (evaluation, forward-only passes) the
-    # separate op computes it in the forward. Under TP the fused op would sum the target over the ranks' heads in
-    # another order than one rank does; measured in the GRPO TP=2 vs TP=1 test, that rounding change moved the KL
-    # (~1e-4, p ≈ softmax(I): p·log(p/q) cancels) by 2e-4 relative and the second iteration's policy loss by 1.2 %.
-    # TP runs keep the separate op, whose target is computed as at tp == 1, so TP layouts reproduce tp == 1.
-    fused_kl = kl_on and sparse and runtime.fused_sparse_kl and torch.is_grad_enabled() and dims.tp == 1
+    # The fused KL's value is known only after the backward: in forward-only passes (no grad, and an input that
+    # needs none: evaluation, rollouts) the separate op computes it in the forward. A no-grad forward whose input
+    # needs grad is the first pass of reentrant activation recompute: the pass that is recomputed in the backward
+    # runs the fused op, so this one skips the separate KL too (its record is replaced by the recomputed one).
+    # Under TP the fused op would sum the target over the ranks' heads in another order than one rank does;
+    # measured in the GRPO TP=2 vs TP=1 test, that rounding change moved the KL (~1e-4, p ≈ softmax(I), so
+    # p·log(p/q) cancels) by 2e-4 relative and the second iteration's policy loss by 1.2 %. TP runs keep the
+    # separate op, whose target is computed as at tp == 1, so TP layouts reproduce tp == 1.
+    training = torch.is_grad_enabled() or inputs.indexer_h.requires_grad
+    fused_kl = kl_on and sparse and runtime.fused_sparse_kl and training and dims.tp == 1
     kl_value = None
     # topk_all comes from our own top-k or a validated replay: in range by construction, no second check.
     if fused_kl:

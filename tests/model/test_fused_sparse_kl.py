@@ -6,6 +6,8 @@ backward) and the value of ``tracker.total()`` once the backward has run must ma
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -86,6 +88,12 @@ def test_fused_sparse_kl_value_is_set_by_the_backward_and_eval_uses_the_separate
         tracker.begin_forward()
         attn(x, None)
     assert tracker.values()[1] == pytest.approx(after, rel=1e-6)
+    # A no-grad forward of an input that needs grad (reentrant recompute's first pass) leaves the KL to the
+    # recomputed pass: no separate KL now.
+    with torch.no_grad():
+        tracker.begin_forward()
+        attn(x.clone().requires_grad_(), None)
+    assert math.isnan(tracker.values()[1])
 
 
 def test_runtime_rejects_non_bool_fused_flag():
