@@ -317,8 +317,9 @@ def dsa_attention(inputs: DSAInputs, *, indexer: LightningIndexer, dsa: DSAModel
     k_full, v_full = kv.wait()
     # The fused KL's value is known only after the backward: in forward-only passes (no grad, and an input that
     # needs none: evaluation, rollouts) the separate op computes it in the forward. A no-grad forward whose input
-    # needs grad is the first pass of reentrant activation recompute: the pass that is recomputed in the backward
-    # runs the fused op, so this one skips the separate KL too (its record is replaced by the recomputed one).
+    # needs grad is the first pass of a reentrant recompute that checkpoints this attention: the recomputed pass
+    # runs the fused op, so this one skips the separate KL (its record is replaced by the recomputed one). (A
+    # recompute region that starts before the input's projection sees an input without grad here: separate op.)
     # Under TP the fused op would sum the target over the ranks' heads in another order than one rank does;
     # measured in the GRPO TP=2 vs TP=1 test, that rounding change moved the KL (~1e-4, p ≈ softmax(I), so
     # p·log(p/q) cancels) by 2e-4 relative and the second iteration's policy loss by 1.2 %. TP runs keep the
