@@ -5,9 +5,11 @@
 Shapes: V3.2 (dense MHA H=128, d_qk 192 / d_v 128; DSA = FP8 indexer H_I=64, d_I=128 + top-k 2048 + sparse MLA
 H=128, 576/512 with v = latent[..., :512] + sparse KL) and a small model (H=16, d=128 MQA, H_I=8, d_I=64).
 Each DSA part (FP8 quant, indexer+top-k, sparse attention, KL) is timed alone and the chain together, forward
-and forward+backward, with CUDA-event medians; peak memory is ``max_memory_allocated`` after a reset with only
-that measurement's inputs alive. Kernels of the other families are imported lazily: a missing or failing one is
-recorded as "n/a: reason". Writes ``results.json`` and ``results.md`` under ``--out``.
+and forward+backward; the sparse KL both as the separate op and fused into the attention backward
+(``sparse_attention_with_indexer_kl``, what the training layer runs), with the fused KL's overhead over the plain
+sparse attention forward+backward. Timings are CUDA-event medians; peak memory is ``max_memory_allocated`` after
+a reset with only that measurement's inputs alive. Kernels of the other families are imported lazily: a missing
+or failing one is recorded as "n/a: reason". Writes ``results.json`` and ``results.md`` under ``--out``.
 ``--sweep`` instead times tile configurations of the sparse attention kernel (for NOTES_sparse_attention.md).
 """
 
@@ -184,6 +186,7 @@ def dsa_rows(shape: dict, length: int) -> dict:
     quant = lazy("fp8_quant", "fp8_block_quant")
     indexer = lazy("indexer_topk", "lightning_indexer_topk")
     kl_sparse = lazy("indexer_kl", "indexer_kl_loss_sparse")
+    fused = lazy("sparse_attention_kl", "sparse_attention_with_indexer_kl")
     try:
         q = rand(1, length, h, dqk, grad=True)
         kv = rand(1, length, 1, dqk, grad=True)
@@ -247,7 +250,24 @@ def dsa_rows(shape: dict, length: int) -> dict:
         bwd_ms = res["sparse_fwd_bwd"]["ms"] - res["sparse_fwd"]["ms"]
         res["sparse_bwd"] = {"ms": bwd_ms, "tflops": 2.5 * flops / bwd_ms / 1e9}
 
-    # ---- sparse KL (target from the sparse attention's lse)
+    # ---- sparse attention with the KL fused into its backward (target = head-summed P of the dq pass)
+    def fused_fwd_bwd():
+        out, _, proxy, _ = fused(q, kv, values(), idx, None, q_index, k_index, weights)
+        torch.autograd.backward([out, proxy], [out.detach(), torch.ones_like(proxy)])
+        for t in (q, kv, v_sep, q_index, k_index, weights):
+            if t is not None:
+                t.grad = None
+
+    reason = fused if not callable(fused) else kl_probe(fused_fwd_bwd)
+    if reason:
+        res["fused_kl_fwd_bwd"] = {"error": reason if reason.startswith("n/a") else f"n/a: {reason}"}
+    else:
+        res["fused_kl_fwd_bwd"] = measure(fused_fwd_bwd)
+        if "ms" in res["fused_kl_fwd_bwd"] and "ms" in res["sparse_fwd_bwd"]:
+            extra = res["fused_kl_fwd_bwd"]["ms"] - res["sparse_fwd_bwd"]["ms"]
+            res["fused_kl_overhead"] = {"ms": extra, "pct": 100.0 * extra / res["sparse_fwd_bwd"]["ms"]}
+
+    # ---- sparse KL as a separate op (target rebuilt from q, k and the sparse attention's lse)
     if callable(kl_sparse):
         with torch.no_grad():
             lse = sparse_fwd()[1]
@@ -272,14 +292,21 @@ def dsa_rows(shape: dict, length: int) -> dict:
 
     # ---- the whole layer: every part that exists (the table says which ones ran)
     if idx_source == "indexer":
-        with_kl = callable(kl_sparse) and "ms" in res["kl_fwd_bwd"]  # a KL kernel that failed above is left out
+        # The training layer's KL: fused into the attention backward where that kernel works, else the separate op
+        # (a KL kernel that failed above is left out).
+        with_fused = "ms" in res["fused_kl_fwd_bwd"]
+        with_kl = with_fused or (callable(kl_sparse) and "ms" in res["kl_fwd_bwd"])
 
         def layer(backward: bool):
             prep_ = quantize()
             idx_ = index_topk(prep_)
-            out, lse_ = ksa.sparse_attention(q, kv, values(), idx_)
-            outs, grads = [out], [out.detach()]
-            if with_kl:
+            if with_fused:
+                out, _, proxy, _ = fused(q, kv, values(), idx_, None, q_index, k_index, weights)
+                outs, grads = [out, proxy], [out.detach(), torch.ones_like(proxy)]
+            else:
+                out, lse_ = ksa.sparse_attention(q, kv, values(), idx_)
+                outs, grads = [out], [out.detach()]
+            if with_kl and not with_fused:
                 outs.append(kl_sparse(q, kv, q_index, k_index, weights, idx_, attn_lse=lse_.detach()))
                 grads.append(None)
             if backward:
@@ -288,7 +315,9 @@ def dsa_rows(shape: dict, length: int) -> dict:
                     if t is not None:
                         t.grad = None
 
-        res["dsa_parts"] = "quant+indexer_topk+sparse" + ("+kl" if with_kl else " (KL kernel n/a)")
+        res["dsa_parts"] = "quant+indexer_topk+sparse" + (
+            "+kl fused into the attention backward (the forward has no KL work)" if with_fused
+            else "+kl" if with_kl else " (KL kernel n/a)")
         res["dsa_fwd"] = measure(lambda: layer(False))
         res["dsa_fwd_bwd"] = measure(lambda: layer(True))
     else:
@@ -314,6 +343,14 @@ def ratio(a: dict | None, b: dict | None) -> str:
     return "—"
 
 
+def fused_cell(s: dict) -> str:
+    """Sparse attention f+b with the fused KL, and what the KL adds to the plain sparse f+b (ms and %)."""
+    extra = s.get("fused_kl_overhead")
+    if not extra:
+        return fmt(s.get("fused_kl_fwd_bwd"))
+    return f"{fmt(s['fused_kl_fwd_bwd'])} (+{extra['ms']:.1f} ms, {extra['pct']:+.1f}%)"
+
+
 def table(results: list[dict]) -> str:
     lines = [
         "| shape | L | dense fwd ms | DSA fwd ms | fwd speedup | dense f+b ms | DSA f+b ms | f+b speedup "
@@ -331,13 +368,13 @@ def table(results: list[dict]) -> str:
     lines += [
         "",
         "| shape | L | quant ms | indexer+top-k ms (TFLOPS) | sparse fwd ms (TFLOPS) | sparse bwd ms (TFLOPS) "
-        "| sparse f+b peak GB | KL fwd ms | KL f+b ms | top-k from |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| sparse f+b peak GB | KL fwd ms | KL f+b ms | sparse f+b with fused KL ms (overhead) | top-k from |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s = r["dsa"]
         if "error" in s:
-            lines.append(f"| {r['shape']} | {r['L'] // 1024}K | {s['error']} |||||||| ")
+            lines.append(f"| {r['shape']} | {r['L'] // 1024}K | {s['error']} ||||||||| ")
             continue
 
         def ft(c):
@@ -346,7 +383,7 @@ def table(results: list[dict]) -> str:
         lines.append(
             f"| {r['shape']} | {r['L'] // 1024}K | {fmt(s.get('quant'))} | {ft(s.get('indexer_topk'))} | "
             f"{ft(s.get('sparse_fwd'))} | {ft(s.get('sparse_bwd'))} | {fmt(s.get('sparse_fwd_bwd'), 'peak_gb')} | "
-            f"{fmt(s.get('kl_fwd'))} | {fmt(s.get('kl_fwd_bwd'))} | {s.get('topk_source')} |"
+            f"{fmt(s.get('kl_fwd'))} | {fmt(s.get('kl_fwd_bwd'))} | {fused_cell(s)} | {s.get('topk_source')} |"
         )
     notes = sorted({f"- {r['dense'].get('backend')}: dense backend used" for r in results})
     notes += sorted(

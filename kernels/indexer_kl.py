@@ -141,8 +141,10 @@ def _kl_fwd_kernel(
     H: tl.constexpr, HG: tl.constexpr, HGP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
     HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, BLOCK_N: tl.constexpr,
     SPARSE: tl.constexpr, HAS_KSCALE: tl.constexpr, UPCAST_MAIN: tl.constexpr, IEEE_MAIN: tl.constexpr,
-    UPCAST_IDX: tl.constexpr, IEEE_IDX: tl.constexpr,
+    UPCAST_IDX: tl.constexpr, IEEE_IDX: tl.constexpr, P_GIVEN: tl.constexpr = False,
 ):
+    """Per row: KL, indexer LSE and Σ p. P_GIVEN (sparse only): p is read from ``p_ptr`` (the fused attention's
+    backward wrote it) instead of being rebuilt from q, k and lse; q, k, lse are then not read."""
     t = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     jj = tl.arange(0, HIP)
@@ -166,12 +168,15 @@ def _kl_fwd_kernel(
     for n0 in range(0, n_end, BLOCK_N):
         sl, kid, valid = _key_block(idx_ptr, kpos_ptr, b, t, n0, n_k, n_slots, qpos, stride_ib, stride_it,
                                     BLOCK_N, SPARSE)
-        p = _target_tile(q_ptr, k_ptr, lse_ptr, b, t, kid, valid, scale, stride_qb, stride_qt, stride_qh,
-                         stride_kb, stride_kt, stride_kh, stride_lb, stride_lt,
-                         H, HG, HGP, HKV, D, DC, BLOCK_N, UPCAST_MAIN, IEEE_MAIN)
+        if P_GIVEN:
+            p = tl.load(p_ptr + (b * n_q + t) * n_slots + sl, mask=sl < n_slots, other=0.0)
+        else:
+            p = _target_tile(q_ptr, k_ptr, lse_ptr, b, t, kid, valid, scale, stride_qb, stride_qt, stride_qh,
+                             stride_kb, stride_kt, stride_kh, stride_lb, stride_lt,
+                             H, HG, HGP, HKV, D, DC, BLOCK_N, UPCAST_MAIN, IEEE_MAIN)
         a, logits, kt, ksv = _index_tile(qi, w, ki_ptr, ks_ptr, b, kid, valid, stride_kib, stride_kit, stride_ksb,
                                          DI, DIP, BLOCK_N, HAS_KSCALE, UPCAST_IDX, IEEE_IDX)
-        if SPARSE:  # keep p for the backward: O(L·k), saves recomputing the main-attention logits
+        if SPARSE and not P_GIVEN:  # keep p for the backward: O(L·k), saves recomputing the main-attention logits
             tl.store(p_ptr + (b * n_q + t) * n_slots + sl, p, mask=sl < n_slots)
         m_new = tl.maximum(m, tl.max(logits, axis=0))
         m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)  # no −inf − (−inf) before the first valid key
@@ -276,76 +281,124 @@ def _flags(dtype: torch.dtype, on_gpu: bool) -> tuple[bool, bool]:
     return upcast, dtype == torch.float32 or upcast
 
 
+def _launch(q_index, k_index, weights, q, k, attn_lse, k_scale, topk_indices, q_pos, k_pos, row_len, scale):
+    """Kernel arguments, strides and constexprs shared by the forward and backward launches."""
+    dev = q.device
+    b, lq, h, d = q.shape
+    lk, hkv = k_index.shape[1], k.shape[2]
+    hi, di = q_index.shape[2], q_index.shape[3]
+    qm, km = _operands(q.detach(), k.detach())
+    qi, ki = _operands(q_index.detach(), k_index.detach())
+    w = weights.detach().float().contiguous()
+    ks = k_scale.detach().float().contiguous() if k_scale is not None else None
+    lse = attn_lse.detach().float().contiguous()
+    sparse = topk_indices is not None
+    n_slots = topk_indices.shape[-1] if sparse else 0
+    idx = topk_indices.contiguous() if sparse else row_len
+    on_gpu = dev.type == "cuda"
+    hg = h // hkv
+    meta = {
+        "H": h, "HG": hg, "HGP": max(16, triton.next_power_of_2(hg)), "HKV": hkv, "D": d,
+        "DC": min(64, max(16, triton.next_power_of_2(d))), "HI": hi, "HIP": max(16, triton.next_power_of_2(hi)),
+        "DI": di, "DIP": max(32, triton.next_power_of_2(di)), "BLOCK_N": 32 if on_gpu else 16,
+        "SPARSE": sparse, "HAS_KSCALE": ks is not None,
+    }
+    meta["UPCAST_MAIN"], meta["IEEE_MAIN"] = _flags(qm.dtype, on_gpu)
+    meta["UPCAST_IDX"], meta["IEEE_IDX"] = _flags(qi.dtype, on_gpu)
+    args = (qm, km, lse, qi, ki, w, ks if ks is not None else w, idx, q_pos, k_pos, row_len)
+    strides = (
+        qm.stride(0), qm.stride(1), qm.stride(2), km.stride(0), km.stride(1), km.stride(2),
+        lse.stride(0), lse.stride(1), qi.stride(0), qi.stride(1), qi.stride(2), ki.stride(0), ki.stride(1),
+        w.stride(0), w.stride(1), (ks if ks is not None else w).stride(0),
+        idx.stride(0) if sparse else 0, idx.stride(1) if sparse else 0,
+    )
+    # No software pipelining: the unrolled head-group / d-chunk dots would each get multi-stage shared
+    # buffers (402 KB for d=576 on the H100, over its 227 KB).
+    warps = 4 if on_gpu else 1
+    return args, strides, meta, warps, (b, lq, lk, hi, di, n_slots)
+
+
+def _indexer_grads(launch, p_buf, lse_i, p_tot, g_rows, scale):
+    """dq_I [B, Lq, H_I, d_I], dk_I [B, Lk, d_I], dw [B, Lq, H_I] (fp32) for row gradients ``g_rows`` [B, Lq]."""
+    args, strides, meta, warps, (b, lq, lk, hi, di, n_slots) = launch
+    dev = lse_i.device
+    dqi = torch.empty(b, lq, hi, di, dtype=torch.float32, device=dev)
+    dki = torch.zeros(b, lk, di, dtype=torch.float32, device=dev)
+    dw = torch.empty(b, lq, hi, dtype=torch.float32, device=dev)
+    prec = "tf32x3" if dev.type == "cuda" else "ieee"
+    if lq:
+        _kl_bwd_kernel[(lq, b)](*args, p_buf, lse_i, p_tot, g_rows, dqi, dki, dw, lq, lk, n_slots, scale,
+                                *strides, num_warps=warps, num_stages=1, PREC=prec, **meta)
+    return dqi, dki, dw
+
+
+def indexer_kl_sparse_from_target(
+    target: torch.Tensor,
+    q_index: torch.Tensor,
+    k_index: torch.Tensor,
+    weights: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    topk_indices: torch.Tensor,
+    grad: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The sparse KL for a given target p_attn [B, Lq, k] (fp32, e.g. written by the attention backward).
+
+    Returns ``(kl, dq_index, dk_index, dweights)``: the mean KL over the B·Lq rows (fp32 scalar) and, when
+    ``grad`` (the loss gradient of that mean) is given, its gradients w.r.t. the indexer inputs (fp32), exactly
+    those of :func:`indexer_kl_loss_sparse` with the same target. Not differentiable itself: the fused op
+    (:mod:`kernels.sparse_attention_kl`) calls it inside its backward.
+    """
+    b, lq, n_slots = target.shape
+    dummy = target.new_zeros(1, 1, 1, 16)  # the main-attention operands, not read with P_GIVEN
+    q_stub = dummy.expand(b, lq, 1, 16)
+    launch = _launch(q_index, k_index, weights, q_stub, dummy, target.new_zeros(b, lq, 1), k_scale,
+                     topk_indices, dummy, dummy, dummy, 1.0)
+    args, strides, meta, warps, _ = launch
+    p_buf = target.contiguous()
+    kl_rows, lse_i, p_tot = (torch.empty(b, lq, dtype=torch.float32, device=target.device) for _ in range(3))
+    if lq:
+        _kl_fwd_kernel[(lq, b)](*args, p_buf, kl_rows, lse_i, p_tot, lq, k_index.shape[1], n_slots, 1.0,
+                                *strides, num_warps=warps, num_stages=1, P_GIVEN=True, **meta)
+    kl = kl_rows.mean()
+    if grad is None:
+        return kl, None, None, None
+    g_rows = (grad.float() / max(1, b * lq)).expand(b, lq).contiguous()
+    return (kl, *_indexer_grads(launch, p_buf, lse_i, p_tot, g_rows, 1.0))
+
+
 class _IndexerKL(torch.autograd.Function):
     """Autograd wrapper: inputs are the differentiable indexer tensors first, then everything else."""
 
     @staticmethod
     def forward(ctx, q_index, k_index, weights, q, k, attn_lse, k_scale, topk_indices, q_pos, k_pos, row_len,
                 scale, reduction):
+        launch = _launch(q_index, k_index, weights, q, k, attn_lse, k_scale, topk_indices, q_pos, k_pos, row_len,
+                         scale)
+        args, strides, meta, warps, (b, lq, lk, hi, di, n_slots) = launch
         dev = q.device
-        b, lq, h, d = q.shape
-        lk, hkv = k.shape[1], k.shape[2]
-        hi, di = q_index.shape[2], q_index.shape[3]
-        qm, km = _operands(q.detach(), k.detach())
-        qi, ki = _operands(q_index.detach(), k_index.detach())
-        w = weights.detach().float().contiguous()
-        ks = k_scale.detach().float().contiguous() if k_scale is not None else None
-        lse = attn_lse.detach().float().contiguous()
-        sparse = topk_indices is not None
-        n_slots = topk_indices.shape[-1] if sparse else 0
-        idx = topk_indices.contiguous() if sparse else row_len
-        on_gpu = dev.type == "cuda"
-        hg = h // hkv
-        meta = {
-            "H": h, "HG": hg, "HGP": max(16, triton.next_power_of_2(hg)), "HKV": hkv, "D": d,
-            "DC": min(64, max(16, triton.next_power_of_2(d))), "HI": hi, "HIP": max(16, triton.next_power_of_2(hi)),
-            "DI": di, "DIP": max(32, triton.next_power_of_2(di)), "BLOCK_N": 32 if on_gpu else 16,
-            "SPARSE": sparse, "HAS_KSCALE": ks is not None,
-        }
-        meta["UPCAST_MAIN"], meta["IEEE_MAIN"] = _flags(qm.dtype, on_gpu)
-        meta["UPCAST_IDX"], meta["IEEE_IDX"] = _flags(qi.dtype, on_gpu)
         kl_rows = torch.empty(b, lq, dtype=torch.float32, device=dev)
         lse_i = torch.empty_like(kl_rows)
         p_tot = torch.empty_like(kl_rows)
-        p_buf = torch.empty(b, lq, n_slots, dtype=torch.float32, device=dev) if sparse else kl_rows
-        args = (
-            qm, km, lse, qi, ki, w, ks if ks is not None else w, idx, q_pos, k_pos, row_len,
-        )
-        strides = (
-            qm.stride(0), qm.stride(1), qm.stride(2), km.stride(0), km.stride(1), km.stride(2),
-            lse.stride(0), lse.stride(1), qi.stride(0), qi.stride(1), qi.stride(2), ki.stride(0), ki.stride(1),
-            w.stride(0), w.stride(1), (ks if ks is not None else w).stride(0),
-            idx.stride(0) if sparse else 0, idx.stride(1) if sparse else 0,
-        )
-        warps = 4 if on_gpu else 1
-        # No software pipelining: the unrolled head-group / d-chunk dots would each get multi-stage shared
-        # buffers (402 KB for d=576 on the H100, over its 227 KB).
+        p_buf = torch.empty(b, lq, n_slots, dtype=torch.float32, device=dev) if meta["SPARSE"] else kl_rows
         if lq:
             _kl_fwd_kernel[(lq, b)](*args, p_buf, kl_rows, lse_i, p_tot, lq, lk, n_slots, scale, *strides,
                                     num_warps=warps, num_stages=1, **meta)
         ctx.save_for_backward(q_index, k_index, weights, p_buf, lse_i, p_tot)
-        ctx.launch = (args, strides, meta, warps, scale, (b, lq, lk, hi, di, n_slots))
+        ctx.launch, ctx.scale = launch, scale
         ctx.reduction = reduction
         return _reduce(kl_rows, reduction)
 
     @staticmethod
     def backward(ctx, grad):
         q_index, k_index, weights, p_buf, lse_i, p_tot = ctx.saved_tensors
-        args, strides, meta, warps, scale, (b, lq, lk, hi, di, n_slots) = ctx.launch
-        dev = lse_i.device
+        b, lq = ctx.launch[4][:2]
         if ctx.reduction == "mean":
             g_rows = (grad.float() / max(1, b * lq)).expand(b, lq).contiguous()
         elif ctx.reduction == "sum":
             g_rows = grad.float().expand(b, lq).contiguous()
         else:
             g_rows = grad.float().contiguous()
-        dqi = torch.empty(b, lq, hi, di, dtype=torch.float32, device=dev)
-        dki = torch.zeros(b, lk, di, dtype=torch.float32, device=dev)
-        dw = torch.empty(b, lq, hi, dtype=torch.float32, device=dev)
-        prec = "tf32x3" if dev.type == "cuda" else "ieee"
-        if lq:
-            _kl_bwd_kernel[(lq, b)](*args, p_buf, lse_i, p_tot, g_rows, dqi, dki, dw, lq, lk, n_slots, scale,
-                                    *strides, num_warps=warps, num_stages=1, PREC=prec, **meta)
+        dqi, dki, dw = _indexer_grads(ctx.launch, p_buf, lse_i, p_tot, g_rows, ctx.scale)
         return (dqi.to(q_index.dtype), dki.to(k_index.dtype), dw.to(weights.dtype),
                 None, None, None, None, None, None, None, None, None, None)
 

@@ -20,6 +20,8 @@ Layout of the work (shaped like Triton's fused-attention tutorial):
   heads of the group on N, operands streamed in 128-wide d-chunks, each chunk of dK/dV added with fp32 atomics
   (keys are shared by many queries and there is no cheap transpose of the index lists), then cast. A single
   fused kernel needs 279–385 KB of shared memory at 576/512 (benchmarks/NOTES_sparse_attention.md).
+* ``WRITE_P`` (dq pass): also store the head-mean of the recomputed P tiles, the sparse indexer KL's target
+  (used by :mod:`kernels.sparse_attention_kl`; compiled out of the plain backward).
 * ``UPCAST`` converts dot operands to fp32 first: Triton's CPU interpreter gets bf16×bf16 ``tl.dot`` wrong
   (docs/design.md, "Testing"), so bf16 runs there upcast; on GPU bf16 operands go to the tensor cores with fp32
   accumulation.
@@ -168,7 +170,7 @@ def _sparse_attn_bwd_delta_kernel(
 
 @triton.jit
 def _sparse_attn_bwd_dq_kernel(
-    Q, K, V, IDX, DO, LSE, DELTA, DQ,
+    Q, K, V, IDX, DO, LSE, DELTA, DQ, PATTN,
     s_qb, s_ql, s_qh, s_qd,
     s_kb, s_kl, s_kh, s_kd,
     s_vb, s_vl, s_vh, s_vd,
@@ -176,13 +178,19 @@ def _sparse_attn_bwd_dq_kernel(
     s_db, s_dl, s_dh, s_dd,
     s_lb, s_ll, s_lh,
     s_gb, s_gl, s_gh, s_gd,
-    LQ, TOPK, GROUP, HEAD_BLOCKS, NUM_HB, sm_scale, qk_scale_log2,
+    s_pp, s_pb, s_pl, s_pk,
+    LQ, TOPK, GROUP, HEAD_BLOCKS, NUM_HB, sm_scale, qk_scale_log2, inv_heads,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, D2P: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
-    V_IS_K: tl.constexpr, UPCAST: tl.constexpr,
+    V_IS_K: tl.constexpr, UPCAST: tl.constexpr, WRITE_P: tl.constexpr, P_ATOMIC: tl.constexpr,
 ):  # fmt: skip
     """dq = scale · Σ_s dS[:, s] K[s] with dS = P ⊙ (dO·Vᵀ − delta); one program per (token, head block),
-    like the forward (heads on M), so dq needs no atomics."""
+    like the forward (heads on M), so dq needs no atomics.
+
+    WRITE_P (the fused indexer KL): also write this program's share of the head-mean probabilities,
+    PATTN[plane, b, t, slot] = (1/H) Σ_{its heads} P — the sparse KL's target, from the P tile recomputed here
+    anyway with the final lse (a column sum per key block). Plane = this program's head block, or with P_ATOMIC
+    one zeroed plane that at most two programs add into (0 + a + b = 0 + b + a exactly: still deterministic)."""
     tl.static_assert(BLOCK_H >= 16)
     pid = tl.program_id(0).to(tl.int64)
     pid_t = pid // NUM_HB
@@ -245,6 +253,13 @@ def _sparse_attn_bwd_dq_kernel(
             s += tl.dot(q2, tl.trans(k2))
         p = tl.exp2(s * qk_scale_log2 - lse2[:, None])
         p = tl.where(valid[None, :], p, 0.0)
+        if WRITE_P:
+            p_head_mean = tl.sum(p, 0) * inv_heads  # [BLOCK_N]; padded heads and empty rows have P = 0
+            p_ptr = PATTN + b * s_pb + t * s_pl + slot * s_pk
+            if P_ATOMIC:
+                tl.atomic_add(p_ptr, p_head_mean, mask=slot < TOPK, sem="relaxed")
+            else:
+                tl.store(p_ptr + pid_h * s_pp, p_head_mean, mask=slot < TOPK)
         if V_IS_K:
             v = k1
         else:
@@ -559,9 +574,14 @@ def sparse_attention_bwd(
     needs: tuple[bool, bool, bool] = (True, True, True),
     config: BwdConfig | None = None,
     dq: torch.Tensor | None = None,
+    p_attn: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Launch the backward kernels (delta, dq, dk/dv). Returns (dq, dk, dv); dv is None when it was folded into
-    dk (v is a view of k and both need grads). ``dq`` may be a preallocated (e.g. poisoned) buffer."""
+    dk (v is a view of k and both need grads). ``dq`` may be a preallocated (e.g. poisoned) buffer.
+
+    ``p_attn`` [B, Lq, k] float32 (contiguous; ``idx`` then [B, Lq, k]): the dq pass also writes the head-mean
+    attention probabilities on every slot into it — 0 on −1 slots and rows without keys (the fused indexer KL's
+    target). The dq pass then runs even when q needs no gradient."""
     b, lq, h, d_qk = q.shape
     lk, hkv, d_v = k.shape[1], k.shape[2], v.shape[3]
     group = h // hkv
@@ -569,17 +589,23 @@ def sparse_attention_bwd(
     dvp = max(16, triton.next_power_of_2(d_v))
     cfg = config or default_bwd_config(group, d_qk, d_v, q.is_cuda)
     need_q, need_k, need_v = needs
+    write_p = p_attn is not None
+    if write_p and (idx.dim() != 3 or p_attn.shape != idx.shape or p_attn.dtype != torch.float32):
+        raise ValueError(f"p_attn must be float32 [B, Lq, k] = {tuple(idx.shape)} with [B, Lq, k] indices, got "
+                         f"{tuple(p_attn.shape)} {p_attn.dtype} for indices {tuple(idx.shape)}")
     v_is_k = _v_is_k(k, v, d1)
     # Fold dV into dK only when both are wanted: the latent then receives their sum through autograd.
     fold = v_is_k and need_k and need_v
-    if need_q and dq is None:
-        dq = torch.empty_like(q)
+    if (need_q or write_p) and dq is None:
+        dq = torch.empty_like(q)  # without need_q: scratch for the p_attn pass
     dk32 = torch.zeros((b, lk, hkv, d_qk), device=q.device, dtype=torch.float32) if need_k else None
     dv32 = torch.zeros((b, lk, hkv, d_v), device=q.device, dtype=torch.float32) if need_v and not fold else None
     topk = idx.shape[-1]
     if q.numel() == 0 or topk == 0 or lk == 0:
         if dq is not None:
             dq.zero_()
+        if write_p:
+            p_attn.zero_()
     else:
         do = grad_out
         delta = torch.empty_like(lse)
@@ -589,16 +615,27 @@ def sparse_attention_bwd(
             BLOCK_H=dh, DV=d_v, DVP=dvp, num_warps=4,
         )  # fmt: skip
         common = dict(D1=d1, D2=d2, D2P=d2p, DV=d_v, DVP=dvp, V_IS_K=v_is_k, UPCAST=_upcast(q))
-        if need_q:
+        if need_q or write_p:
             head_blocks = triton.cdiv(group, cfg.dq.block_h)
-            _sparse_attn_bwd_dq_kernel[(b * lq * hkv * head_blocks,)](
-                q, k, v, idx, do, lse, delta, dq,
+            num_hb = hkv * head_blocks
+            # p_attn: written in place (one program per slot), added by ≤ 2 programs (deterministic), or one
+            # plane per head block summed afterwards (deterministic; 4·NUM_HB·B·Lq·k bytes of scratch).
+            p_atomic = write_p and num_hb == 2
+            planes = p_attn[None] if write_p and num_hb <= 2 else (
+                torch.empty((num_hb, *p_attn.shape), device=q.device, dtype=torch.float32) if write_p else lse)
+            if p_atomic:
+                p_attn.zero_()
+            p_strides = planes.stride() if write_p else (0, 0, 0, 0)
+            _sparse_attn_bwd_dq_kernel[(b * lq * num_hb,)](
+                q, k, v, idx, do, lse, delta, dq, planes,
                 *q.stride(), *k.stride(), *v.stride(), *_idx_strides(idx), *do.stride(), *lse.stride(),
-                *dq.stride(),
-                lq, topk, group, head_blocks, hkv * head_blocks, scale, scale * _LOG2E,
-                BLOCK_H=cfg.dq.block_h, BLOCK_N=cfg.dq.block_n, **common,
+                *dq.stride(), *p_strides,
+                lq, topk, group, head_blocks, num_hb, scale, scale * _LOG2E, 1.0 / h,
+                BLOCK_H=cfg.dq.block_h, BLOCK_N=cfg.dq.block_n, **common, WRITE_P=write_p, P_ATOMIC=p_atomic,
                 num_warps=cfg.dq.num_warps, num_stages=cfg.dq.num_stages,
             )  # fmt: skip
+            if write_p and num_hb > 2:
+                torch.sum(planes, 0, out=p_attn)
         if need_k or need_v:
             dummy = lse.new_empty((1, 1, 1, 1))  # stands in for a buffer this launch does not write
             dk_t = dk32 if dk32 is not None else dummy

@@ -7,6 +7,7 @@ give a :class:`DSAInputs`), runs these steps, each a function of its own:
 2. :func:`select_topk` — top-k key indices of those rows (local, or the CP-distributed top-k);
 3. :func:`attend` — sparse attention over the selected keys, or dense causal attention: ``(out, lse)``;
 4. :func:`kl_target` + :func:`indexer_kl` — the indexer KL (dense over all keys, or sparse over the top-k set);
+   in the sparse stage (training, tp == 1) steps 3 and 4 are one op instead, :func:`attend_with_sparse_kl`;
 5. :func:`indexer_recall` — the recall metric on a few rows.
 
 :func:`dsa_attention` composes them as the runtime (:class:`~dsa_dist.model.runtime.DSARuntime`) and this
@@ -192,6 +193,29 @@ def attend(q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, *, softm
                                     k_positions=k_positions)
 
 
+def attend_with_sparse_kl(indexer: LightningIndexer, rows: IndexerRows, q: torch.Tensor, k_full: torch.Tensor,
+                          v_full: torch.Tensor, topk: torch.Tensor, *, softmax_scale: float, dims: ParallelDims
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse attention with the sparse KL fused into its backward: ``(out, lse, kl_proxy, kl_value)``.
+
+    Same attention and KL gradient as :func:`attend` + :func:`kl_target` + :func:`indexer_kl` (sparse), but the
+    KL's target p_attn comes from the attention backward's own P tiles
+    (:func:`dsa_dist.ops.sparse_attention_with_indexer_kl`): ``kl_proxy`` (value 0) carries the gradient to the
+    indexer, ``kl_value`` is filled by the backward. TP (supported; :func:`dsa_attention` uses it at tp == 1 only,
+    see there): p_attn is a mean over *all* heads; each rank's backward sums its heads for all local rows and one
+    all-reduce of those [B, Ll, k] partials over the TP group replaces the separate op's all-to-all of q (this
+    rank's KL rows are then ``tp_rank::tp``, as in :func:`indexer_kl`).
+    CP works as for :func:`attend`: ``topk`` holds global indices into the gathered ``k_full``; the index keys are
+    gathered too. ``topk`` [B, Ll, k] (every local row) comes from our own top-k or a validated replay.
+    """
+    kl_in = indexer.prepare_for_kl(rows.q, rows.k, rows.w, q_positions=rows.q_positions,
+                                   k_positions=rows.k_positions)
+    k_index_full = _gather_sequence(kl_in.k_index, dims)  # [B, L, d_I]
+    return dispatch.sparse_attention_with_indexer_kl(q, k_full, v_full, topk, softmax_scale, kl_in.q_index,
+                                                     k_index_full, kl_in.weights, kl_in.k_scale, indices_checked=True,
+                                                     head_group=dims.tp_group if dims.tp > 1 else None)
+
+
 @torch.no_grad()
 def kl_target(q: torch.Tensor, k_full: torch.Tensor, lse: torch.Tensor, *, kv_heads_split: bool,
               dims: ParallelDims) -> KLTarget:
@@ -272,6 +296,10 @@ def dsa_attention(inputs: DSAInputs, *, indexer: LightningIndexer, dsa: DSAModel
                   dims: ParallelDims, tracker: IndexerLossTracker | None, layer: int) -> torch.Tensor:
     """One DSA attention on this rank's tokens and heads: the steps above as ``runtime`` and ``tracker`` ask.
 
+    Sparse stage with the KL, grad enabled and tp == 1 (``runtime.fused_sparse_kl``, default on): the KL comes
+    from :func:`attend_with_sparse_kl` and is recorded as a proxy whose value the backward fills (see
+    :class:`IndexerLossTracker`); otherwise from the separate op (:func:`indexer_kl`), value known now.
+
     Returns the attention output [B, Ll, H/tp, d_v]. Records this layer's KL (``runtime.indexer_kl``), recall
     (``measure_recall``) and selected indices (``record_topk``) in ``tracker``; replays its indices when given.
     """
@@ -306,23 +334,41 @@ def dsa_attention(inputs: DSAInputs, *, indexer: LightningIndexer, dsa: DSAModel
         tracker.record_selected(layer, topk_all)
 
     k_full, v_full = kv.wait()
+    # The fused KL's value is known only after the backward: in forward-only passes (no grad, and an input that
+    # needs none: evaluation, rollouts) the separate op computes it in the forward. A no-grad forward whose input
+    # needs grad is the first pass of a reentrant recompute that checkpoints this attention: the recomputed pass
+    # runs the fused op, so this one skips the separate KL (its record is replaced by the recomputed one). (A
+    # recompute region that starts before the input's projection sees an input without grad here: separate op.)
+    # Under TP the fused op would sum the target over the ranks' heads in another order than one rank does;
+    # measured in the GRPO TP=2 vs TP=1 test, that rounding change moved the KL (~1e-4, p ≈ softmax(I), so
+    # p·log(p/q) cancels) by 2e-4 relative and the second iteration's policy loss by 1.2 %. TP runs keep the
+    # separate op, whose target is computed as at tp == 1, so TP layouts reproduce tp == 1.
+    training = torch.is_grad_enabled() or inputs.indexer_h.requires_grad
+    fused_kl = kl_on and sparse and runtime.fused_sparse_kl and training and dims.tp == 1
+    kl_value = None
     # topk_all comes from our own top-k or a validated replay: in range by construction, no second check.
     # DSAInputs.positions are this rank's dims.local_positions (as every producer builds them): their runs are
     # known on the host, so the dense path needs no host read of positions.
-    out, lse = attend(q, k_full, v_full, softmax_scale=scale, positions=positions,
-                      topk=topk_all if sparse else None, indices_checked=True,
-                      position_blocks=None if sparse else dims.local_blocks(local_len))
+    if fused_kl:
+        out, lse, kl, kl_value = attend_with_sparse_kl(indexer, rows, q, k_full, v_full, topk_all,
+                                                       softmax_scale=scale, dims=dims)
+    else:
+        out, lse = attend(q, k_full, v_full, softmax_scale=scale, positions=positions,
+                          topk=topk_all if sparse else None, indices_checked=True,
+                          position_blocks=None if sparse else dims.local_blocks(local_len))
     if not (kl_on or want_recall):
         return out
-    target = kl_target(q, k_full, lse, kv_heads_split=inputs.v is not None, dims=dims)
+    target = kl_target(q, k_full, lse, kv_heads_split=inputs.v is not None, dims=dims) if (
+        want_recall or not fused_kl) else None
     if want_recall:
         tracker.record_recall(layer, indexer_recall(target, topk_rows, rows.q_positions, softmax_scale=scale,
                                                     n_rows=ix.recall_rows))
     if not kl_on:
         return out
-    kl = indexer_kl(indexer, rows, target, softmax_scale=scale, dims=dims, topk=topk_rows if sparse else None,
-                    indices_checked=True)
-    tracker.record(layer, kl)
+    if not fused_kl:
+        kl = indexer_kl(indexer, rows, target, softmax_scale=scale, dims=dims, topk=topk_rows if sparse else None,
+                        indices_checked=True)
+    tracker.record(layer, kl, value=kl_value)
     if tracker.attach_coeff is not None:
         out = attach_loss(out, kl, tracker.attach_weight)
     return out

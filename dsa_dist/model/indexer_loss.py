@@ -33,9 +33,18 @@ normalisation multiplies the KL by the micro-batch's token count).
 its selected indices here and the recomputed forward replays them instead of scoring every key again (the
 indexer's O(L²) scoring is most of a long-sequence forward); each is dropped once replayed. Cost: [B, L_local, k]
 int32 per checkpointed layer between the forward and that layer's backward.
+
+Fused sparse KL (:func:`dsa_dist.ops.sparse_attention_with_indexer_kl`): a layer may record a *proxy* — a scalar
+of value 0 whose gradient is the KL's — together with a separate value tensor that the attention's backward fills.
+The KL **value** of such a layer is known only after the backward. :meth:`total` (for the loss) sums the proxies,
+so its value before the backward leaves those layers out; when the backward through it has finished, the tensor
+:meth:`total` returned is overwritten with the complete sum of the KL values, so code that logs it after
+``backward()`` logs the KL. :meth:`values` / :meth:`logged_total` / :meth:`value_tensors` likewise (NaN before).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -63,6 +72,8 @@ class IndexerLossTracker:
         self._record_topk = False
         self._replay: dict[int, torch.Tensor] | None = None
         self._losses: dict[int, torch.Tensor] = {}
+        self._values: dict[int, torch.Tensor] = {}
+        self._deferred: set[int] = set()  # layers whose recorded loss is a fused proxy (value after backward)
         self._recall: dict[int, torch.Tensor] = {}
         self._topk: dict[int, torch.Tensor] = {}
 
@@ -91,6 +102,8 @@ class IndexerLossTracker:
         self._record_topk = bool(record_topk)
         self._replay = None if replay_topk is None else dict(replay_topk)
         self._losses.clear()
+        self._values.clear()
+        self._deferred.clear()
         self._recall.clear()
         self._topk.clear()
         self._kept.clear()
@@ -139,11 +152,22 @@ class IndexerLossTracker:
             return self._kept.pop(layer)
         return None
 
-    def record(self, layer: int, loss: torch.Tensor) -> None:
-        """Store the live KL of ``layer`` (a scalar). A layer recorded twice (e.g. recompute) keeps the latest."""
+    def record(self, layer: int, loss: torch.Tensor, value: torch.Tensor | None = None) -> None:
+        """Store the live KL of ``layer`` (a scalar). A layer recorded twice (e.g. recompute) keeps the latest.
+
+        ``value``: the fused path's KL value tensor (0-dim, filled in place by the backward), when ``loss`` is the
+        fused op's proxy (value 0, exact gradient); None: ``loss`` is the KL itself.
+        """
         if loss.dim() != 0:
             raise ValueError(f"indexer loss must be a scalar, got shape {tuple(loss.shape)}")
+        if value is not None and value.dim() != 0:
+            raise ValueError(f"indexer KL value must be a scalar, got shape {tuple(value.shape)}")
         self._losses[layer] = loss
+        self._values[layer] = (loss if value is None else value).detach()
+        if value is None:
+            self._deferred.discard(layer)
+        else:
+            self._deferred.add(layer)
 
     def record_recall(self, layer: int, recall: torch.Tensor) -> None:
         """Store the (detached) indexer recall of ``layer``."""
@@ -168,24 +192,44 @@ class IndexerLossTracker:
         return sorted(self._losses)
 
     def total(self) -> torch.Tensor:
-        """Sum over layers of the live per-layer KL (0 if nothing was recorded); differentiable."""
+        """Sum over layers of the live per-layer KL (0 if nothing was recorded); differentiable — the term for the
+        loss. Its *value* leaves out fused layers (their proxies are 0): log :meth:`logged_total` instead."""
         if self.attach_coeff is not None:
             raise RuntimeError("IndexerLossTracker(attach_coeff=...) attaches the KL to the layer outputs; "
                                "do not add total() to the loss as well (use values() for logging)")
         if not self._losses:
             return torch.zeros(())
-        return torch.stack([self._losses[k] for k in self.layers]).sum()
+        total = torch.stack([self._losses[k] for k in self.layers]).sum()
+        if not (self._deferred & set(self._losses) and total.requires_grad):
+            return total
+        out = _FillAfterBackward.apply(total, self.value_tensors())
+        out.grad_fn.out_ref = weakref.ref(out)  # no cycle: the node must not keep its output alive
+        return out
+
+    def value_tensors(self) -> list[torch.Tensor]:
+        """Per layer (in layer order) the detached 0-dim KL value tensor. A fused layer's is written by the
+        backward: keep the tensors and read them after ``backward()`` (they are NaN before)."""
+        return [self._values[k] for k in self.layers]
+
+    def logged_total(self) -> torch.Tensor:
+        """Sum over layers of the KL values (detached, fp32; 0 if nothing was recorded). With fused layers call it
+        after the backward of this forward (NaN before)."""
+        if not self._values:
+            return torch.zeros(())
+        return torch.stack([v.float() for v in self.value_tensors()]).sum()
 
     def total_detached(self) -> torch.Tensor:
-        """Detached sum over layers of the recorded KL (0 if nothing was recorded), for logging in either mode
-        (each layer counted once, also when a recomputed forward recorded it again)."""
-        if not self._losses:
+        """Detached sum over layers of the recorded KL values (0 if nothing was recorded), for logging in either
+        mode (each layer counted once, also when a recomputed forward recorded it again; a fused layer's value is
+        known after the backward, as in :meth:`logged_total`)."""
+        if not self._values:
             return torch.zeros(())
-        return torch.stack([self._losses[k].detach() for k in self.layers]).sum()
+        return torch.stack([self._values[k] for k in self.layers]).sum()
 
     def values(self, reduce: bool = False, groups: tuple = ()) -> dict[int, float]:
-        """Detached per-layer KL as floats; ``reduce=True`` averages each over ``groups`` (default: TP and CP)."""
-        return self._as_floats(self._losses, reduce, groups)
+        """Detached per-layer KL as floats (fused layers: after the backward); ``reduce=True`` averages each over
+        ``groups`` (default: TP and CP)."""
+        return self._as_floats(self._values, reduce, groups)
 
     def recall(self, reduce: bool = False, groups: tuple = ()) -> dict[int, float]:
         """Detached per-layer recall as floats (only layers that measured it); ``reduce`` as in :meth:`values`."""
@@ -218,6 +262,30 @@ def _default_groups() -> tuple:
     if not ps.model_parallel_is_initialized():
         return ()
     return (ps.get_tensor_model_parallel_group(), ps.get_context_parallel_group())
+
+
+class _FillAfterBackward(torch.autograd.Function):
+    """Identity on the summed KL terms; once the backward through it has finished (all layers' backward included,
+    where fused layers write their KL values), its output tensor is overwritten with the sum of ``values``."""
+
+    @staticmethod
+    def forward(ctx, total: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
+        ctx.values = values
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out_ref, values = getattr(ctx, "out_ref", None), ctx.values
+
+        def fill() -> None:
+            out = out_ref() if out_ref is not None else None
+            if out is not None:
+                with torch.no_grad():
+                    out.copy_(torch.stack([v.to(out.dtype) for v in values]).sum())
+
+        # Runs when this backward pass ends: after the attention backwards that fill the values.
+        torch.autograd.Variable._execution_engine.queue_callback(fill)
+        return grad, None
 
 
 class _AttachLoss(torch.autograd.Function):

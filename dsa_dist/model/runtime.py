@@ -33,12 +33,19 @@ class DSARuntime:
     """'dense': causal attention over every earlier key; 'sparse': attention over the indexer's top-k keys."""
     indexer_kl: bool = True
     """Compute the indexer KL (and record it in the tracker): on while the indexer trains, off otherwise."""
+    fused_sparse_kl: bool = True
+    """Sparse stage with the KL: take the KL's target from the sparse attention's backward
+    (:func:`dsa_dist.ops.sparse_attention_with_indexer_kl`; the KL value is then known after the backward)
+    instead of recomputing it in a separate op. Applies where grad is enabled and tp == 1; in forward-only
+    passes, under TP, or when False, the separate op runs (see :func:`dsa_dist.model.dsa_core.dsa_attention`)."""
 
     def __post_init__(self) -> None:
         if self.attention not in ("dense", "sparse"):
             raise ValueError(f"DSARuntime.attention must be 'dense' or 'sparse', got {self.attention!r}")
         if not isinstance(self.indexer_kl, bool):
             raise ValueError(f"DSARuntime.indexer_kl must be a bool, got {self.indexer_kl!r}")
+        if not isinstance(self.fused_sparse_kl, bool):
+            raise ValueError(f"DSARuntime.fused_sparse_kl must be a bool, got {self.fused_sparse_kl!r}")
 
 
 DENSE = DSARuntime(attention="dense", indexer_kl=False)

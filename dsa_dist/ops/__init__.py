@@ -16,6 +16,7 @@ from dsa_dist.ops.indexer import (
 from dsa_dist.ops.kl import indexer_kl_loss_dense, indexer_kl_loss_sparse
 from dsa_dist.ops.rotary import apply_rope, hadamard_transform
 from dsa_dist.ops.sparse_attention import gather_rows, sparse_attention, sparse_attention_flops
+from dsa_dist.ops.sparse_attention_kl import sparse_attention_with_indexer_kl
 from dsa_dist.ops.topk import INVALID_INDEX, lightning_indexer_topk, topk_from_scores
 
 __all__ = [
@@ -37,5 +38,6 @@ __all__ = [
     "set_debug_checks",
     "sparse_attention",
     "sparse_attention_flops",
+    "sparse_attention_with_indexer_kl",
     "topk_from_scores",
 ]

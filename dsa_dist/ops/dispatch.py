@@ -41,6 +41,7 @@ _OPS: dict[str, tuple[str, str]] = {
         ("indexer_kl_loss_dense", "kl", "kernels.indexer_kl"),
         ("indexer_kl_loss_sparse", "kl", "kernels.indexer_kl"),
         ("dense_attention", "dense_attention", "dsa_dist.ops.fused_dense"),
+        ("sparse_attention_with_indexer_kl", "sparse_attention_kl", "kernels.sparse_attention_kl"),
     )
 }
 
@@ -133,3 +134,9 @@ def indexer_kl_loss_sparse(q: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """:func:`dsa_dist.ops.indexer_kl_loss_sparse` on ``q``'s device; ``attn_lse`` is required."""
     _require_lse("indexer_kl_loss_sparse", kwargs)
     return resolve("indexer_kl_loss_sparse", q.device)(q, *args, **kwargs)
+
+
+def sparse_attention_with_indexer_kl(q: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, ...]:
+    """:func:`dsa_dist.ops.sparse_attention_with_indexer_kl` on ``q``'s device: ``(out, lse, kl_proxy, kl_value)``,
+    ``kl_value`` filled by the backward."""
+    return resolve("sparse_attention_with_indexer_kl", q.device)(q, *args, **kwargs)

@@ -152,36 +152,92 @@ def indexer_kl_loss_sparse(
     check_dim("k_index", k_index, 1, k.shape[1], "key length, as in k")
     _check_attention_lse(attn_lse, q)
     check_positive_int("chunk_size", chunk_size)
-    b, lq, h, d = q.shape
-    hkv = k.shape[2]
+    d = q.shape[-1]
     scale = d**-0.5 if softmax_scale is None else float(softmax_scale)
     compute = torch.float64 if q.dtype == torch.float64 or q_index.dtype == torch.float64 else torch.float32
     k_d = k.detach()
 
     def chunk_kl(start: int, end: int, q_index_c, k_index_, weights_c, k_scale_):
         idx = topk_indices[:, start:end]  # [B, c, k]
-        valid = idx >= 0
-        with torch.no_grad():
-            qc = q[:, start:end].detach().to(compute).reshape(b, end - start, hkv, h // hkv, d)
-            k_sel = gather_rows(k_d, idx).to(compute)  # [B, c, k, Hkv, d]
-            logits = torch.einsum("bcgjd,bckgd->bcgjk", qc, k_sel).flatten(2, 3) * scale  # [B, c, H, k]
-            logits = logits.masked_fill(~valid[:, :, None], float("-inf"))
-            lse = torch.logsumexp(logits, -1) if attn_lse is None else attn_lse[:, start:end].to(compute)
-            lse = torch.where(torch.isfinite(lse), lse, 0.0)
-            target = torch.exp(logits - lse[..., None]).mean(2)  # [B, c, k]
-        k_index_sel = gather_rows(k_index_, idx).to(compute)  # [B, c, k, d_I]
-        relu = torch.relu(torch.einsum("bchd,bckd->bchk", q_index_c.to(compute), k_index_sel))
-        index_logits = torch.einsum("bchk,bch->bck", relu, weights_c.to(compute))
-        if k_scale_ is not None:
-            index_logits = index_logits * gather_rows(k_scale_, idx).to(compute)
-        index_logits = index_logits.masked_fill(~valid, float("-inf"))
-        # A row with no valid slot has target 0 everywhere; give it finite logits so log_softmax is defined.
-        index_logits = torch.where(valid.any(-1, keepdim=True), index_logits, 0.0)
+        lse = None if attn_lse is None else attn_lse[:, start:end]
+        target = sparse_attention_target(q[:, start:end], k_d, idx, lse, scale, compute)
+        index_logits = sparse_index_logits(q_index_c, k_index_, weights_c, k_scale_, idx, compute)
         return _row_kl(target, index_logits)
 
     rows = []
-    for start in range(0, lq, chunk_size):
-        end = min(start + chunk_size, lq)
+    for start in range(0, q.shape[1], chunk_size):
+        end = min(start + chunk_size, q.shape[1])
         rows.append(checkpoint(chunk_kl, start, end, q_index[:, start:end], k_index, weights[:, start:end],
                                k_scale, use_reentrant=False))
     return _reduce(torch.cat(rows, 1), reduction)
+
+
+@torch.no_grad()
+def sparse_attention_target(q: torch.Tensor, k: torch.Tensor, topk_indices: torch.Tensor,
+                            attn_lse: torch.Tensor | None, softmax_scale: float,
+                            compute: torch.dtype = torch.float32) -> torch.Tensor:
+    """The sparse KL's target p_attn [B, c, k] of one query chunk (detached; 0 on −1 slots and empty rows).
+
+    ``p[t, j] = (1/H) Σ_h exp(scale · q_h[t]·k[idx[t, j]] − lse_h[t])``: the head-mean of the sparse attention's
+    probabilities on its selected keys. q [B, c, H, d], k [B, Lk, Hkv, d], topk_indices [B, c, k],
+    attn_lse [B, c, H] (recomputed over the set if None).
+    """
+    b, c, h, d = q.shape
+    hkv = k.shape[2]
+    valid = topk_indices >= 0
+    qc = q.detach().to(compute).reshape(b, c, hkv, h // hkv, d)
+    k_sel = gather_rows(k.detach(), topk_indices).to(compute)  # [B, c, k, Hkv, d]
+    logits = torch.einsum("bcgjd,bckgd->bcgjk", qc, k_sel).flatten(2, 3) * softmax_scale  # [B, c, H, k]
+    logits = logits.masked_fill(~valid[:, :, None], float("-inf"))
+    lse = torch.logsumexp(logits, -1) if attn_lse is None else attn_lse.to(compute)
+    lse = torch.where(torch.isfinite(lse), lse, 0.0)
+    return torch.exp(logits - lse[..., None]).mean(2)  # [B, c, k]
+
+
+def sparse_index_logits(q_index: torch.Tensor, k_index: torch.Tensor, weights: torch.Tensor,
+                        k_scale: torch.Tensor | None, topk_indices: torch.Tensor,
+                        compute: torch.dtype = torch.float32) -> torch.Tensor:
+    """Indexer logits I [B, c, k] of one query chunk at its selected keys (differentiable in the indexer inputs).
+
+    −inf on −1 slots; a row with no valid slot gets 0 everywhere (its target is 0, so log_softmax stays defined).
+    q_index [B, c, H_I, d_I], k_index [B, Lk, d_I], weights [B, c, H_I], k_scale [B, Lk] or None.
+    """
+    valid = topk_indices >= 0
+    k_index_sel = gather_rows(k_index, topk_indices).to(compute)  # [B, c, k, d_I]
+    relu = torch.relu(torch.einsum("bchd,bckd->bchk", q_index.to(compute), k_index_sel))
+    index_logits = torch.einsum("bchk,bch->bck", relu, weights.to(compute))
+    if k_scale is not None:
+        index_logits = index_logits * gather_rows(k_scale, topk_indices).to(compute)
+    index_logits = index_logits.masked_fill(~valid, float("-inf"))
+    return torch.where(valid.any(-1, keepdim=True), index_logits, 0.0)
+
+
+def indexer_kl_from_target(
+    target: torch.Tensor,
+    q_index: torch.Tensor,
+    k_index: torch.Tensor,
+    weights: torch.Tensor,
+    topk_indices: torch.Tensor,
+    *,
+    k_scale: torch.Tensor | None = None,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """Mean over the B·Lq rows of KL(target ‖ softmax(I)) on the selected slots, for a given ``target``.
+
+    ``target`` [B, Lq, k]: p_attn as :func:`sparse_attention_target` builds it (e.g. summed from the attention
+    backward's P tiles); detached. Differentiable in ``q_index``, ``k_index``, ``weights``; equal to
+    :func:`indexer_kl_loss_sparse` (reduction 'mean') when ``target`` is that loss's target.
+    """
+    compute = torch.float64 if torch.float64 in (target.dtype, q_index.dtype) else torch.float32
+    target = target.detach().to(compute)
+    rows = []
+    for start in range(0, target.shape[1], chunk_size):
+        end = min(start + chunk_size, target.shape[1])
+
+        def chunk_kl(q_index_c, k_index_, weights_c, k_scale_, start=start, end=end):
+            logits = sparse_index_logits(q_index_c, k_index_, weights_c, k_scale_, topk_indices[:, start:end], compute)
+            return _row_kl(target[:, start:end], logits)
+
+        rows.append(checkpoint(chunk_kl, q_index[:, start:end], k_index, weights[:, start:end], k_scale,
+                               use_reentrant=False))
+    return torch.cat(rows, 1).mean()

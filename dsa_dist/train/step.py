@@ -103,7 +103,9 @@ class StepFunction:
         return per_token_loss, partial(self.loss_func, mask)
 
     def loss_func(self, mask: torch.Tensor, per_token_loss: torch.Tensor):
-        """(loss to backprop, token count, {"report": [lm_sum, tokens, kl, recall]}) of one micro-batch."""
+        """(loss to backprop, token count, {"report": [lm_sum, tokens, kl, recall], "kl_layers": [...]}) of one
+        micro-batch. ``kl_layers``: the per-layer KL value tensors; a fused sparse KL's is filled by the backward,
+        so the KL entry of the report is summed from them in :meth:`reduce_reports`, after the backward."""
         tracker, spec = self.parts.tracker, self.plan.spec
         n_tokens = mask.sum()
         lm_sum = (per_token_loss.float() * mask).sum()
@@ -124,7 +126,7 @@ class StepFunction:
         report = torch.stack([lm_sum.detach(), n_tokens.detach().float(), kl.detach().float(),
                               torch.tensor(float(np.mean(list(recall.values()))) if recall else float("nan"),
                                            device=lm_sum.device)])
-        return loss, n_tokens.detach().int(), {"report": report}
+        return loss, n_tokens.detach().int(), {"report": report, "kl_layers": tracker.value_tensors()}
 
     def reduce_reports(self, reports: list[dict]) -> tuple[float, float, float | None]:
         """(LM loss, indexer KL, recall or None) of a step, reduced over micro-batches and all ranks (collective).
@@ -133,6 +135,9 @@ class StepFunction:
         over equally sized row sets, so their average over all ranks is the global mean.
         """
         r = torch.stack([x["report"] for x in reports]).to(torch.float64)  # [micro, 4]
+        # The KL values as they are now, after the backward (a fused sparse KL is written there).
+        r[:, 2] = torch.stack([torch.stack(x["kl_layers"]).double().sum().to(r.device) if x["kl_layers"]
+                               else r.new_zeros(()) for x in reports])
         has_recall = not torch.isnan(r[:, 3]).any()
         vec = torch.stack([r[:, 0].sum(), r[:, 1].sum(), r[:, 2].mean(),
                            r[:, 3].mean() if has_recall else torch.zeros((), dtype=torch.float64, device=r.device)])

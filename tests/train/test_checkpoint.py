@@ -3,6 +3,7 @@ safety, clear errors."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -47,6 +48,8 @@ def test_resume_is_bitwise_identical(tmp_path):
     for key in ("loss", "lm_loss", "indexer_kl", "grad_norm", "lr", "indexer_lr", "data"):
         assert [r[key] for r in joined] == [r[key] for r in out["straight"]], key  # exact equality, same data
     assert any(r["indexer_recall"] is not None for r in joined)
+    # The sparse KL's value comes from the attention backward (fused): it is reported, not the proxy's 0.
+    assert all(math.isfinite(r["indexer_kl"]) and r["indexer_kl"] > 0 for r in joined)
     # keep_last=2: steps 6 and 8 remain
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "sparse" / "checkpoints")] == \
         ["step_00000006", "step_00000008"]

@@ -90,10 +90,11 @@ def _model_direct(cfg) -> dict:
         model.zero_grad(set_to_none=True)
         tracker.begin_forward(**options)
         lm = model(tokens, None, None, labels=labels).mean()
-        out = {"topk_fwd": tracker.topk(), "kl": tracker.values(), "kl_total": float(tracker.total_detached()),
-               "recall": tracker.recall()}
+        out = {"topk_fwd": tracker.topk(), "recall": tracker.recall()}
         loss = lm if tracker.attach_coeff is not None else lm + cfg.model.indexer_loss_coeff * tracker.total()
         loss.backward()
+        # KL values after the backward: the fused sparse KL writes its value there (NaN before).
+        out.update(kl=tracker.values(), kl_total=float(tracker.total_detached()))
         out.update(lm=float(lm.detach()), topk_after=tracker.topk(), kl_after=tracker.values(), selects=len(selects),
                    grads={n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
         return out
