@@ -5,9 +5,17 @@ GPU tests carry ``@pytest.mark.gpu`` and are skipped when no CUDA device is pres
 """
 
 import os
+import signal
 
 import pytest
 import torch
+
+# A shell starts background commands with SIGINT ignored (e.g. `nohup make test &`), and an ignored signal stays
+# ignored across exec: every run the tests start would then ignore Ctrl-C, and the tests that send SIGINT to a
+# training run or a Ray driver would fail for a reason outside the code. A handler (unlike SIG_IGN) is reset to
+# the default by exec, so installing Python's own makes SIGINT deliverable in this process and every child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
