@@ -17,7 +17,7 @@ Usage::
 
 With ``cfg.recompute.granularity='full'`` (Megatron's full activation recompute) the tracker attaches the KL to
 the layer outputs instead (``IndexerLossTracker(attach_coeff=cfg.indexer_loss_coeff)``): the loss is then the LM
-loss alone, ``tracker.total_detached()`` gives the KL to log, and ``begin_forward(attach_scale=...)`` the
+loss alone, ``tracker.logged_total()`` gives the KL to log, and ``begin_forward(attach_scale=...)`` the
 per-forward weight (see :mod:`dsa_dist.model.indexer_loss`).
 """
 

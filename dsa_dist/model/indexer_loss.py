@@ -25,7 +25,7 @@ layer runs again in backward with grad, and only a KL attached to *that* output 
 the first forward's attachment is a no-op without grad. :func:`dsa_dist.model.build_model` therefore makes an
 attaching tracker when recompute is on. The recomputed forward records again under the same options (they stay in
 force until the next :meth:`begin_forward`): the KL, recall and top-k records are overwritten by equal values,
-never added, so :meth:`values` and :meth:`total_detached` count each layer once. ``attach_scale`` of
+never added, so :meth:`values` and :meth:`logged_total` count each layer once. ``attach_scale`` of
 :meth:`begin_forward` carries the per-forward factor of a loss that is not a plain mean (the trainer's per-token
 normalisation multiplies the KL by the micro-batch's token count).
 
@@ -212,19 +212,12 @@ class IndexerLossTracker:
         return [self._values[k] for k in self.layers]
 
     def logged_total(self) -> torch.Tensor:
-        """Sum over layers of the KL values (detached, fp32; 0 if nothing was recorded). With fused layers call it
+        """Sum over layers of the KL values (detached, fp32; 0 if nothing was recorded), for logging in either mode
+        (each layer counted once, also when a recomputed forward recorded it again). With fused layers call it
         after the backward of this forward (NaN before)."""
         if not self._values:
             return torch.zeros(())
         return torch.stack([v.float() for v in self.value_tensors()]).sum()
-
-    def total_detached(self) -> torch.Tensor:
-        """Detached sum over layers of the recorded KL values (0 if nothing was recorded), for logging in either
-        mode (each layer counted once, also when a recomputed forward recorded it again; a fused layer's value is
-        known after the backward, as in :meth:`logged_total`)."""
-        if not self._values:
-            return torch.zeros(())
-        return torch.stack([self._values[k] for k in self.layers]).sum()
 
     def values(self, reduce: bool = False, groups: tuple = ()) -> dict[int, float]:
         """Detached per-layer KL as floats (fused layers: after the backward); ``reduce=True`` averages each over

@@ -49,11 +49,7 @@ class ParallelDims:
 
     def local_positions(self, local_len: int, device: torch.device | str | None = None) -> torch.Tensor:
         """Global positions [local_len] of this rank's tokens: the zigzag chunks under CP, ``arange`` otherwise."""
-        if self.cp == 1:
-            return torch.arange(local_len, device=device)
-        from dsa_dist.parallel.sharding import zigzag_positions
-
-        return zigzag_positions(local_len * self.cp, self.cp, self.cp_rank, device=device)
+        return torch.cat([torch.arange(start, start + n, device=device) for start, n in self.local_blocks(local_len)])
 
     def local_blocks(self, local_len: int) -> tuple[tuple[int, int], ...]:
         """:meth:`local_positions` as runs ``((start, length), ...)`` of Python ints (the fused dense attention's

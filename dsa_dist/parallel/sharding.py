@@ -55,16 +55,8 @@ def zigzag_positions(
     seq_len: int, cp_size: int, cp_rank: int, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """Global positions (= global rows) of the tokens rank ``cp_rank`` holds: int64 [seq_len // cp_size], ascending."""
-    check_cp_config(seq_len, cp_size)
-    _check_rank(cp_size, cp_rank)
-    if cp_size == 1:
-        return torch.arange(seq_len, device=device)
-    chunk = seq_len // (2 * cp_size)
-    late = 2 * cp_size - 1 - cp_rank
-    return torch.cat([
-        torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk, device=device),
-        torch.arange(late * chunk, (late + 1) * chunk, device=device),
-    ])
+    return torch.cat([torch.arange(start, start + n, device=device)
+                      for start, n in zigzag_blocks(seq_len, cp_size, cp_rank)])
 
 
 def zigzag_blocks(seq_len: int, cp_size: int, cp_rank: int) -> tuple[tuple[int, int], ...]:

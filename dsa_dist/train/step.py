@@ -110,7 +110,7 @@ class StepFunction:
         n_tokens = mask.sum()
         lm_sum = (per_token_loss.float() * mask).sum()
         attached = tracker.attach_coeff is not None  # the layers attached the KL to their outputs (recompute)
-        kl = (tracker.total_detached() if attached else tracker.total()).to(lm_sum.device) if tracker.layers \
+        kl = (tracker.logged_total() if attached else tracker.total()).to(lm_sum.device) if tracker.layers \
             else torch.zeros((), device=lm_sum.device)
         loss = torch.zeros((), device=lm_sum.device)
         if spec.lm_loss:

@@ -94,7 +94,7 @@ def _model_direct(cfg) -> dict:
         loss = lm if tracker.attach_coeff is not None else lm + cfg.model.indexer_loss_coeff * tracker.total()
         loss.backward()
         # KL values after the backward: the fused sparse KL writes its value there (NaN before).
-        out.update(kl=tracker.values(), kl_total=float(tracker.total_detached()))
+        out.update(kl=tracker.values(), kl_total=float(tracker.logged_total()))
         out.update(lm=float(lm.detach()), topk_after=tracker.topk(), kl_after=tracker.values(), selects=len(selects),
                    grads={n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
         return out
