@@ -10,7 +10,8 @@ For new tokens ``[B, n]`` at per-sequence positions (n = 1 in decode), after the
    :func:`dsa_dist.parallel.candidate_topk` merges every rank's local candidates (score, global position) instead
    of moving keys; every rank gets the same global indices.
 2. **Attention**: sparse — the dispatched sparse attention over the selected rows this rank holds; dense — all
-   cached rows at positions ≤ the query's, by PyTorch's fused SDPA (CP = 1). Under CP each rank attends over its
+   cached rows at positions ≤ the query's, by PyTorch's fused SDPA or split-KV through the sparse kernel (CP = 1,
+   ``dense_kernel``; the engine picks split on CUDA). Under CP each rank attends over its
    own rows and returns its partial output and log-sum-exp; the partials are all-gathered and merged exactly
    (softmax over the union of disjoint key sets), the same on every rank.
 

@@ -151,11 +151,11 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], params: SamplingP
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with non-finite logits (−1: none)
     steps = 0
     for t in range(n_max):
-        # The host knows the furthest position of the step (longest prompt − 1 + t): the step reads only the cache
-        # rows up to it and never asks the device.
         if graphed is not None:
-            logits, step_topk = graphed(cur, pos)  # [B, V]
+            logits, step_topk = graphed(cur, pos)  # [B, V]; the captured step reads the whole cache
         else:
+            # The host knows the furthest position of the step (longest prompt − 1 + t): the step reads only the
+            # cache rows up to it and never asks the device.
             logits, step_topk = engine.step(cur, pos, max_position=p_max - 1 + t)
         finite = torch.isfinite(logits).all()
         first_bad = torch.where(finite | (first_bad >= 0), first_bad, t)
