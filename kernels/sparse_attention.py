@@ -69,7 +69,7 @@ def _sparse_attn_fwd_kernel(
     LQ, TOPK, GROUP, HEAD_BLOCKS, NUM_HB, qk_scale_log2,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, D2P: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
-    V_IS_K: tl.constexpr, UPCAST: tl.constexpr,
+    V_IS_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     tl.static_assert(BLOCK_H >= 16)
     tl.static_assert((not V_IS_K) or (DV == D1 and DVP == D1))
@@ -113,7 +113,7 @@ def _sparse_attn_fwd_kernel(
         k1 = tl.load(k_base + rows[:, None] * s_kl + offs_d1[None, :] * s_kd, mask=valid[:, None], other=0.0)
         if UPCAST:
             k1 = k1.to(tl.float32)
-        s = tl.dot(q1, tl.trans(k1))
+        s = tl.dot(q1, tl.trans(k1), input_precision=PREC)
         if D2 > 0:
             k2 = tl.load(
                 k_base + rows[:, None] * s_kl + offs_d2[None, :] * s_kd,
@@ -122,7 +122,7 @@ def _sparse_attn_fwd_kernel(
             )
             if UPCAST:
                 k2 = k2.to(tl.float32)
-            s += tl.dot(q2, tl.trans(k2))
+            s += tl.dot(q2, tl.trans(k2), input_precision=PREC)
         s = tl.where(valid[None, :], s * qk_scale_log2, float("-inf"))  # log2 domain
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no valid key yet keeps m = -inf; subtract 0 instead so no -inf - -inf appears.
@@ -140,7 +140,7 @@ def _sparse_attn_fwd_kernel(
             )
             if UPCAST:
                 v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
 
     has_any = l_i > 0.0
@@ -266,6 +266,16 @@ def _upcast(x: torch.Tensor) -> bool:
     return (not x.is_cuda) and x.dtype == torch.bfloat16
 
 
+def _dot_precision(x: torch.Tensor) -> str:
+    """``input_precision`` of every dot. fp32 operands on the GPU get 3xTF32: Triton's default TF32 rounds them
+    to 10 mantissa bits, ~1e-3 relative — far more than plain torch's fp32 matmul (the accuracy rule), and
+    enough to move an fp32 model's decode logits by 1e-2 against its own fused-dense forward. bf16/fp16
+    operands ignore it (tensor-core MMA in their own type); the interpreter computes exactly ("ieee")."""
+    if not x.is_cuda:
+        return "ieee"
+    return "tf32x3" if x.dtype == torch.float32 else "tf32"
+
+
 def sparse_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -295,7 +305,7 @@ def sparse_attention_fwd(
         *q.stride(), *k.stride(), *v.stride(), *_idx_strides(idx), *out.stride(), *lse.stride(),
         lq, idx.shape[-1], group, head_blocks, hkv * head_blocks, scale * _LOG2E,
         BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, D1=d1, D2=d2, D2P=d2p,
-        DV=d_v, DVP=triton.next_power_of_2(d_v), V_IS_K=v_is_k, UPCAST=_upcast(q),
+        DV=d_v, DVP=triton.next_power_of_2(d_v), V_IS_K=v_is_k, UPCAST=_upcast(q), PREC=_dot_precision(q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out, lse
@@ -353,7 +363,8 @@ def sparse_attention_bwd(
             out, do, delta, *out.stride(), *do.stride(), *delta.stride(), lq, h,
             BLOCK_H=dh, DV=d_v, DVP=dvp, num_warps=4,
         )  # fmt: skip
-        common = dict(D1=d1, D2=d2, D2P=d2p, DV=d_v, DVP=dvp, V_IS_K=v_is_k, UPCAST=_upcast(q))
+        common = dict(D1=d1, D2=d2, D2P=d2p, DV=d_v, DVP=dvp, V_IS_K=v_is_k, UPCAST=_upcast(q),
+                      PREC=_dot_precision(q))
         if need_q or write_p:
             head_blocks = triton.cdiv(group, cfg.dq.block_h)
             num_hb = hkv * head_blocks

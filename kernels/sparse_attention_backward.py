@@ -52,7 +52,7 @@ def _sparse_attn_bwd_dq_kernel(
     LQ, TOPK, GROUP, HEAD_BLOCKS, NUM_HB, sm_scale, qk_scale_log2, inv_heads,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, D2P: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
-    V_IS_K: tl.constexpr, UPCAST: tl.constexpr, WRITE_P: tl.constexpr, P_ATOMIC: tl.constexpr,
+    V_IS_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, WRITE_P: tl.constexpr, P_ATOMIC: tl.constexpr,
 ):  # fmt: skip
     """dq = scale · Σ_s dS[:, s] K[s] with dS = P ⊙ (dO·Vᵀ − delta); one program per (token, head block),
     like the forward (heads on M), so dq needs no atomics.
@@ -111,7 +111,7 @@ def _sparse_attn_bwd_dq_kernel(
         k1 = tl.load(k_base + rows[:, None] * s_kl + offs_d1[None, :] * s_kd, mask=valid[:, None], other=0.0)
         if UPCAST:
             k1 = k1.to(tl.float32)
-        s = tl.dot(q1, tl.trans(k1))
+        s = tl.dot(q1, tl.trans(k1), input_precision=PREC)
         if D2 > 0:
             k2 = tl.load(
                 k_base + rows[:, None] * s_kl + offs_d2[None, :] * s_kd,
@@ -120,7 +120,7 @@ def _sparse_attn_bwd_dq_kernel(
             )
             if UPCAST:
                 k2 = k2.to(tl.float32)
-            s += tl.dot(q2, tl.trans(k2))
+            s += tl.dot(q2, tl.trans(k2), input_precision=PREC)
         p = tl.exp2(s * qk_scale_log2 - lse2[:, None])
         p = tl.where(valid[None, :], p, 0.0)
         if WRITE_P:
@@ -140,11 +140,11 @@ def _sparse_attn_bwd_dq_kernel(
             )
             if UPCAST:
                 v = v.to(tl.float32)
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = (p * (dp - delta[:, None]) * sm_scale).to(k1.dtype)  # d loss / d (q·k), scale folded in
-        dq1 += tl.dot(ds, k1)
+        dq1 += tl.dot(ds, k1, input_precision=PREC)
         if D2 > 0:
-            dq2 += tl.dot(ds, k2)
+            dq2 += tl.dot(ds, k2, input_precision=PREC)
 
     dq_base = DQ + b * s_gb + t * s_gl + heads[:, None] * s_gh
     tl.store(dq_base + offs_d1[None, :] * s_gd, dq1.to(DQ.dtype.element_ty), mask=h_mask[:, None])
@@ -168,7 +168,7 @@ def _sparse_attn_bwd_dkv_kernel(
     LQ, TOPK, GROUP, HKV, HEAD_BLOCKS, KEY_BLOCKS, sm_scale, qk_scale_log2,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, D2P: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
-    V_IS_K: tl.constexpr, UPCAST: tl.constexpr,
+    V_IS_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, FOLD_DV: tl.constexpr,
 ):  # fmt: skip
     """dk[s] += scale · dSᵀ q, dv[s] += Pᵀ dO for one (token, KV group, head block, block of selected keys).
@@ -215,12 +215,12 @@ def _sparse_attn_bwd_dkv_kernel(
         if UPCAST:
             kc = kc.to(tl.float32)
             qc = qc.to(tl.float32)
-        st += tl.dot(kc, tl.trans(qc))
+        st += tl.dot(kc, tl.trans(qc), input_precision=PREC)
         if V_IS_K and COMPUTE_DK:  # V = K[..., :D1]: reuse the chunk just loaded
             doc = tl.load(do_rows + (c + offs_ck)[None, :] * s_dd, mask=h_mask[:, None], other=0.0)
             if UPCAST:
                 doc = doc.to(tl.float32)
-            dpt += tl.dot(kc, tl.trans(doc))
+            dpt += tl.dot(kc, tl.trans(doc), input_precision=PREC)
     if D2 > 0:
         offs_d2 = D1 + tl.arange(0, D2P)
         d2_mask = offs_d2 < D1 + D2
@@ -229,7 +229,7 @@ def _sparse_attn_bwd_dkv_kernel(
         if UPCAST:
             k2 = k2.to(tl.float32)
             q2 = q2.to(tl.float32)
-        st += tl.dot(k2, tl.trans(q2))
+        st += tl.dot(k2, tl.trans(q2), input_precision=PREC)
     if (not V_IS_K) and COMPUTE_DK:
         for c in range(0, DVP, CV):
             dmask = (c + offs_cv) < DV
@@ -238,7 +238,7 @@ def _sparse_attn_bwd_dkv_kernel(
             if UPCAST:
                 vc = vc.to(tl.float32)
                 doc = doc.to(tl.float32)
-            dpt += tl.dot(vc, tl.trans(doc))
+            dpt += tl.dot(vc, tl.trans(doc), input_precision=PREC)
 
     row = b * s_lb + t * s_ll + heads * s_lh
     lse = tl.load(LSE + row, mask=h_mask, other=float("-inf"))
@@ -259,15 +259,15 @@ def _sparse_attn_bwd_dkv_kernel(
             qc = tl.load(q_rows + (c + offs_ck)[None, :] * s_qd, mask=h_mask[:, None], other=0.0)
             if UPCAST:
                 qc = qc.to(tl.float32)
-            dkc = tl.dot(ds_op, qc)
+            dkc = tl.dot(ds_op, qc, input_precision=PREC)
             if FOLD_DV:
                 doc = tl.load(do_rows + (c + offs_ck)[None, :] * s_dd, mask=h_mask[:, None], other=0.0)
                 if UPCAST:
                     doc = doc.to(tl.float32)
-                dkc += tl.dot(p_op, doc)
+                dkc += tl.dot(p_op, doc, input_precision=PREC)
             tl.atomic_add(dk_rows + (c + offs_ck)[None, :] * s_kgd, dkc, mask=valid[:, None], sem="relaxed")
         if D2 > 0:
-            dk2 = tl.dot(ds_op, q2)
+            dk2 = tl.dot(ds_op, q2, input_precision=PREC)
             dk2_mask = valid[:, None] & d2_mask[None, :]
             tl.atomic_add(dk_rows + offs_d2[None, :] * s_kgd, dk2, mask=dk2_mask, sem="relaxed")
     if COMPUTE_DV and not FOLD_DV:
@@ -277,6 +277,6 @@ def _sparse_attn_bwd_dkv_kernel(
             doc = tl.load(do_rows + (c + offs_cv)[None, :] * s_dd, mask=h_mask[:, None] & dmask[None, :], other=0.0)
             if UPCAST:
                 doc = doc.to(tl.float32)
-            dvc = tl.dot(p_op, doc)
+            dvc = tl.dot(p_op, doc, input_precision=PREC)
             tl.atomic_add(dv_rows + (c + offs_cv)[None, :] * s_vgd, dvc, mask=valid[:, None] & dmask[None, :],
                           sem="relaxed")  # fmt: skip
