@@ -13,6 +13,14 @@ Run::
 
     python -m torch.distributed.run --nproc-per-node 2 benchmarks/memory_account.py --part layer \\
         --lengths 2048 4096 --heads 16 --topk 128 [--mode ring] [--recompute full] [--top 12]
+
+On a GPU (``--device cuda``; the cases are then exactly those of ``benchmarks/cp_scaling.py``: bf16, the Triton
+kernels, the small model with k = 512) the CUDA caching allocator's own history is replayed instead
+(``torch.cuda.memory._record_memory_history``): the live blocks at the peak, grouped by the innermost frame of
+dsa_dist, megatron or benchmarks that allocated them::
+
+    python -m torch.distributed.run --nproc-per-node 1 benchmarks/memory_account.py --device cuda --part model \\
+        --lengths 131072 --recompute full --mode allgather --out DIR
 """
 
 from __future__ import annotations
@@ -101,6 +109,87 @@ def peak_memory(fn: Callable[[], object]) -> MemoryPeak:
     return MemoryPeak(peak, by_site(snapshot), sum(size for size, _ in at_backward.values()), by_site(at_backward))
 
 
+def _frame_site(frames: list[dict]) -> str:
+    """The innermost frame of this repository or Megatron-Core in a CUDA allocator trace entry."""
+    for f in frames:
+        name = f.get("filename", "")
+        for root in ("dsa_dist/", "benchmarks/", "megatron/"):
+            if root in name and "memory_account" not in name:
+                return f"{name[name.index(root):]}({f.get('line')}): {f.get('name')}"
+    return frames[0].get("name", "(no frame)") if frames else "(no frame)"
+
+
+def cuda_peak_memory(fn: Callable[[], object]) -> MemoryPeak:
+    """Run ``fn`` once with the CUDA caching allocator's history on; replay its alloc/free events for the peak of
+    live bytes allocated during the call and the blocks live at that peak, by allocation site."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    try:
+        fn()
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    events = snap["device_traces"][torch.cuda.current_device()]
+    live: dict[int, tuple[int, str]] = {}
+    cur = peak = 0
+    at_peak: dict = {}
+    for ev in events:
+        action, addr, size = ev["action"], ev["addr"], ev["size"]
+        if action == "alloc":
+            live[addr] = (size, _frame_site(ev.get("frames", [])))
+            cur += size
+        elif action == "free_requested" and addr in live:  # the tensor is dead (its block may wait on a stream)
+            cur -= live.pop(addr)[0]
+        if cur > peak:
+            peak, at_peak = cur, dict(live)
+    sites: dict[str, int] = defaultdict(int)
+    for size, site in at_peak.values():
+        sites[site] += size
+    return MemoryPeak(peak, dict(sorted(sites.items(), key=lambda kv: -kv[1])))
+
+
+def _cuda_main(args) -> None:
+    """One rank per GPU, the cp_scaling.py cases; writes memory_<part>_<L>_cp<CP>.json under --out (rank 0)."""
+    import torch
+
+    from benchmarks.cp_scaling import _layer_cfg, _model_cfg, make_layer_step, make_model_step, set_layout
+
+    dist.init_process_group("nccl")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dims = set_layout(world)
+    for length in args.lengths:
+        if args.part == "layer":
+            step, _ = make_layer_step(_layer_cfg(False, length, args.mode), dims, length, True)
+        else:
+            step, _ = make_model_step(_model_cfg(False, length, args.mode, args.recompute), dims, length, True)
+        step()  # warm-up: lazy buffers, compiled kernels, allocator segments
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = cuda_peak_memory(step)
+        row = {"part": args.part, "L": length, "cp": world, "L_local": length // world, "mode": args.mode,
+               "recompute": args.recompute, "device": torch.cuda.get_device_name(),
+               "allocated_before_step_gib": round(base / 2**30, 3),
+               "max_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+               "max_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+               "step_peak_gib": round(result.peak_bytes / 2**30, 3),
+               "sites_mib": {k: round(v / MIB, 1) for k, v in list(result.by_site.items())[: args.top]}}
+        if rank == 0:
+            print(json.dumps(row, indent=1), flush=True)
+            if args.out is not None:
+                args.out.mkdir(parents=True, exist_ok=True)
+                name = f"memory_{args.part}_{length // 1024}k_cp{world}_{args.recompute}.json"
+                (args.out / name).write_text(json.dumps(row, indent=1))
+        del step
+        torch.cuda.empty_cache()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main() -> None:
     from benchmarks.cp_scaling import make_layer_step, make_model_step, set_layout
     from dsa_dist.model.config import RecomputeConfig, preset
@@ -113,7 +202,13 @@ def main() -> None:
     parser.add_argument("--mode", default="ring", choices=["ring", "allgather", "candidates"])
     parser.add_argument("--recompute", default="none", choices=["none", "full"])
     parser.add_argument("--top", type=int, default=12, help="allocation sites printed per case")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: the cp_scaling.py cases on the GPUs, from the CUDA allocator's history")
+    parser.add_argument("--out", type=Path, default=None, help="cuda: write one JSON per case here")
     args = parser.parse_args()
+    if args.device == "cuda":
+        _cuda_main(args)
+        return
     dist.init_process_group("gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
     dims = set_layout(world)
