@@ -48,10 +48,13 @@ from kernels.sparse_attention_backward import (
     _sparse_attn_bwd_delta_kernel,
     _sparse_attn_bwd_dkv_kernel,
     _sparse_attn_bwd_dq_kernel,
+    _sparse_attn_bwd_mixed_kernel,
 )
 
 _LOG2E = 1.4426950408889634
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIXED_BACKWARD = False  # one launch with the dq and dk/dv programs interleaved (see _sparse_attn_bwd_mixed_kernel);
+# used when both passes run and their tile configs use the same number of warps
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -365,7 +368,8 @@ def sparse_attention_bwd(
         )  # fmt: skip
         common = dict(D1=d1, D2=d2, D2P=d2p, DV=d_v, DVP=dvp, V_IS_K=v_is_k, UPCAST=_upcast(q),
                       PREC=_dot_precision(q))
-        if need_q or write_p:
+        run_dq, run_kv = need_q or write_p, need_k or need_v
+        if run_dq:
             head_blocks = triton.cdiv(group, cfg.dq.block_h)
             num_hb = hkv * head_blocks
             # p_attn: written in place (one program per slot), added by ≤ 2 programs (deterministic), or one
@@ -376,31 +380,44 @@ def sparse_attention_bwd(
             if p_atomic:
                 p_attn.zero_()
             p_strides = planes.stride() if write_p else (0, 0, 0, 0)
-            _sparse_attn_bwd_dq_kernel[(b * lq * num_hb,)](
-                q, k, v, idx, do, lse, delta, dq, planes,
-                *q.stride(), *k.stride(), *v.stride(), *_idx_strides(idx), *do.stride(), *lse.stride(),
-                *dq.stride(), *p_strides,
-                lq, topk, group, head_blocks, num_hb, scale, scale * _LOG2E, 1.0 / h,
-                BLOCK_H=cfg.dq.block_h, BLOCK_N=cfg.dq.block_n, **common, WRITE_P=write_p, P_ATOMIC=p_atomic,
-                num_warps=cfg.dq.num_warps, num_stages=cfg.dq.num_stages,
-            )  # fmt: skip
-            if write_p and num_hb > 2:
-                torch.sum(planes, 0, out=p_attn)
-        if need_k or need_v:
+        if run_kv:
             dummy = lse.new_empty((1, 1, 1, 1))  # stands in for a buffer this launch does not write
             dk_t = dk32 if dk32 is not None else dummy
             dv_t = dv32 if dv32 is not None else dummy
             key_blocks = triton.cdiv(topk, cfg.dkv.block_n)
-            head_blocks = triton.cdiv(group, cfg.dkv.block_h)
-            _sparse_attn_bwd_dkv_kernel[(b * lq * hkv * head_blocks * key_blocks,)](
-                q, k, v, idx, do, lse, delta, dk_t, dv_t,
-                *q.stride(), *k.stride(), *v.stride(), *_idx_strides(idx), *do.stride(), *lse.stride(),
-                *dk_t.stride(), *dv_t.stride(),
-                lq, topk, group, hkv, head_blocks, key_blocks, scale, scale * _LOG2E,
+            kv_head_blocks = triton.cdiv(group, cfg.dkv.block_h)
+        shared = (*q.stride(), *k.stride(), *v.stride(), *_idx_strides(idx), *do.stride(), *lse.stride())
+        if run_dq and run_kv and MIXED_BACKWARD and cfg.dq.num_warps == cfg.dkv.num_warps:
+            n_dq = b * lq * num_hb
+            n_kv = b * lq * hkv * kv_head_blocks * key_blocks
+            _sparse_attn_bwd_mixed_kernel[(n_dq + n_kv,)](
+                q, k, v, idx, do, lse, delta, dq, planes, dk_t, dv_t,
+                *shared, *dq.stride(), *p_strides, *dk_t.stride(), *dv_t.stride(),
+                lq, topk, group, hkv, head_blocks, num_hb, kv_head_blocks, key_blocks, scale, scale * _LOG2E,
+                1.0 / h, n_dq, n_kv // n_dq,
+                DQ_BLOCK_H=cfg.dq.block_h, DQ_BLOCK_N=cfg.dq.block_n, DQ_STAGES=cfg.dq.num_stages,
+                KV_BLOCK_H=cfg.dkv.block_h, KV_BLOCK_N=cfg.dkv.block_n, KV_STAGES=cfg.dkv.num_stages,
+                **common, WRITE_P=write_p, P_ATOMIC=p_atomic, COMPUTE_DK=need_k, COMPUTE_DV=need_v, FOLD_DV=fold,
+                num_warps=cfg.dq.num_warps, num_stages=max(cfg.dq.num_stages, cfg.dkv.num_stages),
+            )  # fmt: skip
+            run_dq = run_kv = False
+        if run_dq:
+            _sparse_attn_bwd_dq_kernel[(b * lq * num_hb,)](
+                q, k, v, idx, do, lse, delta, dq, planes, *shared, *dq.stride(), *p_strides,
+                lq, topk, group, head_blocks, num_hb, scale, scale * _LOG2E, 1.0 / h,
+                BLOCK_H=cfg.dq.block_h, BLOCK_N=cfg.dq.block_n, **common, WRITE_P=write_p, P_ATOMIC=p_atomic,
+                STAGES=cfg.dq.num_stages, num_warps=cfg.dq.num_warps, num_stages=cfg.dq.num_stages,
+            )  # fmt: skip
+        if run_kv:
+            _sparse_attn_bwd_dkv_kernel[(b * lq * hkv * kv_head_blocks * key_blocks,)](
+                q, k, v, idx, do, lse, delta, dk_t, dv_t, *shared, *dk_t.stride(), *dv_t.stride(),
+                lq, topk, group, hkv, kv_head_blocks, key_blocks, scale, scale * _LOG2E,
                 BLOCK_H=cfg.dkv.block_h, BLOCK_N=cfg.dkv.block_n, **common,
                 COMPUTE_DK=need_k, COMPUTE_DV=need_v, FOLD_DV=fold,
-                num_warps=cfg.dkv.num_warps, num_stages=cfg.dkv.num_stages,
+                STAGES=cfg.dkv.num_stages, num_warps=cfg.dkv.num_warps, num_stages=cfg.dkv.num_stages,
             )  # fmt: skip
+        if write_p and num_hb > 2:
+            torch.sum(planes, 0, out=p_attn)
     dk = dk32.to(k.dtype) if dk32 is not None else None
     dv = dv32.to(v.dtype) if dv32 is not None else None
     return dq, dk, dv

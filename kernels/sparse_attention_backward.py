@@ -39,7 +39,8 @@ def _sparse_attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _sparse_attn_bwd_dq_kernel(
+def _dq_program(
+    pid,
     Q, K, V, IDX, DO, LSE, DELTA, DQ, PATTN,
     s_qb, s_ql, s_qh, s_qd,
     s_kb, s_kl, s_kh, s_kd,
@@ -53,6 +54,7 @@ def _sparse_attn_bwd_dq_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, D2P: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
     V_IS_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, WRITE_P: tl.constexpr, P_ATOMIC: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     """dq = scale · Σ_s dS[:, s] K[s] with dS = P ⊙ (dO·Vᵀ − delta); one program per (token, head block),
     like the forward (heads on M), so dq needs no atomics.
@@ -62,7 +64,6 @@ def _sparse_attn_bwd_dq_kernel(
     anyway with the final lse (a column sum per key block). Plane = this program's head block, or with P_ATOMIC
     one zeroed plane that at most two programs add into (0 + a + b = 0 + b + a exactly: still deterministic)."""
     tl.static_assert(BLOCK_H >= 16)
-    pid = tl.program_id(0).to(tl.int64)
     pid_t = pid // NUM_HB
     pid_h = pid % NUM_HB
     b = pid_t // LQ
@@ -103,7 +104,7 @@ def _sparse_attn_bwd_dq_kernel(
     dq1 = tl.zeros([BLOCK_H, D1], tl.float32)
     if D2 > 0:
         dq2 = tl.zeros([BLOCK_H, D2P], tl.float32)
-    for start in range(0, TOPK, BLOCK_N):
+    for start in tl.range(0, TOPK, BLOCK_N, num_stages=STAGES):
         slot = start + offs_n
         idx = tl.load(i_base + slot * s_ik, mask=slot < TOPK, other=-1)
         valid = idx >= 0
@@ -155,7 +156,8 @@ def _sparse_attn_bwd_dq_kernel(
 
 
 @triton.jit
-def _sparse_attn_bwd_dkv_kernel(
+def _dkv_program(
+    pid,
     Q, K, V, IDX, DO, LSE, DELTA, DK, DV_BUF,
     s_qb, s_ql, s_qh, s_qd,
     s_kb, s_kl, s_kh, s_kd,
@@ -170,6 +172,7 @@ def _sparse_attn_bwd_dkv_kernel(
     D1: tl.constexpr, D2: tl.constexpr, D2P: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
     V_IS_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, FOLD_DV: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     """dk[s] += scale · dSᵀ q, dv[s] += Pᵀ dO for one (token, KV group, head block, block of selected keys).
 
@@ -183,7 +186,6 @@ def _sparse_attn_bwd_dkv_kernel(
     tl.static_assert((not FOLD_DV) or (V_IS_K and COMPUTE_DK and COMPUTE_DV))
     CK: tl.constexpr = 128 if D1 > 128 else D1  # d-chunk of q/k
     CV: tl.constexpr = 128 if DVP > 128 else DVP  # d-chunk of v/dO
-    pid = tl.program_id(0).to(tl.int64)
     kb = pid % KEY_BLOCKS  # programs of one token are adjacent: its q / dO stay hot in L2
     rest = pid // KEY_BLOCKS
     hb = rest % HEAD_BLOCKS
@@ -209,7 +211,7 @@ def _sparse_attn_bwd_dkv_kernel(
     # Pass 1: Sᵀ = K qᵀ and (dO Vᵀ)ᵀ = V dOᵀ, both [BLOCK_N, BLOCK_H], streamed over d.
     st = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
     dpt = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
-    for c in range(0, D1, CK):
+    for c in tl.range(0, D1, CK, num_stages=STAGES):
         kc = tl.load(k_rows + (c + offs_ck)[None, :] * s_kd, mask=valid[:, None], other=0.0)
         qc = tl.load(q_rows + (c + offs_ck)[None, :] * s_qd, mask=h_mask[:, None], other=0.0)
         if UPCAST:
@@ -231,7 +233,7 @@ def _sparse_attn_bwd_dkv_kernel(
             q2 = q2.to(tl.float32)
         st += tl.dot(k2, tl.trans(q2), input_precision=PREC)
     if (not V_IS_K) and COMPUTE_DK:
-        for c in range(0, DVP, CV):
+        for c in tl.range(0, DVP, CV, num_stages=STAGES):
             dmask = (c + offs_cv) < DV
             vc = tl.load(v_rows + (c + offs_cv)[None, :] * s_vd, mask=valid[:, None] & dmask[None, :], other=0.0)
             doc = tl.load(do_rows + (c + offs_cv)[None, :] * s_dd, mask=h_mask[:, None] & dmask[None, :], other=0.0)
@@ -255,7 +257,7 @@ def _sparse_attn_bwd_dkv_kernel(
     # Pass 2: dK = dSᵀ q (+ Pᵀ dO when folded), dV = Pᵀ dO, chunk by chunk straight to the fp32 atomics.
     if COMPUTE_DK:
         dk_rows = DK + b * s_kgb + g * s_kgh + rows[:, None] * s_kgl
-        for c in range(0, D1, CK):
+        for c in tl.range(0, D1, CK, num_stages=STAGES):
             qc = tl.load(q_rows + (c + offs_ck)[None, :] * s_qd, mask=h_mask[:, None], other=0.0)
             if UPCAST:
                 qc = qc.to(tl.float32)
@@ -272,7 +274,7 @@ def _sparse_attn_bwd_dkv_kernel(
             tl.atomic_add(dk_rows + offs_d2[None, :] * s_kgd, dk2, mask=dk2_mask, sem="relaxed")
     if COMPUTE_DV and not FOLD_DV:
         dv_rows = DV_BUF + b * s_vgb + g * s_vgh + rows[:, None] * s_vgl
-        for c in range(0, DVP, CV):
+        for c in tl.range(0, DVP, CV, num_stages=STAGES):
             dmask = (c + offs_cv) < DV
             doc = tl.load(do_rows + (c + offs_cv)[None, :] * s_dd, mask=h_mask[:, None] & dmask[None, :], other=0.0)
             if UPCAST:
@@ -280,3 +282,117 @@ def _sparse_attn_bwd_dkv_kernel(
             dvc = tl.dot(p_op, doc, input_precision=PREC)
             tl.atomic_add(dv_rows + (c + offs_cv)[None, :] * s_vgd, dvc, mask=valid[:, None] & dmask[None, :],
                           sem="relaxed")  # fmt: skip
+
+
+@triton.jit
+def _sparse_attn_bwd_dq_kernel(
+    Q, K, V, IDX, DO, LSE, DELTA, DQ, PATTN,
+    s_qb, s_ql, s_qh, s_qd,
+    s_kb, s_kl, s_kh, s_kd,
+    s_vb, s_vl, s_vh, s_vd,
+    s_ib, s_il, s_ih, s_ik,
+    s_db, s_dl, s_dh, s_dd,
+    s_lb, s_ll, s_lh,
+    s_gb, s_gl, s_gh, s_gd,
+    s_pp, s_pb, s_pl, s_pk,
+    LQ, TOPK, GROUP, HEAD_BLOCKS, NUM_HB, sm_scale, qk_scale_log2, inv_heads,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    D1: tl.constexpr, D2: tl.constexpr, D2P: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+    V_IS_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, WRITE_P: tl.constexpr, P_ATOMIC: tl.constexpr,
+    STAGES: tl.constexpr,
+):  # fmt: skip
+    """The dq pass: one program per (token, head block) — see :func:`_dq_program`."""
+    _dq_program(
+        tl.program_id(0).to(tl.int64), Q, K, V, IDX, DO, LSE, DELTA, DQ, PATTN, s_qb, s_ql, s_qh, s_qd, s_kb, s_kl,
+        s_kh, s_kd, s_vb, s_vl, s_vh, s_vd, s_ib, s_il, s_ih, s_ik, s_db, s_dl, s_dh, s_dd, s_lb, s_ll, s_lh, s_gb,
+        s_gl, s_gh, s_gd, s_pp, s_pb, s_pl, s_pk, LQ, TOPK, GROUP, HEAD_BLOCKS, NUM_HB, sm_scale, qk_scale_log2,
+        inv_heads, BLOCK_H, BLOCK_N, D1, D2, D2P, DV, DVP, V_IS_K, UPCAST, PREC, WRITE_P, P_ATOMIC, STAGES
+    )
+
+
+@triton.jit
+def _sparse_attn_bwd_dkv_kernel(
+    Q, K, V, IDX, DO, LSE, DELTA, DK, DV_BUF,
+    s_qb, s_ql, s_qh, s_qd,
+    s_kb, s_kl, s_kh, s_kd,
+    s_vb, s_vl, s_vh, s_vd,
+    s_ib, s_il, s_ih, s_ik,
+    s_db, s_dl, s_dh, s_dd,
+    s_lb, s_ll, s_lh,
+    s_kgb, s_kgl, s_kgh, s_kgd,
+    s_vgb, s_vgl, s_vgh, s_vgd,
+    LQ, TOPK, GROUP, HKV, HEAD_BLOCKS, KEY_BLOCKS, sm_scale, qk_scale_log2,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    D1: tl.constexpr, D2: tl.constexpr, D2P: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+    V_IS_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, FOLD_DV: tl.constexpr,
+    STAGES: tl.constexpr,
+):  # fmt: skip
+    """The dk/dv pass: one program per (token, KV group, head block, key block) — see :func:`_dkv_program`."""
+    _dkv_program(
+        tl.program_id(0).to(tl.int64), Q, K, V, IDX, DO, LSE, DELTA, DK, DV_BUF, s_qb, s_ql, s_qh, s_qd, s_kb,
+        s_kl, s_kh, s_kd, s_vb, s_vl, s_vh, s_vd, s_ib, s_il, s_ih, s_ik, s_db, s_dl, s_dh, s_dd, s_lb, s_ll, s_lh,
+        s_kgb, s_kgl, s_kgh, s_kgd, s_vgb, s_vgl, s_vgh, s_vgd, LQ, TOPK, GROUP, HKV, HEAD_BLOCKS, KEY_BLOCKS,
+        sm_scale, qk_scale_log2, BLOCK_H, BLOCK_N, D1, D2, D2P, DV, DVP, V_IS_K, UPCAST, PREC, COMPUTE_DK,
+        COMPUTE_DV, FOLD_DV, STAGES
+    )
+
+
+@triton.jit
+def _sparse_attn_bwd_mixed_kernel(
+    Q, K, V, IDX, DO, LSE, DELTA, DQ, PATTN, DK, DV_BUF,
+    s_qb, s_ql, s_qh, s_qd,
+    s_kb, s_kl, s_kh, s_kd,
+    s_vb, s_vl, s_vh, s_vd,
+    s_ib, s_il, s_ih, s_ik,
+    s_db, s_dl, s_dh, s_dd,
+    s_lb, s_ll, s_lh,
+    s_gb, s_gl, s_gh, s_gd,
+    s_pp, s_pb, s_pl, s_pk,
+    s_kgb, s_kgl, s_kgh, s_kgd,
+    s_vgb, s_vgl, s_vgh, s_vgd,
+    LQ, TOPK, GROUP, HKV, DQ_HEAD_BLOCKS, NUM_HB, KV_HEAD_BLOCKS, KEY_BLOCKS, sm_scale, qk_scale_log2, inv_heads,
+    N_DQ, RATIO,
+    DQ_BLOCK_H: tl.constexpr, DQ_BLOCK_N: tl.constexpr, DQ_STAGES: tl.constexpr,
+    KV_BLOCK_H: tl.constexpr, KV_BLOCK_N: tl.constexpr, KV_STAGES: tl.constexpr,
+    D1: tl.constexpr, D2: tl.constexpr, D2P: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+    V_IS_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, WRITE_P: tl.constexpr, P_ATOMIC: tl.constexpr,
+    COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, FOLD_DV: tl.constexpr,
+):  # fmt: skip
+    """Both passes in one launch, their programs interleaved: every ``RATIO + 1`` consecutive programs are one
+    dq program and the ``RATIO`` dk/dv programs of the same token (the dk/dv programs left over run last).
+
+    Why: the dk/dv pass is bound by the L2's fp32 atomic rate (benchmarks/NOTES_sparse_attention.md §7) and the
+    dq pass by its MMAs and gathers; run one after the other the GPU waits on one unit at a time. Interleaved,
+    some SMs add atomics while others multiply. The programs are the same code as the two separate kernels."""
+    pid = tl.program_id(0).to(tl.int64)
+    period = RATIO + 1
+    if pid < N_DQ * period:
+        grp = pid // period
+        r = pid % period
+        if r == 0:
+            _dq_program(
+                grp, Q, K, V, IDX, DO, LSE, DELTA, DQ, PATTN, s_qb, s_ql, s_qh, s_qd, s_kb, s_kl, s_kh, s_kd,
+                s_vb, s_vl, s_vh, s_vd, s_ib, s_il, s_ih, s_ik, s_db, s_dl, s_dh, s_dd, s_lb, s_ll, s_lh,
+                s_gb, s_gl, s_gh, s_gd, s_pp, s_pb, s_pl, s_pk, LQ, TOPK, GROUP, DQ_HEAD_BLOCKS, NUM_HB,
+                sm_scale, qk_scale_log2, inv_heads, DQ_BLOCK_H, DQ_BLOCK_N, D1, D2, D2P, DV, DVP, V_IS_K,
+                UPCAST, PREC, WRITE_P, P_ATOMIC, DQ_STAGES,
+            )
+        else:
+            kv_pid = grp * RATIO + r - 1
+            _dkv_program(
+                kv_pid, Q, K, V, IDX, DO, LSE, DELTA, DK, DV_BUF, s_qb, s_ql, s_qh, s_qd, s_kb, s_kl, s_kh, s_kd,
+                s_vb, s_vl, s_vh, s_vd, s_ib, s_il, s_ih, s_ik, s_db, s_dl, s_dh, s_dd, s_lb, s_ll, s_lh,
+                s_kgb, s_kgl, s_kgh, s_kgd, s_vgb, s_vgl, s_vgh, s_vgd, LQ, TOPK, GROUP, HKV, KV_HEAD_BLOCKS,
+                KEY_BLOCKS, sm_scale, qk_scale_log2, KV_BLOCK_H, KV_BLOCK_N, D1, D2, D2P, DV, DVP, V_IS_K,
+                UPCAST, PREC, COMPUTE_DK, COMPUTE_DV, FOLD_DV, KV_STAGES,
+            )
+    else:
+        kv_pid = N_DQ * RATIO + (pid - N_DQ * period)
+        _dkv_program(
+            kv_pid, Q, K, V, IDX, DO, LSE, DELTA, DK, DV_BUF, s_qb, s_ql, s_qh, s_qd, s_kb, s_kl, s_kh, s_kd,
+            s_vb, s_vl, s_vh, s_vd, s_ib, s_il, s_ih, s_ik, s_db, s_dl, s_dh, s_dd, s_lb, s_ll, s_lh,
+            s_kgb, s_kgl, s_kgh, s_kgd, s_vgb, s_vgl, s_vgh, s_vgd, LQ, TOPK, GROUP, HKV, KV_HEAD_BLOCKS,
+            KEY_BLOCKS, sm_scale, qk_scale_log2, KV_BLOCK_H, KV_BLOCK_N, D1, D2, D2P, DV, DVP, V_IS_K,
+            UPCAST, PREC, COMPUTE_DK, COMPUTE_DV, FOLD_DV, KV_STAGES,
+        )

@@ -27,6 +27,9 @@ CPU_CASES = {
     "mla_headblocks": (1, 32, 64, 1, 80, 64, 32, "float32", "view", "shared", (16, 16, 16)),
 }
 
+# Cases rerun with the dq and dk/dv programs interleaved in one launch (kernels.sparse_attention.MIXED_BACKWARD).
+MIXED_CASES = ["mla_view_fp32", "gqa_fp16_group_idx", "mla_headblocks"]
+
 # Relative Frobenius error allowed against float64: fp32 interpreter math is ~1e-7; fp16 / bf16 outputs
 # rounded once (2^-11 / 2^-8 relative) plus fp16 P in the PV dot.
 CPU_TOL = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 8e-3}
@@ -76,10 +79,13 @@ def _lse_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _cpu_case(name: str) -> None:
-    """Forward and backward of one CPU case under the interpreter against the float64 reference."""
+    """Forward and backward of one CPU case under the interpreter against the float64 reference
+    (``name+mixed``: with the backward's two passes interleaved in one launch)."""
     from dsa_dist.ops.sparse_attention import sparse_attention as reference
     from kernels import sparse_attention as ks
 
+    name, _, variant = name.partition("+")
+    ks.MIXED_BACKWARD = variant == "mixed"
     case = CPU_CASES[name]
     dv, dtype, config = case[5], getattr(torch, case[7]), case[10]
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
@@ -122,10 +128,11 @@ def _cpu_case(name: str) -> None:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    return run_interpreted(__name__, [f"_cpu_case:{name}" for name in CPU_CASES])
+    names = list(CPU_CASES) + [f"{name}+mixed" for name in MIXED_CASES]
+    return run_interpreted(__name__, [f"_cpu_case:{name}" for name in names])
 
 
-@pytest.mark.parametrize("name", list(CPU_CASES))
+@pytest.mark.parametrize("name", list(CPU_CASES) + [f"{name}+mixed" for name in MIXED_CASES])
 def test_interpreter_matches_reference(interpreted: dict, name: str) -> None:
     check_interpreted(interpreted, f"_cpu_case:{name}")
 
@@ -201,10 +208,13 @@ GPU_CASES = {
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mixed", [False, True], ids=["two_launches", "mixed"])
 @pytest.mark.parametrize("name", list(GPU_CASES))
-def test_gpu_matches_reference(name: str, gpu_seed: int) -> None:
+def test_gpu_matches_reference(name: str, mixed: bool, gpu_seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     from dsa_dist.ops.sparse_attention import sparse_attention as reference
     from kernels import sparse_attention as ks
+
+    monkeypatch.setattr(ks, "MIXED_BACKWARD", mixed)
 
     case = GPU_CASES[name]
     dv = case[5]

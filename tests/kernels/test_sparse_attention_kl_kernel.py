@@ -137,8 +137,33 @@ def _case_head_group_two_ranks():
         assert _rel(a, w) < 1e-5, (name, _rel(a, w))
 
 
+def _case_mixed_launch_matches_two_launches():
+    """The backward's passes interleaved in one launch (MIXED_BACKWARD) give the two launches' results: dq and
+    p_attn bit for bit (same programs, no atomics, or two exact adds into zero), dk/dv up to atomic order."""
+    import kernels.sparse_attention as ks
+
+    for hkv, mla in ((1, True), (2, False), (4, False)):
+        attn, _, idx, grad_out = _problem(2, 20, 8, hkv, 48 if mla else 32, 32 if mla else 16, 2, 16, 8, mla,
+                                          seed=20 + hkv)
+        q, k = attn[0], attn[1]
+        v = k[..., :32] if mla else attn[2]
+        out, lse = ks.sparse_attention_fwd(q, k, v, idx, 0.2)
+        results = []
+        for mixed in (False, True):
+            ks.MIXED_BACKWARD = mixed
+            p_attn = torch.full(idx.shape, float("nan"))
+            results.append((*ks.sparse_attention_bwd(q, k, v, idx, out, lse, grad_out, 0.2, p_attn=p_attn), p_attn))
+        ks.MIXED_BACKWARD = False
+        (dq0, dk0, dv0, p0), (dq1, dk1, dv1, p1) = results
+        assert torch.equal(dq0, dq1) and torch.equal(p0, p1), hkv
+        assert _rel(dk1, dk0) < 1e-6 and (dv0 is None) == (dv1 is None), hkv
+        if dv0 is not None:
+            assert _rel(dv1, dv0) < 1e-6, hkv
+
+
 CASES = ["_case_mla_one_head_block", "_case_gqa_two_head_blocks", "_case_gqa_planes",
-         "_case_p_attn_matches_reference_target", "_case_head_group_two_ranks"]
+         "_case_p_attn_matches_reference_target", "_case_head_group_two_ranks",
+         "_case_mixed_launch_matches_two_launches"]
 
 
 @pytest.fixture(scope="module")
