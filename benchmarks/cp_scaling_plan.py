@@ -144,12 +144,14 @@ def load_prior(paths: list) -> list[dict]:
     return rows
 
 
-def steps_per_case(args) -> int:
-    """Steps a case runs (upper bound): warm-up, the first timing, the timed repetitions, then either the
-    profiled timeline (``--overlap``: the bytes are counted in the same steps) or the byte count, compute alone
-    (warm-up + repetitions) and the replayed collectives."""
+def steps_per_case(args, step_s: float | None = None) -> int:
+    """Steps a case runs (upper bound) at ``step_s`` seconds per step (None: unknown): warm-up, the first timing,
+    the timed repetitions (none after a first step of ≥ 1 s, as :func:`benchmarks.cp_scaling.measure` does), then
+    either the profiled timeline (``--overlap``: the bytes are counted in the same steps) or the byte count,
+    compute alone (warm-up + repetitions) and the replayed collectives."""
     if getattr(args, "overlap", False):
-        return 2 + args.reps + args.overlap_steps
+        reps = args.reps if (step_s is None or step_s < 1.0) and args.reps > 1 else 0
+        return 2 + reps + args.overlap_steps
     return 2 * args.reps + 4
 
 
@@ -165,7 +167,7 @@ def skip_reason(case: dict, cfg, last: dict | None, elapsed: float, args) -> str
                  else layer_flops(cfg, case["L"], sparse))
         rate = args.guess_tflops if sparse else args.guess_dense_tflops
         guess = flops / case["cp"] / (rate * 1e12)  # no shorter run to scale from
-        if not args.smoke and elapsed + guess * steps_per_case(args) > args.budget_s:
+        if not args.smoke and elapsed + guess * steps_per_case(args, guess) > args.budget_s:
             return f"skipped: budget ({guess:.1f} s/step guessed at {rate:g} TFLOPS)"
         return None
     if "error" in last:
@@ -173,6 +175,6 @@ def skip_reason(case: dict, cfg, last: dict | None, elapsed: float, args) -> str
     source = f" from {last['L'] / K:g}K" + (f" in {last['prior']}" if "prior" in last else "")
     if last.get("peak_gib", 0) * grow > args.mem_gib:
         return f"skipped: predicted {last['peak_gib'] * grow:.0f} GiB > {args.mem_gib:g}{source}"
-    if elapsed + last["step_s"] * growth * steps_per_case(args) > args.budget_s:
+    if elapsed + last["step_s"] * growth * steps_per_case(args, last["step_s"] * growth) > args.budget_s:
         return f"skipped: budget ({last['step_s'] * growth:.1f} s/step predicted{source})"
     return None

@@ -74,14 +74,14 @@ cp_scaling() {  # cp_scaling NAME PORT ARGS...: sets CMD to cp_scaling.py on all
 LIMIT=$(left 110)
 cp_scaling cp_overlap 29611 --tag overlap --mode allgather --overlap --reps 2 \
   --overlap-trace "${TRACE_CASES[@]}" --cases "$OVERLAP_CASES" "${PRIOR[@]}" --budget-s $(( LIMIT - 40 )) \
-  --guess-dense-tflops 46 --hang-dump-s 150 --pg-timeout-s 240
+  --guess-dense-tflops 46 --hang-dump-s 150 --pg-timeout-s 120
 step cp_overlap "$LIMIT" "${CMD[@]}"
 
 # 3. the ring at 512K last, with the hang diagnostics armed early (a healthy run takes ~20 s): stacks of every
-# rank after 50 s in the case, NCCL's watchdog after 75 s in one collective, its flight recorder and desync report.
+# rank after 50 s in the case, NCCL's watchdog after 60 s in one collective, its flight recorder and desync report.
 LIMIT=$(left 0)
 cp_scaling cp_ring 29612 --tag ring --mode ring --overlap --reps 2 --cases "$RING_CASE" \
-  --budget-s $(( LIMIT - 40 )) --hang-dump-s 50 --pg-timeout-s 75
+  --budget-s $(( LIMIT - 40 )) --hang-dump-s 50 --pg-timeout-s 60
 # (flight-recorder variables under both names: torch 2.11 on the GPU image, newer torch renamed them)
 step cp_ring "$LIMIT" env TORCH_FR_BUFFER_SIZE=2000 TORCH_NCCL_TRACE_BUFFER_SIZE=2000 \
   TORCH_FR_DUMP_ON_TIMEOUT=1 TORCH_NCCL_DUMP_ON_TIMEOUT=1 \

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks.cp_scaling_plan import parse_cases, select_cases, shorter, skip_reason
+from benchmarks.cp_scaling_plan import parse_cases, select_cases, shorter, skip_reason, steps_per_case
 
 
 def test_cases_run_exactly_as_given():
@@ -45,6 +45,13 @@ def test_the_1m_model_is_predicted_from_the_measured_512k_row_of_an_earlier_run(
     # a row of this run wins over the earlier runs'
     this_run = dict(measured, mode="allgather", L=262144, peak_gib=17.0)
     assert shorter({(key, 262144): this_run}, key, 1048576, [measured]) is this_run
+
+
+def test_steps_per_case_follow_what_measure_runs():
+    # --overlap: warm-up + first timing (+ reps when a step is short) + the profiled steps
+    assert steps_per_case(_args(reps=2), 0.5) == 5 and steps_per_case(_args(reps=2), 21.0) == 3
+    assert steps_per_case(_args(reps=2, overlap_steps=2), None) == 6
+    assert steps_per_case(_args(reps=2, overlap=False), 21.0) == 8  # + byte count, compute alone, replay
 
 
 @pytest.mark.parametrize("spec,match", [
