@@ -94,13 +94,18 @@ def is_comm_kernel(name: str) -> bool:
 
 def device_intervals(events) -> tuple[list[Interval], list[Interval], int]:
     """``(comm, compute, n_events)`` in seconds from profiler events (``prof.events()``): every event whose
-    ``device_type`` is not the CPU (kernels, memcpy, memset on the GPU), split by :func:`is_comm_kernel`."""
+    ``device_type`` is not the CPU (kernels, memcpy, memset on the GPU), split by :func:`is_comm_kernel`.
+
+    GPU user annotations are skipped: they are not work but the device-side span of a ``record_function`` range
+    (``nccl:all_gather`` around its kernels, or a whole region), and one spanning a region would count as compute
+    over everything in it."""
     from torch.autograd import DeviceType
 
     comm: list[Interval] = []
     compute: list[Interval] = []
     for evt in events:
-        if evt.device_type == DeviceType.CPU:
+        if evt.device_type == DeviceType.CPU or getattr(evt, "is_user_annotation", False) \
+                or "annotation" in str(getattr(evt, "activity_type", "") or ""):
             continue
         interval = (evt.time_range.start / 1e6, evt.time_range.end / 1e6)  # the profiler's µs
         (comm if is_comm_kernel(evt.name) else compute).append(interval)

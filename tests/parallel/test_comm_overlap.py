@@ -99,21 +99,23 @@ class _Range:
 
 
 class _Event:
-    def __init__(self, name, device, start_us, end_us):
+    def __init__(self, name, device, start_us, end_us, annotation=False):
         from torch.autograd import DeviceType
 
         self.name = name
         self.device_type = DeviceType.CUDA if device else DeviceType.CPU
         self.time_range = _Range(start_us, end_us)
+        self.is_user_annotation = annotation
 
 
-def test_events_are_split_into_nccl_and_compute_and_cpu_events_ignored():
+def test_events_are_split_into_nccl_and_compute_and_cpu_events_and_annotations_ignored():
     events = [_Event("ncclDevKernel_AllGather_RING_LL(ncclDevComm*, unsigned long, ncclWork*)", True, 0, 400),
               _Event("ncclDevKernel_SendRecv", True, 500, 600),
               _Event("_score_kernel", True, 100, 300),
               _Event("Memcpy DtoD (Device -> Device)", True, 550, 560),
               _Event("aten::mm", False, 0, 1000),            # a CPU op: not device time
-              _Event("nccl:all_gather", False, 0, 1000)]     # the CPU-side record of the collective
+              _Event("nccl:all_gather", False, 0, 1000),     # the CPU-side record of the collective
+              _Event("forward", True, 0, 1000, annotation=True)]  # a GPU user annotation: a span, not work
     comm, compute, n = device_intervals(events)
     assert n == 4
     assert comm == [(0.0, 400e-6), (500e-6, 600e-6)] and len(compute) == 2
