@@ -10,14 +10,19 @@
 #   3. last, in its own run (tag "ring"), the V3.2 layer at 512K on CP=4 with the ring top-k, which hung once:
 #      every rank's Python stacks are dumped if the case runs past --hang-dump-s (and on SIGTERM), NCCL's flight
 #      recorder writes each rank's last collectives on a watchdog timeout (nccl_trace_rank_*).
-# Every step runs under `timeout` and logs to $OUT/NAME.log (per-rank stdout/stderr under $OUT/rank_logs/NAME/).
-# Usage: OUT=/some/dir bash benchmarks/gpu_checks_multi.sh   (wheels from .whl/ installed first when present)
+# Every step runs under `timeout`. The device tool returns at most 8 files from $OUT, so everything is written to
+# $WORK and packed into $OUT after every step: cp_scaling_{overlap,ring}.{json,md}, logs.tar.gz (NAME.log of each
+# step, per-rank stdout/stderr under rank_logs/, device.txt, NCCL flight-recorder dumps) and traces.tar.gz (the
+# chrome traces; rank 0's alone when all would exceed 15 MiB).
+# Usage: OUT=/some/dir bash benchmarks/gpu_checks_multi.sh 2>&1 | tee $OUT/summary.log   (wheels from .whl/ first)
 # CPU dry run of the same steps (2 gloo ranks, tiny lengths, no NCCL tests): SMOKE=1 bash benchmarks/gpu_checks_multi.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_checks_multi}
 TOTAL_S=${TOTAL_S:-530}  # the whole script's wall-clock budget
 SMOKE=${SMOKE:-0}
-mkdir -p "$OUT"
+WORK=${WORK:-/tmp/gpu_checks_multi_work}  # emptied first: a rerun on a warm machine packs only its own files
+rm -rf "$WORK"
+mkdir -p "$OUT" "$WORK"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
@@ -29,12 +34,24 @@ export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 PY=${PY:-python3}
 
-step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log
+pack() {  # copy the results and pack the logs and traces into $OUT (≤ 8 files come back from there)
+  cp "$WORK"/cp_scaling_*.json "$WORK"/cp_scaling_*.md "$OUT"/ 2>/dev/null
+  tar -czf "$OUT/logs.tar.gz" -C "$WORK" --exclude ./traces --exclude './cp_scaling_*' .
+  if [ -d "$WORK/traces" ]; then
+    tar -czf "$OUT/traces.tar.gz" -C "$WORK" traces
+    if [ "$(stat -c %s "$OUT/traces.tar.gz")" -gt $(( 15 * 1024 * 1024 )) ]; then
+      (cd "$WORK" && tar -czf "$OUT/traces.tar.gz" traces/*_rank0.json.gz)
+    fi
+  fi
+}
+
+step() {  # step NAME SECONDS CMD...: run with a time limit, log to $WORK/NAME.log, pack
   local name=$1 limit=$2; shift 2
   echo "=== $name (limit ${limit}s, at ${SECONDS}s)"
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
   echo "=== $name exit $? after ${SECONDS}s total"
-  tail -n 25 "$OUT/$name.log"
+  tail -n 25 "$WORK/$name.log"
+  pack
 }
 
 left() {  # seconds of TOTAL_S left after reserving $1 (at least 60)
@@ -51,7 +68,7 @@ if [ "$SMOKE" = 1 ]; then
   RING_CASE=layer:512:2:none:ring
   PRIOR=()
 else
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$WORK/device.txt"
   GPUS=$(nvidia-smi -L | wc -l)
   SMOKE_ARG=()
   OVERLAP_CASES=model:131072:4:none,layer:524288:4,layer:131072:1,layer:131072:2,model:1048576:4:full,dense_layer:131072:4,dense_layer:131072:1
@@ -66,7 +83,7 @@ fi
 cp_scaling() {  # cp_scaling NAME PORT ARGS...: sets CMD to cp_scaling.py on all GPUs, per-rank logs kept
   local name=$1 port=$2; shift 2
   CMD=("$PY" -m torch.distributed.run --nproc-per-node "$GPUS" --master-addr 127.0.0.1 --master-port "$port"
-       --log-dir "$OUT/rank_logs/$name" --tee 3 benchmarks/cp_scaling.py --out "$OUT" "${SMOKE_ARG[@]}" "$@")
+       --log-dir "$WORK/rank_logs/$name" --tee 3 benchmarks/cp_scaling.py --out "$WORK" "${SMOKE_ARG[@]}" "$@")
 }
 
 # 2. timeline + missing rows; ~110 s stay for the ring run. --budget-s: no case starts that is predicted to end
@@ -85,6 +102,6 @@ cp_scaling cp_ring 29612 --tag ring --mode ring --overlap --reps 2 --cases "$RIN
 # (flight-recorder variables under both names: torch 2.11 on the GPU image, newer torch renamed them)
 step cp_ring "$LIMIT" env TORCH_FR_BUFFER_SIZE=2000 TORCH_NCCL_TRACE_BUFFER_SIZE=2000 \
   TORCH_FR_DUMP_ON_TIMEOUT=1 TORCH_NCCL_DUMP_ON_TIMEOUT=1 \
-  TORCH_FR_DUMP_TEMP_FILE="$OUT/nccl_trace_rank_" TORCH_NCCL_DEBUG_INFO_TEMP_FILE="$OUT/nccl_trace_rank_" \
+  TORCH_FR_DUMP_TEMP_FILE="$WORK/nccl_trace_rank_" TORCH_NCCL_DEBUG_INFO_TEMP_FILE="$WORK/nccl_trace_rank_" \
   TORCH_NCCL_DESYNC_DEBUG=1 NCCL_DEBUG=WARN "${CMD[@]}"
 echo "done after ${SECONDS}s"
