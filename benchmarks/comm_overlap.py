@@ -17,8 +17,8 @@ The rank with the least ``comm_s`` (the last to arrive) is the closest to the tr
 reported (:func:`summarise_ranks`).
 
 :func:`overlap_stats` is pure interval arithmetic (unit-tested against a discretised timeline);
-:func:`device_intervals` reads a finished ``torch.profiler.profile``; :func:`profile_overlap` runs a step under
-the profiler on every rank and gathers the per-rank numbers.
+:func:`device_intervals` reads a finished ``torch.profiler.profile``; :func:`profile_rank` runs a step under
+the profiler, :func:`profile_overlap` does so on every rank and gathers the per-rank numbers.
 """
 
 from __future__ import annotations
@@ -140,29 +140,46 @@ def summarise_ranks(per_rank: list[dict]) -> dict:
     return out
 
 
-def profile_overlap(step: Callable[[], None], steps: int = 1, trace_path: Path | None = None) -> dict:
-    """Run ``step`` ``steps`` times under torch.profiler (CUDA activity when available) on every rank, and return
-    :func:`summarise_ranks` of all ranks (the same dict on every rank; collective: every rank must call it).
-
-    ``trace_path``: also write this rank's chrome trace there (``.json.gz`` compresses)."""
+def profile_rank(step: Callable[[], None], steps: int = 1, trace_path: Path | None = None) -> dict:
+    """This rank's :func:`rank_stats` of ``steps`` runs of ``step`` under torch.profiler (CUDA activity when
+    available). A profiler that cannot start or whose events cannot be read gives ``{"note": why}`` instead of an
+    exception (the other ranks still reach the gather); an error of ``step`` itself propagates."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    dist.barrier()
     if cuda:
         torch.cuda.synchronize()
-    with profile(activities=activities) as prof:
+    try:
+        prof = profile(activities=activities)
+        prof.start()
+    except Exception as err:  # noqa: BLE001 - any profiler failure is reported in the row, not fatal
+        return {"note": f"profiler did not start: {err!r}"}
+    try:
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    if trace_path is not None:
-        trace_path.parent.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(trace_path))
-    mine = rank_stats(prof.events(), wall, steps)
+    finally:
+        prof.stop()
+    try:
+        if trace_path is not None:
+            trace_path.parent.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(trace_path))
+        return rank_stats(prof.events(), wall, steps)
+    except Exception as err:  # noqa: BLE001 - as above
+        return {"note": f"profiler events unreadable: {err!r}", "wall_s": wall / steps}
+
+
+def profile_overlap(step: Callable[[], None], steps: int = 1, trace_path: Path | None = None) -> dict:
+    """:func:`profile_rank` on every rank (aligned by a barrier first), and :func:`summarise_ranks` of all ranks —
+    the same dict on every rank (collective: every rank must call it).
+
+    ``trace_path``: also write this rank's chrome trace there (``.json.gz`` compresses)."""
+    dist.barrier()
+    mine = profile_rank(step, steps, trace_path)
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     return summarise_ranks(gathered)

@@ -11,6 +11,7 @@ from benchmarks.comm_overlap import (
     NO_DEVICE_EVENTS,
     device_intervals,
     overlap_stats,
+    profile_rank,
     rank_stats,
     summarise_ranks,
     union,
@@ -136,3 +137,40 @@ def test_summary_takes_the_least_hidden_rank_and_the_fastest_ranks_comm():
     s = summarise_ranks([a, b])
     assert (s["hidden_share_min"], s["comm_s_fastest_rank"], s["comm_s_max"], s["exposed_s_max"],
             s["wall_s_max"]) == (0.5, 0.1, 0.4, 0.1, 1.1)
+
+
+def test_profile_rank_on_cpu_runs_the_steps_and_reports_no_device_events(tmp_path):
+    import torch
+
+    calls = []
+    x = torch.randn(64, 64)
+
+    def step():
+        calls.append(1)
+        (x @ x).sum()
+
+    out = profile_rank(step, steps=2, trace_path=tmp_path / "t" / "rank0.json.gz")
+    assert len(calls) == 2 and out["note"] == NO_DEVICE_EVENTS and out["wall_s"] > 0
+    assert (tmp_path / "t" / "rank0.json.gz").stat().st_size > 0
+
+
+def test_a_profiler_that_cannot_start_is_reported_and_a_failing_step_is_not_hidden(monkeypatch):
+    import torch.profiler
+
+    class _Broken:
+        def __init__(self, **kw):
+            pass
+
+        def start(self):
+            raise RuntimeError("CUPTI unavailable")
+
+    monkeypatch.setattr(torch.profiler, "profile", _Broken)
+    out = profile_rank(lambda: None)
+    assert out["note"].startswith("profiler did not start") and "CUPTI unavailable" in out["note"]
+    monkeypatch.undo()
+
+    def oom():
+        raise MemoryError("step failed")
+
+    with pytest.raises(MemoryError):
+        profile_rank(oom)
