@@ -8,6 +8,8 @@ Run (4 GPUs; every case uses all ranks: CP=c runs world/c data-parallel replicas
     python -m torch.distributed.run --nproc-per-node 2 benchmarks/cp_scaling.py --smoke   # CPU/gloo dry run
     python -m torch.distributed.run --nproc-per-node 4 benchmarks/cp_scaling.py --out DIR --tag long \
         --recompute full --cases model:524288:4 layer:524288:4 model:131072:1   # exactly these, in this order
+    python -m torch.distributed.run --nproc-per-node 4 benchmarks/cp_scaling.py --out DIR --tag overlap \
+        --mode allgather --overlap --overlap-trace model:131072:4 --cases model:131072:4:none,layer:524288:4
 
 Cases (``--parts``):
 - ``layer``: the DSA steps of one DeepSeek-V3.2 attention layer (``dsa_dist.model.dsa_core.dsa_attention``:
