@@ -8,6 +8,8 @@ Run (4 GPUs; every case uses all ranks: CP=c runs world/c data-parallel replicas
     python -m torch.distributed.run --nproc-per-node 2 benchmarks/cp_scaling.py --smoke   # CPU/gloo dry run
     python -m torch.distributed.run --nproc-per-node 4 benchmarks/cp_scaling.py --out DIR --tag long \
         --recompute full --cases model:524288:4 layer:524288:4 model:131072:1   # exactly these, in this order
+    python -m torch.distributed.run --nproc-per-node 4 benchmarks/cp_scaling.py --out DIR --tag overlap \
+        --mode allgather --overlap --overlap-trace model:131072:4 --cases model:131072:4:none,layer:524288:4
 
 Cases (``--parts``):
 - ``layer``: the DSA steps of one DeepSeek-V3.2 attention layer (``dsa_dist.model.dsa_core.dsa_attention``:
@@ -32,13 +34,21 @@ peak memory per GPU, bytes each rank sends per layer counted at the collectives
 (``dsa_dist.parallel._comm.count_comm_bytes``) next to ``dsa_dist.parallel.cp_layer_comm_volume``, the same
 step with every collective replaced by a local copy (``local_only``: compute alone), the collectives of one step
 replayed alone (communication alone), and exposed communication = step − compute alone; hidden share =
-1 − exposed / communication alone.
+1 − exposed / communication alone. That difference of two timings is dominated by run-to-run noise and rank skew;
+``--overlap`` measures instead, per rank, from a profiler timeline of the step (:mod:`benchmarks.comm_overlap`):
+the NCCL kernel time, the part of it overlapped by compute kernels (hidden), the rest (exposed) — the row's
+``overlap`` entry, with the least hidden share over the ranks and the comm time of the fastest rank.
+
+A ``--cases`` entry ``part:L:CP:none|full:MODE`` runs that case with its own top-k mode (e.g.
+``layer:524288:4:none:ring``). Hang diagnostics: ``--hang-dump-s N`` makes every rank write all its Python stacks
+to stderr when a case runs longer than N s (and on SIGTERM); ``--pg-timeout-s`` is the NCCL watchdog's timeout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -52,7 +62,18 @@ import torch.distributed as dist
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repo, unless dsa_dist is already importable
 
-from benchmarks.cp_scaling_plan import PARTS, layer_flops, model_flops, select_cases, shorter, skip_reason  # noqa: E402
+from benchmarks.comm_overlap import profile_overlap  # noqa: E402
+from benchmarks.cp_scaling_plan import (  # noqa: E402
+    PARTS,
+    layer_flops,
+    load_prior,
+    model_flops,
+    select_cases,
+    shorter,
+    skip_reason,
+)
+from benchmarks.cp_scaling_report import table, write  # noqa: E402
+from benchmarks.hang_dump import dump_stacks_on_sigterm, hang_dump  # noqa: E402
 from dsa_dist.compat import default_device  # noqa: E402
 from dsa_dist.model.config import DSAModelConfig, RecomputeConfig, preset  # noqa: E402
 from dsa_dist.model.dsa_core import DSAInputs, dsa_attention  # noqa: E402
@@ -214,8 +235,13 @@ def _replay(calls) -> float:
 
 
 def measure(make, cfg: DSAModelConfig, dims: ParallelDims, length: int, sparse: bool, reps: int,
-            batch: int = 1) -> dict:
-    """Time one case; returns the row (also on OOM: ``{"error": "OOM"}``, agreed by all ranks)."""
+            batch: int = 1, overlap_steps: int = 0, trace_path: Path | None = None) -> dict:
+    """Time one case; returns the row (also on OOM: ``{"error": "OOM"}``, agreed by all ranks).
+
+    ``overlap_steps`` > 0: the communication's overlap comes from a profiler timeline of that many steps
+    (``row["overlap"]``, :func:`benchmarks.comm_overlap.profile_overlap`; bytes counted in the same steps)
+    instead of the compute-alone and replayed-collectives runs.
+    """
     row: dict = {}
     try:
         if torch.cuda.is_available():
@@ -229,7 +255,13 @@ def measure(make, cfg: DSAModelConfig, dims: ParallelDims, length: int, sparse: 
         row["step_s"] = first if reps == 1 else _max_over_ranks(_time(step, reps))
         if torch.cuda.is_available():
             row["peak_gib"] = _max_over_ranks(torch.cuda.max_memory_allocated() / GIB)
-        if hasattr(_comm, "count_comm_bytes") and dims.cp > 1:
+        if overlap_steps > 0:
+            with _comm.count_comm_bytes() as log:
+                row["overlap"] = profile_overlap(step, overlap_steps, trace_path)
+            if dims.cp > 1:
+                row["sent_bytes_per_layer"] = log.total / layers / overlap_steps
+                row["sent_by_kind_per_layer"] = {k: v / layers / overlap_steps for k, v in log.sent.items()}
+        elif hasattr(_comm, "count_comm_bytes") and dims.cp > 1:
             with _comm.count_comm_bytes() as log:
                 step()
             row["sent_bytes_per_layer"] = log.total / layers
@@ -252,6 +284,9 @@ def measure(make, cfg: DSAModelConfig, dims: ParallelDims, length: int, sparse: 
 
 
 # ------------------------------------------------------------------------------------------------------- driver
+PG_TIMEOUT_S = 300.0  # collective timeout of every process group (--pg-timeout-s sets it before the groups exist)
+
+
 def set_layout(cp: int) -> ParallelDims:
     """Megatron's parallel state for TP=1 × CP=``cp`` (× DP) over the already-initialised world.
 
@@ -265,7 +300,7 @@ def set_layout(cp: int) -> ParallelDims:
             return current_parallel_dims()
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(1, 1, context_parallel_size=cp, create_gloo_process_groups=False,
-                                 distributed_timeout_minutes=5)
+                                 distributed_timeout_minutes=max(1, math.ceil(PG_TIMEOUT_S / 60)))
     return current_parallel_dims()
 
 
@@ -324,18 +359,40 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write cp_scaling_<tag>.json / .md here")
     parser.add_argument("--profile", default=None, metavar="L:CP",
                         help="first profile two model steps at this length and CP size (top ops, rank 0)")
+    parser.add_argument("--overlap", action="store_true",
+                        help="hidden communication from a profiler timeline (benchmarks/comm_overlap.py) of "
+                             "--overlap-steps steps per case, instead of compute alone / replayed collectives")
+    parser.add_argument("--overlap-steps", type=int, default=1, help="profiled steps per case with --overlap")
+    parser.add_argument("--overlap-trace", nargs="*", default=[], metavar="PART:L:CP",
+                        help="with --overlap and --out: write every rank's chrome trace of these cases "
+                             "(traces/*.json.gz), e.g. model:131072:4")
+    parser.add_argument("--prior", nargs="*", default=[], metavar="JSON",
+                        help="results of earlier runs: predict memory and time of a case from their longest "
+                             "shorter row when this run has none (e.g. the 1M model from the measured 512K)")
+    parser.add_argument("--hang-dump-s", type=float, default=240.0,
+                        help="per case, every rank writes all its Python stacks to stderr if the case still runs "
+                             "after this many seconds (0: off); stacks are also dumped on SIGTERM")
+    parser.add_argument("--pg-timeout-s", type=float, default=300.0,
+                        help="collective timeout of the process groups (NCCL watchdog)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, any backend (CPU gloo dry run)")
     args = parser.parse_args()
+    if args.overlap_steps < 1:
+        parser.error(f"--overlap-steps must be >= 1, got {args.overlap_steps}")
     if args.smoke:
         args.model_lengths, args.layer_lengths, args.compare_length, args.reps = [512], [256], 256, 1
     start = time.monotonic()
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    dump_stacks_on_sigterm()
+    global PG_TIMEOUT_S
+    PG_TIMEOUT_S = args.pg_timeout_s
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(minutes=5))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                            timeout=timedelta(seconds=args.pg_timeout_s))
     rank = dist.get_rank()
     if args.profile:
         profile(args, rank)
+    prior = load_prior(args.prior)
     rows: list[dict] = []
     seen: dict[tuple, dict] = {}  # ((part, cp, mode, batch), L) -> row that ran: predicts time and memory
     for case in select_cases(args, world):
@@ -347,13 +404,19 @@ def main() -> None:
                else _layer_cfg(args.smoke, length, case["mode"]))
         row = {**case, "dp": world // cp, "tag": args.tag}
         key = (part, cp, case["mode"], case["batch"], case["recompute"])
-        reason = skip_reason(case, cfg, shorter(seen, key, length), time.monotonic() - start, args)
+        reason = skip_reason(case, cfg, shorter(seen, key, length, prior), time.monotonic() - start, args)
         if reason:
             row["error"] = reason
         else:
-            dims = set_layout(cp)
-            make = make_model_step if is_model else make_layer_step
-            row.update(measure(make, cfg, dims, length, sparse, args.reps, case["batch"]))
+            label = f"{part}:{length}:{cp}:{case['recompute']}:{case['mode']}"
+            traced = args.overlap and args.out is not None and f"{part}:{length}:{cp}" in args.overlap_trace
+            trace = (args.out / "traces" / f"{args.tag or 'run'}_{label.replace(':', '_')}_rank{rank}.json.gz"
+                     if traced else None)
+            with hang_dump(args.hang_dump_s, f"rank {rank} case {label}"):
+                dims = set_layout(cp)
+                make = make_model_step if is_model else make_layer_step
+                row.update(measure(make, cfg, dims, length, sparse, args.reps, case["batch"],
+                                   args.overlap_steps if args.overlap else 0, trace))
             seen[(key, length)] = row
         _finish_row(row, cfg, sparse, is_model)
         rows.append(row)
@@ -395,46 +458,6 @@ def profile(args, rank: int) -> None:
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / f"profile_{args.tag or 'run'}_{length // K}k_cp{cp}.txt").write_text(text)
-
-
-def _fmt(x, spec: str) -> str:
-    return "—" if x is None else format(x, spec)
-
-
-def table(rows: list[dict]) -> str:
-    """Markdown table of the rows (one line per case)."""
-    head = ("| part | L | B | CP×DP | top-k mode | recompute | step s | tok/s/GPU | TFLOPS/GPU | peak GiB "
-            "| sent MB/layer (arith.) | compute alone s | comm alone s | exposed s | hidden |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['part']} | {r['L'] / K:g}K | {r['batch']} | {r['cp']}×{r['dp']} | {r['mode']} | "
-                         f"{r.get('recompute', 'none')} | {r['error']} |" + " |" * 8)
-            continue
-        sent = r.get("sent_bytes_per_layer")
-        arith = r.get("arith_bytes_per_layer")
-        sent_s = "—" if sent is None else f"{sent / 1e6:.1f} ({arith / 1e6:.1f})"
-        hidden = r.get("hidden_share")
-        lines.append(
-            f"| {r['part']} | {r['L'] / K:g}K | {r['batch']} | {r['cp']}×{r['dp']} | {r['mode']} | "
-            f"{r.get('recompute', 'none')} | {r['step_s']:.3f} | "
-            f"{r['tokens_per_s_per_gpu']:,.0f} | {r['tflops_per_gpu']:.0f} | {_fmt(r.get('peak_gib'), '.1f')} | "
-            f"{sent_s} | {_fmt(r.get('compute_alone_s'), '.3f')} | {_fmt(r.get('comm_alone_s'), '.4f')} | "
-            f"{_fmt(r.get('exposed_comm_s'), '.3f')} | {'—' if hidden is None else f'{hidden:.0%}'} |")
-    return "\n".join(lines)
-
-
-def write(rows: list[dict], args) -> None:
-    meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "gpus": int(os.environ.get("WORLD_SIZE", "1")), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d", time.gmtime()), "args": {k: str(v) for k, v in vars(args).items()}}
-    md = table(rows)
-    if args.out is None:
-        return
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"cp_scaling{'_' + args.tag if args.tag else ''}"
-    (args.out / f"{stem}.json").write_text(json.dumps({**meta, "results": rows}, indent=1))
-    (args.out / f"{stem}.md").write_text(f"{json.dumps(meta)}\n\n{md}\n")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,14 @@
 
 Cases are dicts ``part, L, cp, recompute, mode, batch``; :func:`select_cases` gives them in priority order (or
 exactly ``--cases``), :func:`skip_reason` says why one is not run (its shorter twin failed, or it is predicted to
-exceed the memory or the time budget).
+exceed the memory or the time budget; predictions scale the longest shorter row of this run, or of an earlier
+run's results given with ``--prior``).
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 K = 1024
 
@@ -49,8 +53,8 @@ def select_cases(args, world: int) -> list[dict]:
     4. at the compare length and the largest CP: the other top-k modes, and ``--batch`` sequences (CP=1 too);
     5. everything else, largest CP first, growing lengths.
     """
-    if args.cases:
-        return [dict(c, mode=args.mode, batch=1) for c in parse_cases(args.cases, world, args.recompute)]
+    if args.cases:  # an entry's own top-k mode (5th field) wins over --mode
+        return [{"mode": args.mode, "batch": 1, **c} for c in parse_cases(args.cases, world, args.recompute)]
     cps = sorted({c for c in args.cps if world % c == 0}, reverse=True)
     top = cps[0]
 
@@ -83,32 +87,72 @@ def select_cases(args, world: int) -> list[dict]:
 PARTS = ("model", "layer", "dense_model", "dense_layer")
 
 
+TOPK_MODES = ("ring", "allgather", "candidates")
+
+
 def parse_cases(specs: list[str], world: int, recompute: str) -> list[dict]:
-    """``part:L:CP[:full|none]`` entries (comma- or space-separated) → cases, in the given order.
+    """``part:L:CP[:full|none[:MODE]]`` entries (comma- or space-separated) → cases, in the given order.
 
     ``recompute`` is the default of the model parts (``--recompute``); layer parts have no layers to recompute.
+    ``MODE`` (ring, allgather or candidates) sets the CP top-k exchange of that case alone (default ``--mode``).
     """
     out = []
     for spec in (x for item in specs for x in item.split(",") if x):
         fields = spec.split(":")
-        if len(fields) not in (3, 4) or fields[0] not in PARTS or not fields[1].isdigit() or not fields[2].isdigit():
-            raise SystemExit(f"--cases: bad entry {spec!r}; write part:L:CP[:full|none] with part one of {PARTS}, "
-                             "e.g. model:524288:4 or model:131072:1:none")
+        if len(fields) not in (3, 4, 5) or fields[0] not in PARTS or not fields[1].isdigit() \
+                or not fields[2].isdigit():
+            raise SystemExit(f"--cases: bad entry {spec!r}; write part:L:CP[:full|none[:mode]] with part one of "
+                             f"{PARTS}, e.g. model:524288:4, model:131072:1:none or layer:524288:4:none:ring")
         part, length, cp = fields[0], int(fields[1]), int(fields[2])
-        rc = fields[3] if len(fields) == 4 else (recompute if part.endswith("model") else "none")
+        rc = fields[3] if len(fields) >= 4 else (recompute if part.endswith("model") else "none")
         if rc not in ("full", "none") or (rc == "full" and not part.endswith("model")):
             raise SystemExit(f"--cases: {spec!r}: the 4th field is 'full' or 'none' ('full' only for model parts)")
         if cp < 1 or world % cp or length % (2 * cp):
             raise SystemExit(f"--cases: {spec!r}: CP={cp} must divide the world size {world} and L must be a "
                              f"multiple of 2*CP")
-        out.append(dict(part=part, L=length, cp=cp, recompute=rc))
+        case = dict(part=part, L=length, cp=cp, recompute=rc)
+        if len(fields) == 5:
+            if fields[4] not in TOPK_MODES:
+                raise SystemExit(f"--cases: {spec!r}: the 5th field is the top-k mode, one of {TOPK_MODES}")
+            case["mode"] = fields[4]
+        out.append(case)
     return out
 
 
-def shorter(seen: dict, key: tuple, length: int) -> dict | None:
-    """The longest measured row of the same (part, cp, mode, batch) below ``length`` (for predictions)."""
+def shorter(seen: dict, key: tuple, length: int, prior: list[dict] | None = None) -> dict | None:
+    """The longest measured row of the same (part, cp, mode, batch, recompute) below ``length`` (for predictions).
+
+    Rows of this run come first; without one, the longest shorter row of ``prior`` (results of earlier runs,
+    ``--prior``) with the same part, cp, batch and recompute in any top-k mode (the modes' memory differs by the
+    gathered FP8 keys, 132 B/token at most) — so a case longer than anything this run measures is still
+    predicted from what was measured before.
+    """
     rows = [r for (k, L), r in seen.items() if k == key and L < length]
+    if not rows and prior:
+        part, cp, _mode, batch, recompute = key
+        rows = [r for r in prior if (r.get("part"), r.get("cp"), r.get("batch", 1), r.get("recompute", "none"))
+                == (part, cp, batch, recompute) and r.get("L", length) < length and "error" not in r]
     return max(rows, key=lambda r: r["L"]) if rows else None
+
+
+def load_prior(paths: list) -> list[dict]:
+    """The result rows of earlier runs (cp_scaling JSON files), each tagged with its file name."""
+    rows = []
+    for path in paths or []:
+        data = json.loads(Path(path).read_text())
+        rows += [dict(r, prior=Path(path).name) for r in data["results"]]
+    return rows
+
+
+def steps_per_case(args, step_s: float | None = None) -> int:
+    """Steps a case runs (upper bound) at ``step_s`` seconds per step (None: unknown): warm-up, the first timing,
+    the timed repetitions (none after a first step of ≥ 1 s, as :func:`benchmarks.cp_scaling.measure` does), then
+    either the profiled timeline (``--overlap``: the bytes are counted in the same steps) or the byte count,
+    compute alone (warm-up + repetitions) and the replayed collectives."""
+    if getattr(args, "overlap", False):
+        reps = args.reps if (step_s is None or step_s < 1.0) and args.reps > 1 else 0
+        return 2 + reps + args.overlap_steps
+    return 2 * args.reps + 4
 
 
 def skip_reason(case: dict, cfg, last: dict | None, elapsed: float, args) -> str | None:
@@ -123,13 +167,14 @@ def skip_reason(case: dict, cfg, last: dict | None, elapsed: float, args) -> str
                  else layer_flops(cfg, case["L"], sparse))
         rate = args.guess_tflops if sparse else args.guess_dense_tflops
         guess = flops / case["cp"] / (rate * 1e12)  # no shorter run to scale from
-        if not args.smoke and elapsed + guess * (2 * args.reps + 4) > args.budget_s:
+        if not args.smoke and elapsed + guess * steps_per_case(args, guess) > args.budget_s:
             return f"skipped: budget ({guess:.1f} s/step guessed at {rate:g} TFLOPS)"
         return None
     if "error" in last:
         return "skipped: " + last["error"].removeprefix("skipped: ") + f" at {last['L'] // K}K"
+    source = f" from {last['L'] / K:g}K" + (f" in {last['prior']}" if "prior" in last else "")
     if last.get("peak_gib", 0) * grow > args.mem_gib:
-        return f"skipped: predicted {last['peak_gib'] * grow:.0f} GiB > {args.mem_gib:g}"
-    if elapsed + last["step_s"] * growth * (2 * args.reps + 4) > args.budget_s:
-        return f"skipped: budget ({last['step_s'] * growth:.1f} s/step predicted)"
+        return f"skipped: predicted {last['peak_gib'] * grow:.0f} GiB > {args.mem_gib:g}{source}"
+    if elapsed + last["step_s"] * growth * steps_per_case(args, last["step_s"] * growth) > args.budget_s:
+        return f"skipped: budget ({last['step_s'] * growth:.1f} s/step predicted{source})"
     return None
