@@ -250,6 +250,10 @@ def measure(make, cfg: DSAModelConfig, dims: ParallelDims, length: int, sparse: 
         step, layers = make(cfg, dims, length, sparse, batch)
         step()  # warm-up: Triton compile, NCCL communicators, allocator
         _sync()
+        if torch.cuda.is_available():
+            # The warm-up step's peak separately: the steady-state peak is what a training run holds.
+            row["peak_first_step_gib"] = _max_over_ranks(torch.cuda.max_memory_allocated() / GIB)
+            torch.cuda.reset_peak_memory_stats()
         first = _max_over_ranks(_time(step, 1))
         reps = reps if first < 1.0 else 1  # long steps: one more sample, fits the budget
         row["step_s"] = first if reps == 1 else _max_over_ranks(_time(step, reps))

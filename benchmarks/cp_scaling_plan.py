@@ -173,8 +173,9 @@ def skip_reason(case: dict, cfg, last: dict | None, elapsed: float, args) -> str
     if "error" in last:
         return "skipped: " + last["error"].removeprefix("skipped: ") + f" at {last['L'] // K}K"
     source = f" from {last['L'] / K:g}K" + (f" in {last['prior']}" if "prior" in last else "")
-    if last.get("peak_gib", 0) * grow > args.mem_gib:
-        return f"skipped: predicted {last['peak_gib'] * grow:.0f} GiB > {args.mem_gib:g}{source}"
+    peak = max(last.get("peak_gib", 0), last.get("peak_first_step_gib", 0))  # the warm-up step runs too
+    if peak * grow > args.mem_gib:
+        return f"skipped: predicted {peak * grow:.0f} GiB > {args.mem_gib:g}{source}"
     if elapsed + last["step_s"] * growth * steps_per_case(args, last["step_s"] * growth) > args.budget_s:
         return f"skipped: budget ({last['step_s'] * growth:.1f} s/step predicted{source})"
     return None

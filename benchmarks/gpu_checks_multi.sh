@@ -18,7 +18,7 @@
 # CPU dry run of the same steps (2 gloo ranks, tiny lengths, no NCCL tests): SMOKE=1 bash benchmarks/gpu_checks_multi.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_checks_multi}
-TOTAL_S=${TOTAL_S:-530}  # the whole script's wall-clock budget
+TOTAL_S=${TOTAL_S:-560}  # the whole script's wall-clock budget
 SMOKE=${SMOKE:-0}
 WORK=${WORK:-/tmp/gpu_checks_multi_work}  # emptied first: a rerun on a warm machine packs only its own files
 rm -rf "$WORK"
@@ -86,9 +86,9 @@ cp_scaling() {  # cp_scaling NAME PORT ARGS...: sets CMD to cp_scaling.py on all
        --log-dir "$WORK/rank_logs/$name" --tee 3 benchmarks/cp_scaling.py --out "$WORK" "${SMOKE_ARG[@]}" "$@")
 }
 
-# 2. timeline + missing rows; ~110 s stay for the ring run. --budget-s: no case starts that is predicted to end
+# 2. timeline + missing rows; ~110 s stay for the ring run and ~90 s for the memory profile. --budget-s: no case starts that is predicted to end
 # later than this (seconds after the benchmark's start, which is ~30 s after the launch).
-LIMIT=$(left 110)
+LIMIT=$(left 200)
 cp_scaling cp_overlap 29611 --tag overlap --mode allgather --overlap --reps 2 \
   --overlap-trace "${TRACE_CASES[@]}" --cases "$OVERLAP_CASES" "${PRIOR[@]}" --budget-s $(( LIMIT - 40 )) \
   --guess-dense-tflops 46 --hang-dump-s 150 --pg-timeout-s 120
@@ -96,7 +96,7 @@ step cp_overlap "$LIMIT" "${CMD[@]}"
 
 # 3. the ring at 512K last, with the hang diagnostics armed early (a healthy run takes ~20 s): stacks of every
 # rank after 50 s in the case, NCCL's watchdog after 60 s in one collective, its flight recorder and desync report.
-LIMIT=$(left 0)
+LIMIT=$(left 90)
 cp_scaling cp_ring 29612 --tag ring --mode ring --overlap --reps 2 --cases "$RING_CASE" \
   --budget-s $(( LIMIT - 40 )) --hang-dump-s 50 --pg-timeout-s 60
 # (flight-recorder variables under both names: torch 2.11 on the GPU image, newer torch renamed them)
@@ -104,4 +104,12 @@ step cp_ring "$LIMIT" env TORCH_FR_BUFFER_SIZE=2000 TORCH_NCCL_TRACE_BUFFER_SIZE
   TORCH_FR_DUMP_ON_TIMEOUT=1 TORCH_NCCL_DUMP_ON_TIMEOUT=1 \
   TORCH_FR_DUMP_TEMP_FILE="$WORK/nccl_trace_rank_" TORCH_NCCL_DEBUG_INFO_TEMP_FILE="$WORK/nccl_trace_rank_" \
   TORCH_NCCL_DESYNC_DEBUG=1 NCCL_DEBUG=WARN "${CMD[@]}"
+# 4. where the memory of the 512K model step goes: the CUDA allocator's history replayed, live blocks at the peak
+# by allocation site (benchmarks/memory_account.py --device cuda; skipped in the CPU dry run).
+if [ "$SMOKE" != 1 ]; then
+  step memory "$(left 0)" "$PY" -m torch.distributed.run --nproc-per-node "$GPUS" --master-addr 127.0.0.1 \
+    --master-port 29613 benchmarks/memory_account.py --device cuda --part model --lengths 524288 \
+    --recompute full --mode allgather --top 25 --out "$WORK"
+  cp "$WORK"/memory_*.json "$OUT"/ 2>/dev/null
+fi
 echo "done after ${SECONDS}s"
