@@ -50,6 +50,9 @@ def measure(shape: dict, length: int, rep_ms: float) -> list[dict]:
 
             try:
                 result = bwd()
+                # (a strided sample of dq: a full copy is 19 GB at V3.2 128K, and a second live dq would OOM)
+                sample = (result[0][:, ::7].clone(), result[1].clone())
+                del result
                 torch.cuda.synchronize()
                 ms = median_ms(bwd, rep_ms)
             except torch.OutOfMemoryError:
@@ -58,8 +61,6 @@ def measure(shape: dict, length: int, rep_ms: float) -> list[dict]:
             finally:
                 ks.MIXED_BACKWARD = False
             # the two schedules compute the same thing: dq bit for bit, dk up to atomic order
-            # (a strided sample of dq: a full copy is 19 GB at V3.2 128K)
-            sample = (result[0][:, ::7].clone(), result[1].clone())
             if not mixed:
                 ref[with_p] = sample
                 same = ""
@@ -70,7 +71,6 @@ def measure(shape: dict, length: int, rep_ms: float) -> list[dict]:
                     f"{(base[1].float() - sample[1].float()).abs().max().item():.2e}")
             rows.append({"shape": shape["name"], "L": length, "p_attn": with_p, "mixed": mixed, "ms": ms,
                          "tflops": flops / ms / 1e9, "check": same})
-            del result
     return rows
 
 
