@@ -22,6 +22,7 @@ H = 16, d = 128, H_I = 8 × 64, k = 2048), bf16 indexer inputs, synthetic causal
   atomics GB/s at 4·d_I bytes per valid pair);
 - ``fused``: plain sparse attention f+b vs ``sparse_attention_with_indexer_kl`` f+b; the difference is what the
   KL adds (the issue's target: ≤ 10 %).
+``--v2-sweep`` (from_target) times the v2 kernel once per tile configuration in ``V2_SWEEP``.
 ``--compare-legacy`` times both backward kernels (``kernels.indexer_kl_backward.KL_BWD_IMPL`` = "v2", "legacy")
 in the same run; without it, only the default. Timings of calls ≥ 100 ms use benchmarks/attention.py's
 explicit-event medians.
@@ -54,6 +55,9 @@ from kernels import indexer_kl, indexer_kl_backward  # noqa: E402
 
 KINDS = ("sparse", "dense", "from_target", "fused")
 SHAPES = {"V3.2": V32, "small": SMALL}
+#: v2 backward tiles timed by ``--v2-sweep`` (each compiles for sm_90 without spills beyond a few bytes).
+V2_SWEEP = [{"block_n": n, "num_warps": w, "num_stages": st} for n, w, st in
+            ((64, 4, 1), (64, 4, 2), (64, 8, 1), (64, 8, 2), (32, 4, 1), (128, 8, 1))]
 
 
 def time_fwd_bwd(loss_fn: Callable, leaves: list[torch.Tensor]) -> tuple[float, float, float]:
@@ -128,8 +132,9 @@ def _target(idx: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, -1).nan_to_num_(0.0)
 
 
-def bench_from_target(shape: dict, length: int, impls: list[str]) -> list[dict]:
-    """The fused path's indexer passes alone: KL value, and value + gradients, per backward kernel."""
+def bench_from_target(shape: dict, length: int, impls: list[str], v2_tiles: list[dict] = ()) -> list[dict]:
+    """The fused path's indexer passes alone: KL value, and value + gradients, per backward kernel (v2 once per
+    entry of ``v2_tiles`` when given: block_n / num_warps / num_stages, see ``KL_BWD_V2_TILES``)."""
     hi, di, topk = shape["hi"], shape["di"], shape["topk"]
     torch.manual_seed(0)
     qi = torch.randn(1, length, hi, di, device="cuda", dtype=torch.bfloat16)
@@ -140,13 +145,22 @@ def bench_from_target(shape: dict, length: int, impls: list[str]) -> list[dict]:
     grad = torch.ones((), device="cuda")
     pairs = (idx >= 0).sum().item()
     value_ms = bench_ms(lambda: indexer_kl.indexer_kl_sparse_from_target(target, qi, ki, w, None, idx, None))[0]
+    runs = [(impl, None) for impl in impls if impl != "v2" or not v2_tiles]
+    runs += [("v2", tiles) for tiles in v2_tiles if "v2" in impls]
     rows = []
-    for impl in impls:
-        with kl_backward_impl(impl):
-            both = bench_ms(lambda: indexer_kl.indexer_kl_sparse_from_target(target, qi, ki, w, None, idx, grad))[0]
+    for impl, tiles in runs:
+        saved = dict(indexer_kl_backward.KL_BWD_V2_TILES)
+        indexer_kl_backward.KL_BWD_V2_TILES.update(tiles or {})
+        try:
+            with kl_backward_impl(impl):
+                both = bench_ms(lambda: indexer_kl.indexer_kl_sparse_from_target(target, qi, ki, w, None, idx,
+                                                                                 grad))[0]
+        finally:
+            indexer_kl_backward.KL_BWD_V2_TILES.update(saved)
         bwd = max(both - value_ms, 1e-9)
+        label = impl if tiles is None else f"v2 {tiles['block_n']}/{tiles['num_warps']}/{tiles['num_stages']}"
         rows.append({"what": "kl_from_target", "shape": shape["name"], "L": length, "H_I": hi, "d_I": di, "k": topk,
-                     "impl": impl, "value_ms": value_ms, "value_grad_ms": both, "bwd_ms": bwd,
+                     "impl": label, "value_ms": value_ms, "value_grad_ms": both, "bwd_ms": bwd,
                      "bwd_tflops": pairs * 6 * hi * di / bwd / 1e9, "dk_atomic_gbs": pairs * 4 * di / bwd / 1e6})
     return rows
 
@@ -236,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="shapes of the from_target and fused kinds")
     ap.add_argument("--compare-legacy", action="store_true",
                     help="time the legacy indexer-gradient kernel too, in the same run")
+    ap.add_argument("--v2-sweep", action="store_true",
+                    help="from_target: time the v2 kernel with each of V2_SWEEP's tiles (keys/warps/stages)")
     ap.add_argument("--out", type=Path, default=None, help="write indexer_kl.json / .md here")
     args = ap.parse_args(argv)
     require_cuda("benchmarks/indexer_kl.py")
@@ -252,7 +268,11 @@ def main(argv: list[str] | None = None) -> None:
                     print(results[-1], flush=True)
                 continue
             for name in args.shapes:
-                for row in (bench_from_target if kind == "from_target" else bench_fused)(SHAPES[name], length, impls):
+                if kind == "from_target":
+                    rows = bench_from_target(SHAPES[name], length, impls, V2_SWEEP if args.v2_sweep else ())
+                else:
+                    rows = bench_fused(SHAPES[name], length, impls)
+                for row in rows:
                     results.append(row)
                     print(row, flush=True)
     write_results(args.out, "indexer_kl", meta, results, table(results))

@@ -31,6 +31,11 @@ from kernels.indexer_kl_tiles import _index_tile, _index_tile_keys_m, _key_block
 #: Which backward kernel :func:`indexer_grads` launches: ``"v2"`` or ``"legacy"`` (see the module docstring).
 KL_BWD_IMPL = "v2"
 IMPLS = ("v2", "legacy")
+#: The v2 kernel's launch on the GPU, sparse path: keys per block, warps, software-pipeline stages. Compiled
+#: for sm_90 (Triton 3.6), 64/4/1 holds 255 registers at V3.2 (2 programs per SM) and 122 at the small shape;
+#: 2 stages would prefetch the next block's indices and key rows (82 KB shared memory at V3.2).
+#: ``benchmarks/indexer_kl.py --v2-sweep`` times the alternatives.
+KL_BWD_V2_TILES = {"block_n": 64, "num_warps": 4, "num_stages": 1}
 
 
 @triton.jit
@@ -200,7 +205,10 @@ def indexer_grads(launch, p_buf: torch.Tensor, lse_i: torch.Tensor, p_tot: torch
     upcast = grad == "bf16" and not on_gpu  # the interpreter's bf16 dot is wrong: bf16 values held in fp32
     fp32_ops = grad == "fp32" or upcast
     prec = ("tf32x3" if on_gpu else "ieee") if fp32_ops else "tf32"  # "tf32" is ignored by 16-bit dots
-    v2_meta = {**meta, "BLOCK_N": 64 if on_gpu else meta["BLOCK_N"]}
-    _kl_bwd_v2_kernel[(lq, b)](*common, num_warps=warps, num_stages=1, PREC=prec, GRAD=grad, UPCAST_GRAD=upcast,
-                               **v2_meta)
+    # The dense path keeps the forward's tiles: its cost is the target recompute (H·d per pair), whose unrolled
+    # head-group dots cannot take pipeline stages (shared memory; see kernels.indexer_kl._launch).
+    tiles = KL_BWD_V2_TILES if on_gpu and meta["SPARSE"] else {"block_n": meta["BLOCK_N"], "num_warps": warps,
+                                                              "num_stages": 1}
+    _kl_bwd_v2_kernel[(lq, b)](*common, num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], PREC=prec,
+                               GRAD=grad, UPCAST_GRAD=upcast, **{**meta, "BLOCK_N": tiles["block_n"]})
     return dqi, dki, dw

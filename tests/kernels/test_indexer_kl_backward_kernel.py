@@ -153,3 +153,27 @@ def test_indexer_kl_backward_gpu(gpu_seed, shape, dtype_name, impl):
         tol = 1e-5 if dtype_name == "fp32" else 1e-2
         for name, a, b in zip(("dq_index", "dk_index", "dweights"), got, legacy):
             assert _rel(a, b) < tol, (name, _rel(a, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", ["v32", "small"])
+def test_indexer_kl_backward_v2_tiles_gpu(gpu_seed, shape):
+    """Every tile configuration the benchmark's ``--v2-sweep`` times gives v2's results (to accumulation order),
+    so whichever is fastest can become ``KL_BWD_V2_TILES``."""
+    from benchmarks.indexer_kl import V2_SWEEP
+    from kernels import indexer_kl_backward
+
+    hi, di = (64, 128) if shape == "v32" else (8, 64)
+    target, qi, ki, w, idx = _problem(1, 1024, hi, di, 512, torch.bfloat16, gpu_seed, device="cuda")
+    want = _torch(target.double(), qi.double(), ki.double(), w.double(), idx, torch.float64)[1]
+    saved = dict(indexer_kl_backward.KL_BWD_V2_TILES)
+    try:
+        for tiles in V2_SWEEP:
+            indexer_kl_backward.KL_BWD_V2_TILES.update(tiles)
+            poison_cuda_cache(2**28)
+            got = _kernel(target, qi, ki, w, idx, "v2")[1]
+            for name, a, b in zip(("dq_index", "dk_index", "dweights"), got, want):
+                assert torch.isfinite(a).all() and _rel(a, b) < 1e-2, (tiles, name, _rel(a, b))
+    finally:
+        indexer_kl_backward.KL_BWD_V2_TILES.update(saved)
