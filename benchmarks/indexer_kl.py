@@ -55,9 +55,7 @@ from kernels import indexer_kl, indexer_kl_backward  # noqa: E402
 
 KINDS = ("sparse", "dense", "from_target", "fused")
 SHAPES = {"V3.2": V32, "small": SMALL}
-#: v2 backward tiles timed by ``--v2-sweep`` (each compiles for sm_90 without spills beyond a few bytes).
-V2_SWEEP = [{"block_n": n, "num_warps": w, "num_stages": st} for n, w, st in
-            ((64, 4, 1), (64, 4, 2), (64, 8, 1), (64, 8, 2), (32, 4, 1), (128, 8, 1))]
+V2_SWEEP = indexer_kl_backward.KL_BWD_V2_SWEEP
 
 
 def time_fwd_bwd(loss_fn: Callable, leaves: list[torch.Tensor]) -> tuple[float, float, float]:

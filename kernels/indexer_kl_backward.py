@@ -36,6 +36,10 @@ IMPLS = ("v2", "legacy")
 #: 2 stages would prefetch the next block's indices and key rows (82 KB shared memory at V3.2).
 #: ``benchmarks/indexer_kl.py --v2-sweep`` times the alternatives.
 KL_BWD_V2_TILES = {"block_n": 64, "num_warps": 4, "num_stages": 1}
+#: The alternatives the benchmark times (each compiles for sm_90 with at most ~100 bytes of spills; the GPU tests
+#: check each against float64).
+KL_BWD_V2_SWEEP = [{"block_n": n, "num_warps": w, "num_stages": st} for n, w, st in
+                   ((64, 4, 1), (64, 4, 2), (64, 8, 1), (64, 8, 2), (32, 4, 1), (128, 8, 1))]
 
 
 @triton.jit

@@ -161,7 +161,6 @@ def test_indexer_kl_backward_gpu(gpu_seed, shape, dtype_name, impl):
 def test_indexer_kl_backward_v2_tiles_gpu(gpu_seed, shape):
     """Every tile configuration the benchmark's ``--v2-sweep`` times gives v2's results (to accumulation order),
     so whichever is fastest can become ``KL_BWD_V2_TILES``."""
-    from benchmarks.indexer_kl import V2_SWEEP
     from kernels import indexer_kl_backward
 
     hi, di = (64, 128) if shape == "v32" else (8, 64)
@@ -169,7 +168,7 @@ def test_indexer_kl_backward_v2_tiles_gpu(gpu_seed, shape):
     want = _torch(target.double(), qi.double(), ki.double(), w.double(), idx, torch.float64)[1]
     saved = dict(indexer_kl_backward.KL_BWD_V2_TILES)
     try:
-        for tiles in V2_SWEEP:
+        for tiles in indexer_kl_backward.KL_BWD_V2_SWEEP:
             indexer_kl_backward.KL_BWD_V2_TILES.update(tiles)
             poison_cuda_cache(2**28)
             got = _kernel(target, qi, ki, w, idx, "v2")[1]
