@@ -61,11 +61,12 @@ def _kernel(target, qi, ki, w, idx, impl):
 
 
 def _torch(target, qi, ki, w, idx, compute):
-    """The same KL and gradients from plain PyTorch computing in ``compute`` (float64: the reference)."""
+    """The same KL and gradients from plain PyTorch computing the indexer side in ``compute`` (float64: the
+    reference); the target stays in its own dtype (fp32 as the attention writes it; promoted in the KL terms)."""
     from dsa_dist.ops.kl import _row_kl, sparse_index_logits
 
     leaves = [x.detach().clone().requires_grad_() for x in (qi, ki, w)]
-    kl = _row_kl(target.to(compute), sparse_index_logits(*leaves, None, idx, compute)).mean()
+    kl = _row_kl(target, sparse_index_logits(*leaves, None, idx, compute)).mean()
     kl.backward()
     return kl.detach(), [x.grad for x in leaves]
 
