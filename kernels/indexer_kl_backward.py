@@ -8,14 +8,14 @@ Per query row t (one program) and key block, with g_t the row's loss gradient, �
     dq_I[t, j] += Σ_s c_js k_I[s]          with c_js = G_s ks_s w_j 1[a_js > 0] = dL/da_js
     dk_I[s]    += Σ_j c_js q_I[t, j]       (fp32 atomics: a key is shared by many queries)
 
-Two kernels, chosen by :data:`KL_BWD_IMPL` (both exact to the same formulas; the tests cover both):
+Two kernels, chosen by :data:`KL_BWD_IMPL` (the same formulas; the tests cover both):
 
 * ``"v2"`` (default), :func:`_kl_bwd_v2_kernel`: keys on the MMA M dimension. The pre-activations are
   s = k_I·q_Iᵀ [BLOCK_N, H_I]; dk_I = c·q_I is a [BLOCK_N, d_I] tile whose contiguous d_I axis is the MMA N axis,
   added with relaxed (``red``) vector atomics; dq_Iᵀ += k_Iᵀ·c [d_I, H_I] (M = d_I ≥ 64 keeps the Hopper MMA
   shape even for 8 indexer heads). The dots take the *inputs'* precision, as PyTorch's matmul would: bf16 (and
   fp8, upcast exactly) → bf16 operands, c rounded to bf16, fp32 accumulation; fp16 likewise; fp32 → 3xTF32 on
-  the GPU (fp32-accurate), exact fp32 in the interpreter. 64-key blocks on the GPU.
+  the GPU (fp32-accurate), exact fp32 in the interpreter. Sparse tiles: :data:`KL_BWD_V2_TILES`.
 * ``"legacy"``, :func:`_kl_bwd_kernel`: indexer heads on M, every gradient dot in fp32 (3xTF32), 32-key blocks;
   kept selectable so one benchmark run can time both (``benchmarks/indexer_kl.py --compare-legacy``).
 """
@@ -55,6 +55,8 @@ def _kl_bwd_kernel(
     SPARSE: tl.constexpr, HAS_KSCALE: tl.constexpr, UPCAST_MAIN: tl.constexpr, IEEE_MAIN: tl.constexpr,
     UPCAST_IDX: tl.constexpr, IEEE_IDX: tl.constexpr, PREC: tl.constexpr,
 ):
+    """The legacy kernel (``KL_BWD_IMPL = "legacy"``): indexer heads on M, fp32 gradient dots with precision PREC
+    (3xTF32 on the GPU), dk_I added as a [d_I, BLOCK_N] tile with acq_rel atomics (the default ordering)."""
     t = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     jj = tl.arange(0, HIP)
@@ -103,7 +105,6 @@ def _kl_bwd_kernel(
     tl.store(dqi_ptr + ((b * n_q + t) * HI + jj[None, :]) * DI + dd[:, None], dq_t,
              mask=(jj < HI)[None, :] & (dd < DI)[:, None])
     tl.store(dw_ptr + (b * n_q + t) * HI + jj, dw, mask=jj < HI)
-
 
 
 @triton.jit

@@ -103,16 +103,16 @@ def _case_losses_legacy():
     from kernels import indexer_kl_backward
     from tests.kernels.test_indexer_kl_kernel import _case_dense, _case_sparse
 
-    indexer_kl_backward.KL_BWD_IMPL = "legacy"
-    _case_dense()
-    _case_sparse()
+    saved, indexer_kl_backward.KL_BWD_IMPL = indexer_kl_backward.KL_BWD_IMPL, "legacy"
+    try:
+        _case_dense()
+        _case_sparse()
+    finally:
+        indexer_kl_backward.KL_BWD_IMPL = saved
 
 
 def _case_bad_impl():
-    from kernels import indexer_kl_backward
-
     target, qi, ki, w, idx = _problem(1, 8, 2, 16, 4, torch.float32, seed=6)
-    indexer_kl_backward.KL_BWD_IMPL = "v3"
     try:
         _kernel(target, qi, ki, w, idx, "v3")
     except ValueError as exc:
