@@ -111,6 +111,27 @@ def _case_losses_legacy():
         indexer_kl_backward.KL_BWD_IMPL = saved
 
 
+def _case_dense_bf16():
+    """The dense warm-up loss with bf16 indexer inputs (v2's bf16 operands on the dense path, p recomputed from q,
+    k and the lse): gradients (returned in bf16) within bf16 rounding of float64 on the same values."""
+    from dsa_dist.ops import kl as ref
+    from dsa_dist.ops.dense_attention import dense_attention
+    from kernels.indexer_kl import indexer_kl_loss_dense
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 24, h, 16, generator=g) for h in (4, 2, 2))
+    qi, ki = torch.randn(1, 24, 3, 24, generator=g).bfloat16(), torch.randn(1, 24, 24, generator=g).bfloat16()
+    w = (torch.randn(1, 24, 3, generator=g) / 3).bfloat16().float()
+    _, lse = dense_attention(q, k, v)
+    got = [x.clone().requires_grad_() for x in (qi, ki, w)]
+    indexer_kl_loss_dense(q, k, *got, attn_lse=lse).backward()
+    want = [x.double().requires_grad_() for x in (qi, ki, w)]
+    ref.indexer_kl_loss_dense(q.double(), k.double(), *want, attn_lse=lse.double()).backward()
+    for name, a, b in zip(("dq_index", "dk_index", "dweights"), got, want):
+        print("dense bf16", name, _rel(a.grad, b.grad))
+        assert a.grad.dtype == a.dtype and _rel(a.grad, b.grad) < 1e-2, (name, _rel(a.grad, b.grad))
+
+
 def _case_bad_impl():
     target, qi, ki, w, idx = _problem(1, 8, 2, 16, 4, torch.float32, seed=6)
     try:
@@ -121,8 +142,8 @@ def _case_bad_impl():
         raise AssertionError("an unknown KL backward impl was accepted")
 
 
-CASES = ["_case_from_target:fp32", "_case_from_target:bf16", "_case_from_target:fp16", "_case_losses_legacy",
-         "_case_bad_impl"]
+CASES = ["_case_from_target:fp32", "_case_from_target:bf16", "_case_from_target:fp16", "_case_dense_bf16",
+         "_case_losses_legacy", "_case_bad_impl"]
 
 
 @pytest.fixture(scope="module")
