@@ -18,10 +18,8 @@ likewise. A single pass suffices: with the running indexer log-sum-exp λ (onlin
 where the terms already summed are re-based whenever λ grows (they shift by (Σ p)·Δλ); each term is the
 small, mixed-sign p·log(p/softmax), so nothing large cancels. Saved per row: LSE_I, Σ p (and, sparse
 only, p on the k slots, so the backward need not recompute the main-attention logits; the dense backward
-recomputes p). Backward, per key block: G = g_t · ((Σ p)·softmax(I) − p), then
-``dw[t,j] += Σ_s G_s ks_s ReLU(a_js)``, ``dq_I[t,j] += Σ_s G_s ks_s w_j 1[a_js>0] k_I[s]`` and
-``dk_I[s] += Σ_j G_s ks_s w_j 1[a_js>0] q_I[t,j]`` (fp32 atomics; keys are shared by many queries). The fp32
-gradient dots use 3xTF32 on the GPU, which keeps them at fp32 accuracy. ``k_scale`` gets no gradient.
+recomputes p). The backward (gradients of q_index, k_index, weights; ``k_scale`` gets none) is in
+:mod:`kernels.indexer_kl_backward`; the shared tiles in :mod:`kernels.indexer_kl_tiles`.
 """
 
 from __future__ import annotations
@@ -43,88 +41,12 @@ from kernels._checks import (
     check_same_batch,
     check_tensor,
 )
+from kernels.indexer_kl_backward import indexer_grads
+from kernels.indexer_kl_tiles import _index_tile, _key_block, _target_tile
 from kernels.indexer_topk import _row_lengths
 from kernels.sparse_attention import check_sparse_inputs
 
 Reduction = Literal["mean", "sum", "none"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# tiles shared by forward and backward
-# ----------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _target_tile(
-    q_ptr, k_ptr, lse_ptr, b, t, kid, valid, scale,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_lb, stride_lt,
-    H: tl.constexpr, HG: tl.constexpr, HGP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
-    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-):
-    """p[s] = (1/H) Σ_h exp(scale·q_h·k_g(h)[s] − lse_h) for the BLOCK_N keys ``kid`` (0 where not ``valid``)."""
-    hh = tl.arange(0, HGP)
-    dc = tl.arange(0, DC)
-    psum = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for g in tl.static_range(HKV):
-        acc = tl.zeros([HGP, BLOCK_N], dtype=tl.float32)  # group g's heads on M, keys on N
-        for d0 in tl.static_range(0, D, DC):
-            dm = (d0 + dc) < D
-            q_off = b * stride_qb + t * stride_qt + (g * HG + hh)[:, None] * stride_qh + (d0 + dc)[None, :]
-            qc = tl.load(q_ptr + q_off, mask=(hh < HG)[:, None] & dm[None, :], other=0.0)
-            kc = tl.load(k_ptr + b * stride_kb + kid[:, None] * stride_kt + g * stride_kh + (d0 + dc)[None, :],
-                         mask=valid[:, None] & dm[None, :], other=0.0)
-            if UPCAST:
-                qc = qc.to(tl.float32)
-                kc = kc.to(tl.float32)
-            if IEEE:
-                acc += tl.dot(qc, tl.trans(kc), input_precision="ieee")
-            else:
-                acc += tl.dot(qc, tl.trans(kc))
-        lse = tl.load(lse_ptr + b * stride_lb + t * stride_lt + g * HG + hh, mask=hh < HG, other=0.0)
-        lse = tl.where((lse > float("-inf")) & (lse < float("inf")), lse, 0.0)  # as the reference: no inf − inf
-        e = tl.exp(acc * scale - lse[:, None])
-        psum += tl.sum(tl.where((hh < HG)[:, None] & valid[None, :], e, 0.0), axis=0)
-    return psum / H
-
-
-@triton.jit
-def _index_tile(
-    qi, w, ki_ptr, ks_ptr, b, kid, valid,
-    stride_kib, stride_kit, stride_ksb,
-    DI: tl.constexpr, DIP: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_KSCALE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-):
-    """Indexer pre-activations a [HIP, BLOCK_N], logits I [BLOCK_N] (−inf where not valid), keys, key scales."""
-    dd = tl.arange(0, DIP)
-    kt = tl.load(ki_ptr + b * stride_kib + kid[:, None] * stride_kit + dd[None, :],
-                 mask=valid[:, None] & (dd < DI)[None, :], other=0.0)  # [BLOCK_N, DIP]
-    if UPCAST:
-        kt = kt.to(tl.float32)
-    if IEEE:
-        a = tl.dot(qi, tl.trans(kt), input_precision="ieee")
-    else:
-        a = tl.dot(qi, tl.trans(kt))  # [HIP, BLOCK_N]
-    logits = tl.sum(tl.maximum(a, 0.0) * w[:, None], axis=0)
-    if HAS_KSCALE:
-        ksv = tl.load(ks_ptr + b * stride_ksb + kid, mask=valid, other=0.0)
-        logits = logits * ksv
-    else:
-        ksv = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
-    return a, tl.where(valid, logits, float("-inf")), kt, ksv
-
-
-@triton.jit
-def _key_block(idx_ptr, kpos_ptr, b, t, n0, n_k, n_slots, qpos, stride_ib, stride_it,
-               BLOCK_N: tl.constexpr, SPARSE: tl.constexpr):
-    """Key rows of block n0 and their validity: gathered top-k slots (sparse) or contiguous causal keys."""
-    sl = n0 + tl.arange(0, BLOCK_N)
-    if SPARSE:
-        kid = tl.load(idx_ptr + b * stride_ib + t * stride_it + sl, mask=sl < n_slots, other=-1).to(tl.int64)
-        valid = kid >= 0
-    else:
-        inb = sl < n_k
-        kp = tl.load(kpos_ptr + sl, mask=inb, other=0)
-        valid = inb & (kp <= qpos)
-        kid = sl.to(tl.int64)
-    return sl, tl.where(valid, kid, 0), valid
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,71 +121,6 @@ def _kl_fwd_kernel(
     tl.store(psum_ptr + b * n_q + t, p_tot)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# backward
-# ----------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _kl_bwd_kernel(
-    q_ptr, k_ptr, lse_ptr, qi_ptr, ki_ptr, w_ptr, ks_ptr, idx_ptr, qpos_ptr, kpos_ptr, rowlen_ptr,
-    p_ptr, lsei_ptr, psum_ptr, grow_ptr, dqi_ptr, dki_ptr, dw_ptr,
-    n_q, n_k, n_slots, scale,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_lb, stride_lt,
-    stride_qib, stride_qit, stride_qih, stride_kib, stride_kit, stride_wb, stride_wt, stride_ksb,
-    stride_ib, stride_it,
-    H: tl.constexpr, HG: tl.constexpr, HGP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
-    HI: tl.constexpr, HIP: tl.constexpr, DI: tl.constexpr, DIP: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPARSE: tl.constexpr, HAS_KSCALE: tl.constexpr, UPCAST_MAIN: tl.constexpr, IEEE_MAIN: tl.constexpr,
-    UPCAST_IDX: tl.constexpr, IEEE_IDX: tl.constexpr, PREC: tl.constexpr,
-):
-    t = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
-    jj = tl.arange(0, HIP)
-    dd = tl.arange(0, DIP)
-    qi = tl.load(qi_ptr + b * stride_qib + t * stride_qit + jj[:, None] * stride_qih + dd[None, :],
-                 mask=(jj < HI)[:, None] & (dd < DI)[None, :], other=0.0)
-    if UPCAST_IDX:
-        qi = qi.to(tl.float32)
-    qi32 = qi.to(tl.float32)
-    w = tl.load(w_ptr + b * stride_wb + t * stride_wt + jj, mask=jj < HI, other=0.0)
-    g = tl.load(grow_ptr + b * n_q + t)
-    lse_i = tl.load(lsei_ptr + b * n_q + t)
-    lse_i = tl.where(lse_i > float("-inf"), lse_i, 0.0)  # a row without valid keys has no gradient anyway
-    p_tot = tl.load(psum_ptr + b * n_q + t)
-    if SPARSE:
-        n_end = n_slots
-        qpos = 0
-    else:
-        n_end = tl.load(rowlen_ptr + t)
-        qpos = tl.load(qpos_ptr + t)
-    dq_t = tl.zeros([DIP, HIP], dtype=tl.float32)  # dq_I transposed: see the dots below
-    dw = tl.zeros([HIP], dtype=tl.float32)
-    qi32_t = tl.trans(qi32)  # [DIP, HIP]
-    for n0 in range(0, n_end, BLOCK_N):
-        sl, kid, valid = _key_block(idx_ptr, kpos_ptr, b, t, n0, n_k, n_slots, qpos, stride_ib, stride_it,
-                                    BLOCK_N, SPARSE)
-        if SPARSE:
-            p = tl.load(p_ptr + (b * n_q + t) * n_slots + sl, mask=sl < n_slots, other=0.0)
-        else:
-            p = _target_tile(q_ptr, k_ptr, lse_ptr, b, t, kid, valid, scale, stride_qb, stride_qt, stride_qh,
-                             stride_kb, stride_kt, stride_kh, stride_lb, stride_lt,
-                             H, HG, HGP, HKV, D, DC, BLOCK_N, UPCAST_MAIN, IEEE_MAIN)
-        a, logits, kt, ksv = _index_tile(qi, w, ki_ptr, ks_ptr, b, kid, valid, stride_kib, stride_kit, stride_ksb,
-                                         DI, DIP, BLOCK_N, HAS_KSCALE, UPCAST_IDX, IEEE_IDX)
-        soft = tl.where(valid, tl.exp(tl.where(valid, logits, 0.0) - lse_i), 0.0)
-        grad_i = tl.where(valid, g * (p_tot * soft - p), 0.0)  # dL/dI for this row's keys
-        gt = grad_i * ksv
-        dw += tl.sum(tl.maximum(a, 0.0) * gt[None, :], axis=1)
-        coef = tl.where(a > 0, w[:, None] * gt[None, :], 0.0)  # [HIP, BLOCK_N] = dL/da
-        # coef enters both dots as the B operand (shared memory): as the register A operand Triton 3.6 pushed its
-        # layout into the elementwise producers and failed to lower that (applyLinearLayout assertion, H100).
-        dq_t += tl.dot(tl.trans(kt.to(tl.float32)), tl.trans(coef), input_precision=PREC)  # [DIP, HIP]
-        dk_t = tl.dot(qi32_t, coef, input_precision=PREC)  # [DIP, BLOCK_N]
-        tl.atomic_add(dki_ptr + (b * n_k + kid[None, :]) * DI + dd[:, None], dk_t,
-                      mask=valid[None, :] & (dd < DI)[:, None])
-    tl.store(dqi_ptr + ((b * n_q + t) * HI + jj[None, :]) * DI + dd[:, None], dq_t,
-             mask=(jj < HI)[None, :] & (dd < DI)[:, None])
-    tl.store(dw_ptr + (b * n_q + t) * HI + jj, dw, mask=jj < HI)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # wrapper
@@ -318,20 +175,6 @@ def _launch(q_index, k_index, weights, q, k, attn_lse, k_scale, topk_indices, q_
     return args, strides, meta, warps, (b, lq, lk, hi, di, n_slots)
 
 
-def _indexer_grads(launch, p_buf, lse_i, p_tot, g_rows, scale):
-    """dq_I [B, Lq, H_I, d_I], dk_I [B, Lk, d_I], dw [B, Lq, H_I] (fp32) for row gradients ``g_rows`` [B, Lq]."""
-    args, strides, meta, warps, (b, lq, lk, hi, di, n_slots) = launch
-    dev = lse_i.device
-    dqi = torch.empty(b, lq, hi, di, dtype=torch.float32, device=dev)
-    dki = torch.zeros(b, lk, di, dtype=torch.float32, device=dev)
-    dw = torch.empty(b, lq, hi, dtype=torch.float32, device=dev)
-    prec = "tf32x3" if dev.type == "cuda" else "ieee"
-    if lq:
-        _kl_bwd_kernel[(lq, b)](*args, p_buf, lse_i, p_tot, g_rows, dqi, dki, dw, lq, lk, n_slots, scale,
-                                *strides, num_warps=warps, num_stages=1, PREC=prec, **meta)
-    return dqi, dki, dw
-
-
 def indexer_kl_sparse_from_target(
     target: torch.Tensor,
     q_index: torch.Tensor,
@@ -363,7 +206,7 @@ def indexer_kl_sparse_from_target(
     if grad is None:
         return kl, None, None, None
     g_rows = (grad.float() / max(1, b * lq)).expand(b, lq).contiguous()
-    return (kl, *_indexer_grads(launch, p_buf, lse_i, p_tot, g_rows, 1.0))
+    return (kl, *indexer_grads(launch, p_buf, lse_i, p_tot, g_rows, 1.0))
 
 
 class _IndexerKL(torch.autograd.Function):
@@ -398,7 +241,7 @@ class _IndexerKL(torch.autograd.Function):
             g_rows = grad.float().expand(b, lq).contiguous()
         else:
             g_rows = grad.float().contiguous()
-        dqi, dki, dw = _indexer_grads(ctx.launch, p_buf, lse_i, p_tot, g_rows, ctx.scale)
+        dqi, dki, dw = indexer_grads(ctx.launch, p_buf, lse_i, p_tot, g_rows, ctx.scale)
         return (dqi.to(q_index.dtype), dki.to(k_index.dtype), dw.to(weights.dtype),
                 None, None, None, None, None, None, None, None, None, None)
 
