@@ -316,8 +316,18 @@ def select_chunk(
         workspace.stride(0), workspace.stride(1), cand.stride(0), cand.stride(1),
         K=topk, CAP=cand.shape[-1], ROWS=rows, BLOCK=block, FAST=fast, num_warps=warps,
     )
-    _sort_kernel[grid](
-        cand, counters[1], out_s, out_i, q_start, n_q, counters.stride(1),
+    sort_chunk(cand, counters[1], out_s, out_i, q_start, n_q, topk)
+
+
+def sort_chunk(cand: torch.Tensor, counts: torch.Tensor, out_s: torch.Tensor, out_i: torch.Tensor, q_start: int,
+               n_q: int, topk: int) -> None:
+    """Order the candidates of rows [0, n_q) — ``cand`` [B, ≥n_q, CAP] int64 words, the first ``counts`` [B, ≥n_q]
+    (int32, unit last stride; values past CAP read as CAP) of each row — by (score desc, index asc) and write the
+    first k into ``out_s/out_i[:, q_start:q_start+n_q]``, (−inf, −1) past the row's candidates."""
+    on_gpu = cand.is_cuda
+    rows = 1 if on_gpu else 16
+    _sort_kernel[(triton.cdiv(n_q, rows), cand.shape[0])](
+        cand, counts, out_s, out_i, q_start, n_q, counts.stride(0),
         cand.stride(0), cand.stride(1), out_s.stride(0), out_s.stride(1),
         K=topk, CAP=cand.shape[-1], ROWS=rows, RANK_SORT=not on_gpu, num_warps=8 if on_gpu else 1,
     )

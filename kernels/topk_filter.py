@@ -1,0 +1,150 @@
+"""Threshold-filtered exact top-k of the FP8 lightning indexer (docs/design.md, "Top-k"): the score kernel keeps
+only the scores at or above a per-row threshold, so the full fp32 score row is never written.
+
+Selected by ``kernels.indexer_topk.SELECT_IMPL = "filter"`` (the dense-workspace path, ``"workspace"``, stays the
+default until the GPU timings say otherwise). Same result, bit for bit, as the workspace path: the same scores from
+the same FP8 MMA (one kernel, ``_score_kernel``, with a different epilogue), the same packed candidate words, the
+same sort, ties → lowest index, (−inf, −1) padding. Per chunk of queries:
+
+1. **Threshold estimate.** Every ``stride``-th key (odd stride, so power-of-two periodicities in the keys do not
+   alias) is scored by the same kernel — 1/stride of the FLOPs — into a small [chunk, Lk/stride] workspace, and the
+   existing exact select takes each row's top ``rank_max`` sample scores. Row t, with n causal keys of which m
+   are sampled, gets the threshold ``t_row`` = its r-th largest sample score with r = round(target · m / n), so
+   that count(score ≥ t_row) over all n keys is about ``target = sqrt(k · CAP)`` (≈ 1.41·k, the middle of
+   [k, CAP] on a log scale; CAP = 2·next_pow2(k)). With r ≈ 48 sampled scores above it the count's relative spread
+   is ≈ 1/sqrt(48) = 14%, against a window of ±35%: a few % of the rows miss (cheap, see 3). Rows with at most
+   CAP causal keys take all of them (t_row = −inf).
+2. **Filtered scores.** ``_score_kernel`` with ``FILTER``: per key tile, compare with t_row; each hit reserves a
+   slot with an atomic on its row's counter and stores its packed word (score key high, ``2^31−1−index`` low), as
+   the select kernel's compaction does. No state crosses key tiles (earlier epilogues that carried accumulators
+   slowed the scoring several-fold; benchmarks/NOTES_indexer.md). Every hit is counted, also past CAP.
+3. **Exactness check and fallback.** The hits are every score ≥ t_row — a set closed upwards in the order
+   (score desc, index asc), ties at any value all in or all out — so if k ≤ hits ≤ CAP (or t_row = −inf and
+   hits ≤ CAP) the top-k of the candidates is the row's exact top-k: ``_sort_kernel`` orders them as today. Other
+   rows (threshold too high: hits < k; too low, e.g. a plateau of exact zeros from the ReLU: hits > CAP) are
+   collected on the device; after the last chunk **one host synchronisation per call** (``nonzero``) learns how
+   many there are, and those rows alone are re-run through the dense-workspace path
+   (:func:`kernels.indexer_topk.workspace_topk`) on gathered queries, whose results overwrite theirs.
+
+Launches with fewer rows than :func:`kernels.indexer_topk.target_programs` (decode) keep the workspace path: it
+needs no host synchronisation and has the key-split grids for that case.
+
+Memory: per chunk 8·CAP + 4·Lk/stride bytes per row (candidates, sample scores), chunked to
+:data:`FILTER_BUDGET_BYTES`; the fallback's workspace is the workspace path's (≤ 2 GiB). Linear in L.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+import kernels.indexer_topk as ik
+from kernels.topk_select import _as_rows, select_chunk, sort_chunk
+
+SAMPLE_RANK = 48  # sample scores above each row's threshold the stride is chosen for (spread ≈ 1/sqrt of it)
+SAMPLE_STRIDE: int | None = None  # key sampling stride (None: from SAMPLE_RANK); tests force other values
+TARGET_SCALE = 1.0  # expected hits = TARGET_SCALE · sqrt(k · CAP); tests force thresholds too high / too low
+FILTER_BUDGET_BYTES = 1 << 30  # candidates + sample scores per chunk when chunk_size is None
+LAST_FALLBACK_ROWS = 0  # diagnostics: query rows the last filtered call re-ran densely (benchmark, tests)
+
+
+def sample_stride(topk: int) -> int:
+    """Odd key stride leaving about :data:`SAMPLE_RANK` sampled scores above a threshold of ≈ sqrt(k · CAP)
+    hits (k = 2048: 59; k = 512: 15); :data:`SAMPLE_STRIDE` overrides."""
+    if SAMPLE_STRIDE is not None:
+        return SAMPLE_STRIDE
+    cap = 2 * triton.next_power_of_2(topk)
+    s = max(1, int(math.sqrt(topk * cap) / SAMPLE_RANK))
+    return s if s % 2 else s - 1
+
+
+def filtered_topk(
+    q_index: torch.Tensor,
+    k_index: torch.Tensor,
+    weights: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    row_len: torch.Tensor,
+    topk: int,
+    chunk_size: int | None,
+    out_s: torch.Tensor,
+    out_i: torch.Tensor,
+) -> None:
+    """Exact top-k of every query into ``out_s``/``out_i`` [B, Lq, k], by the filtered scoring (module docstring).
+
+    Arguments as :func:`kernels.indexer_topk.workspace_topk` (prepared inputs, ``q_pos``/``row_len`` [Lq] or
+    [B, Lq]); ``chunk_size`` None sizes chunks to :data:`FILTER_BUDGET_BYTES`. Sets :data:`LAST_FALLBACK_ROWS`.
+    """
+    global LAST_FALLBACK_ROWS
+    b, lq = q_index.shape[:2]
+    lk = k_index.shape[1]
+    dev = q_index.device
+    cap = 2 * triton.next_power_of_2(topk)
+    stride = sample_stride(topk)
+    target = TARGET_SCALE * math.sqrt(topk * cap)
+    sampled = lk > cap  # else every row takes all its keys: no threshold to estimate
+    m_w = triton.cdiv(lk, stride) if sampled else 0
+    # r ≤ target · m / n with m ≤ n / stride + 1 and n > CAP for the rows that use it
+    rank_max = max(1, min(m_w, math.ceil(target * (1 / stride + 1 / cap)) + 1))
+    per_row = 8 * cap + 4 * m_w + 16 * rank_max
+    chunk = min(lq, chunk_size or max(1, FILTER_BUDGET_BYTES // (b * per_row)))
+    cand = torch.empty(b, chunk, cap, dtype=torch.int64, device=dev)
+    thr = torch.empty(b, chunk, dtype=torch.float32, device=dev)
+    hits = torch.empty(b, chunk, dtype=torch.int32, device=dev)
+    failed = torch.zeros(lq, dtype=torch.bool, device=dev)
+    lens = _as_rows(row_len)[0]  # [1 or B, Lq]
+    if sampled:
+        k_smp = k_index[:, ::stride].contiguous()
+        ks_smp = k_scale[:, ::stride].contiguous() if k_scale is not None else None
+        kpos_smp = k_pos[::stride].contiguous()
+        smp_lens = _as_rows(ik._row_lengths(q_pos, kpos_smp))[0]
+        smp_ws = torch.empty(b, chunk, m_w, dtype=torch.float32, device=dev)
+        smp_s = torch.empty(b, chunk, rank_max, dtype=torch.float32, device=dev)
+        smp_i = torch.empty(b, chunk, rank_max, dtype=torch.int32, device=dev)
+        smp_cand = torch.empty(b, chunk, 2 * triton.next_power_of_2(rank_max), dtype=torch.int64, device=dev)
+        smp_cnt = torch.empty(2, b, chunk, dtype=torch.int32, device=dev)
+    for start in range(0, lq, chunk):
+        n_q = min(chunk, lq - start)
+        n = lens[:, start:start + n_q]
+        if sampled:
+            # 1. the r-th largest sampled score of each row
+            score_smp = smp_lens[:, start:start + n_q].contiguous()
+            ik.score_chunk(q_index, k_smp, weights, ks_smp, q_pos, kpos_smp, smp_lens, start, n_q, smp_ws)
+            smp_cnt.zero_()
+            select_chunk(smp_ws, score_smp, smp_cnt, smp_cand, smp_s, smp_i, 0, n_q, rank_max, ik.FAST_SELECT)
+            r = torch.round(target * score_smp / n.clamp_min(1)).long().clamp(1, rank_max)
+            t = smp_s[:, :n_q].gather(-1, (r - 1).expand(b, n_q)[..., None])[..., 0]
+            thr[:, :n_q] = torch.where(n <= cap, float("-inf"), t)
+        else:
+            thr.fill_(float("-inf"))
+        # 2. only the scores ≥ the threshold, as candidate words; 3. sort, and note the rows the check fails
+        hits.zero_()
+        ik.score_chunk(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, start, n_q, cand,
+                       filter_rows=(thr, hits))
+        sort_chunk(cand, hits, out_s, out_i, start, n_q, topk)
+        h, tr = hits[:, :n_q], thr[:, :n_q]
+        exact = (h <= cap) & ((h >= topk) | (tr == float("-inf")))
+        failed[start:start + n_q] = ~exact.all(0)
+    rows = failed.nonzero()[:, 0]  # the one host synchronisation of the call
+    LAST_FALLBACK_ROWS = rows.numel()
+    if LAST_FALLBACK_ROWS:
+        _dense_rows(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, topk, chunk_size, rows, out_s, out_i)
+
+
+def _dense_rows(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, topk, chunk_size, rows, out_s,
+                out_i) -> None:
+    """Re-run query ``rows`` (all sequences) through the dense-workspace path on gathered queries and overwrite
+    their outputs. Same scores (same kernel and tiles, the key tiles start at the same columns), same select."""
+    qg = q_index.view(torch.uint8)[:, rows].view(q_index.dtype) if q_index.element_size() == 1 else q_index[:, rows]
+    wg = weights[:, rows]
+    pos_g = q_pos[..., rows].contiguous()
+    len_g = row_len[..., rows].contiguous()
+    b, n = qg.shape[:2]
+    s = torch.empty(b, n, topk, dtype=out_s.dtype, device=out_s.device)
+    i = torch.empty(b, n, topk, dtype=out_i.dtype, device=out_i.device)
+    ik.workspace_topk(qg, k_index, wg, k_scale, pos_g, k_pos, len_g, topk, chunk_size, s, i)
+    out_s[:, rows] = s
+    out_i[:, rows] = i
