@@ -1,0 +1,272 @@
+"""Threshold-filtered exact top-k (kernels/topk_filter.py, ``indexer_topk.SELECT_IMPL = "filter"``) against the
+dense-workspace path and the reference op.
+
+CPU: under Triton's interpreter (one subprocess, tests/_interpret.py). Every case compares the filtered path bit
+for bit with the workspace path on the same inputs, and, for integer-valued inputs (exact fp32 scores, many
+ties), with the reference op. The adversarial rows force each branch: thresholds too high (hits < k) and too low
+(hits > CAP) through the ``TARGET_SCALE`` knob, all-equal scores, a plateau of exact zeros (ReLU) at the k-th
+value, rows with fewer than CAP / k causal keys, B > 1, explicit and unsorted positions, per-sequence decode
+positions; ``LAST_FALLBACK_ROWS`` shows which branch ran. Seeds are fixed in each case.
+
+GPU (``-m gpu``): fresh random FP8 inputs (seed logged) at the V3.2 and small shapes and a ReLU-plateau case,
+outputs poisoned: the filtered path equals the workspace path bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from tests._inputs import integer_indexer_inputs, poison_cuda_cache
+from tests._interpret import check_interpreted, run_interpreted
+
+
+def _both(q, k, w, topk, ks=None, **kw):
+    """(workspace result, filtered result, filtered call's fallback rows)."""
+    import kernels.indexer_topk as kt
+    import kernels.topk_filter as tf
+
+    kt.SELECT_IMPL = "workspace"
+    want = kt.lightning_indexer_topk(q, k, w, topk, ks, **kw)
+    kt.SELECT_IMPL = "filter"
+    tf.LAST_FALLBACK_ROWS = -1
+    try:
+        got = kt.lightning_indexer_topk(q, k, w, topk, ks, **kw)
+    finally:
+        kt.SELECT_IMPL = "workspace"
+    return want, got, tf.LAST_FALLBACK_ROWS
+
+
+def _assert_same(got, want, bits=True):
+    """Equal indices and scores; ``bits``: scores bit for bit (−0.0 ≠ +0.0), as two kernel paths must be (the
+    reference op may round a sum of zeros to the other sign: it is compared by value)."""
+    (s1, i1), (s2, i2) = got, want
+    assert i1.dtype == torch.int32 and s1.dtype == torch.float32 and i1.shape == i2.shape
+    bad = (i1 != i2).any(-1).nonzero()
+    if bad.numel():
+        row = tuple(bad[0])
+        raise AssertionError(f"rows {bad[:4].tolist()}: got {i1[row].tolist()} want {i2[row].tolist()}")
+    assert torch.equal(s1.view(torch.int32), s2.view(torch.int32)) if bits else torch.equal(s1, s2)
+
+
+def _knobs(fn):
+    """Restore the module knobs a case changes."""
+
+    @functools.wraps(fn)
+    def run(*args):
+        import kernels.indexer_topk as kt
+        import kernels.topk_filter as tf
+
+        try:
+            return fn(*args)
+        finally:
+            tf.SAMPLE_STRIDE, tf.TARGET_SCALE, kt.TARGET_PROGRAMS, kt.SELECT_IMPL = None, 1.0, None, "workspace"
+
+    return run
+
+
+def _long_rows(row_len, cap):
+    """Query rows (any sequence) with more than CAP keys: the ones a threshold applies to."""
+    return int((row_len > cap).reshape(-1, row_len.shape[-1]).any(0).sum())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cases run inside the interpreter subprocess
+# ---------------------------------------------------------------------------------------------------------------
+@_knobs
+def _case_random_rows_strided_sample():
+    """Random scores, B = 2, chunked: the threshold from a strided sample settles most rows on the filtered path
+    (the check passes), the rest go through the fallback; the result equals the workspace path's."""
+    import kernels.topk_filter as tf
+    from dsa_dist.ops.topk import lightning_indexer_topk as ref
+
+    g = torch.Generator().manual_seed(11)
+    q, k, w = torch.randn(2, 160, 4, 32, generator=g), torch.randn(2, 160, 32, generator=g), torch.rand(2, 160, 4)
+    for stride, chunk in ((1, None), (3, 50)):
+        tf.SAMPLE_STRIDE = stride
+        want, got, fallback = _both(q, k, w, 8, chunk_size=chunk)
+        _assert_same(got, want)
+        # rows 16.. have > CAP = 16 keys. Stride 1: the r-th largest of the whole row keeps exactly r ≈ 11 hits
+        # (no ties), inside [k, CAP]: no fallback. Stride 3: r ≈ 4 sampled scores, a noisy guess: some rows fail.
+        assert fallback == 0 if stride == 1 else 0 < fallback < 160 - 16, (stride, fallback)
+    # the reference agrees on the selection (scores equal to fp32 rounding)
+    ref_s, ref_i = ref(q, k, w, 8)
+    torch.testing.assert_close(got[0], ref_s, rtol=1e-5, atol=1e-5)
+    assert (got[1] == ref_i).float().mean() >= 0.99
+
+
+@_knobs
+def _case_forced_thresholds_too_high_and_too_low():
+    """TARGET_SCALE 0.25: every threshold keeps < k scores; 4: > CAP (or −inf). Every row with more than CAP keys
+    fails the check and is re-run densely; exact ties included (integer inputs), equal to the reference."""
+    import kernels.topk_filter as tf
+    from dsa_dist.ops.topk import lightning_indexer_topk as ref
+
+    g = torch.Generator().manual_seed(12)
+    q, k, w = torch.randn(1, 120, 4, 32, generator=g), torch.randn(1, 120, 32, generator=g), torch.rand(1, 120, 4)
+    tf.SAMPLE_STRIDE = 1
+    for scale in (0.25, 4.0):
+        tf.TARGET_SCALE = scale
+        want, got, fallback = _both(q, k, w, 8)
+        _assert_same(got, want)
+        assert fallback == 120 - 16, (scale, fallback)  # all rows with > CAP = 16 causal keys
+    qi, ki, wi, ks = integer_indexer_inputs(2, 100, 100, 4, 32, seed=13)
+    tf.SAMPLE_STRIDE = 3
+    for scale in (0.25, 4.0, 1.0):
+        tf.TARGET_SCALE = scale
+        want, got, fallback = _both(qi, ki, wi, 16, ks, chunk_size=40)
+        _assert_same(got, want)
+        _assert_same(got, ref(qi, ki, wi, 16, ks), bits=False)
+        if scale != 1.0:
+            assert fallback == 100 - 32, (scale, fallback)
+
+
+@_knobs
+def _case_equal_scores_and_relu_zero_plateau():
+    """All scores equal (zero weights): every threshold keeps all keys (> CAP), the fallback returns the lowest
+    indices. A ReLU plateau: most keys score exactly 0 (±0.0 by the weight's sign), a few positive, k above the
+    positive count, so the k-th value sits on the zero plateau."""
+    from dsa_dist.ops.topk import lightning_indexer_topk as ref
+
+    q, k, w, ks = integer_indexer_inputs(2, 90, 90, 4, 32, seed=14)
+    want, got, fallback = _both(q, k, torch.zeros_like(w), 8, ks)
+    _assert_same(got, want)
+    assert fallback == 90 - 16 and torch.equal(got[1][1, 70], torch.arange(8, dtype=torch.int32))
+    g = torch.Generator().manual_seed(15)
+    qp = torch.rand(2, 90, 4, 32, generator=g) + 0.5  # positive queries
+    kp = -torch.rand(2, 90, 32, generator=g)  # keys with q·k < 0: score exactly 0
+    kp[:, ::9] = torch.rand(2, 10, 32, generator=g)  # every 9th key scores > 0
+    wp = torch.randint(-1, 3, (2, 90, 4), generator=g).float()  # negative weights: −0.0 / negative scores too
+    for topk in (4, 12):
+        want, got, fallback = _both(qp, kp, wp, topk, chunk_size=32)
+        _assert_same(got, want)
+        ref_s, ref_i = ref(qp, kp, wp, topk)  # float inputs: scores equal to fp32 rounding, the same keys
+        assert torch.equal(got[1], ref_i)
+        torch.testing.assert_close(got[0], ref_s, rtol=1e-5, atol=1e-5)
+        assert fallback > 0
+
+
+@_knobs
+def _case_positions_dtypes_nan():
+    """CP shard (explicit q/k positions), unsorted positions (no causal prefix), e4m3 operands (gathered as bytes
+    for the fallback), and a NaN key scale (no valid key) on the filtered path."""
+    import kernels.indexer_topk as kt
+    import kernels.topk_filter as tf
+    from dsa_dist.ops.topk import lightning_indexer_topk as ref
+
+    q, k, w, _ = integer_indexer_inputs(1, 64, 128, 3, 48, seed=16)
+    kt.SELECT_IMPL = "radix"
+    try:
+        kt.lightning_indexer_topk(q, k, w, 4)
+        raise AssertionError("an unknown SELECT_IMPL was accepted")
+    except ValueError as err:
+        assert "SELECT_IMPL must be 'filter' or 'workspace'" in str(err), err
+    qp = torch.arange(64, 128)
+    want, got, _ = _both(q, k, w, 20, q_positions=qp)
+    _assert_same(got, want)
+    _assert_same(got, ref(q, k, w, 20, q_positions=qp), bits=False)
+    q, k, w, ks = integer_indexer_inputs(2, 80, 80, 4, 32, seed=17)
+    perm = torch.randperm(80, generator=torch.Generator().manual_seed(18))
+    tf.SAMPLE_STRIDE = 3
+    want, got, _ = _both(q, k, w, 6, ks, q_positions=perm, k_positions=perm)
+    _assert_same(got, want)
+    _assert_same(got, ref(q, k, w, 6, ks, q_positions=perm, k_positions=perm), bits=False)
+    q, k, w, ks = integer_indexer_inputs(1, 64, 64, 4, 64, dtype=torch.float8_e4m3fn, seed=19)
+    for scale in (1.0, 0.25):  # 0.25: every long row through the fallback's byte gather
+        tf.TARGET_SCALE = scale
+        want, got, fallback = _both(q, k, w, 4, ks)
+        _assert_same(got, want)
+        _assert_same(got, ref(q.float(), k.float(), w, 4, ks), bits=False)
+    assert fallback > 0  # (exact ties can keep ≥ k hits even at 0.25: not every long row fails)
+    tf.TARGET_SCALE = 1.0
+    g = torch.Generator().manual_seed(20)
+    q, k, w = torch.randn(2, 60, 4, 32, generator=g), torch.randn(2, 60, 32, generator=g), torch.rand(2, 60, 4)
+    scale = torch.ones(2, 60)
+    scale[:, 3] = torch.tensor(0xFFC00000, dtype=torch.int64).to(torch.int32).view(torch.float32)  # −NaN
+    want, got, _ = _both(q, k, w, 4, scale)
+    _assert_same(got, want)
+    assert not (got[1] == 3).any() and int(got[1].max()) < 60
+
+
+@_knobs
+def _case_decode_shapes():
+    """Decode: one query per sequence at its own position (q_positions [B, 1]) over a shared key range, short
+    rows included. With the default program target (CPU: 1) the filtered path runs; with a target above B·Lq
+    the call keeps the workspace path (no host synchronisation at decode) and the filtered code is not entered."""
+    import kernels.indexer_topk as kt
+    import kernels.topk_filter as tf
+    from dsa_dist.ops.topk import lightning_indexer_topk as ref
+
+    q, k, w, ks = integer_indexer_inputs(3, 1, 300, 4, 32, seed=21)
+    pos = torch.tensor([[299], [120], [5]])
+    for scale in (1.0, 0.25):
+        tf.TARGET_SCALE = scale
+        want, got, fallback = _both(q, k, w, 8, ks, q_positions=pos)
+        _assert_same(got, want)
+        _assert_same(got, ref(q, k, w, 8, ks, q_positions=pos), bits=False)
+        assert fallback >= 0 and (scale == 1.0 or fallback == 1)  # one query row, failing for sequences 0, 1
+    kt.TARGET_PROGRAMS = 24
+    want, got, fallback = _both(q, k, w, 8, ks, q_positions=pos)
+    _assert_same(got, want)
+    assert fallback == -1  # the filtered driver did not run
+
+
+CASES = ["_case_random_rows_strided_sample", "_case_forced_thresholds_too_high_and_too_low",
+         "_case_equal_scores_and_relu_zero_plateau", "_case_positions_dtypes_nan", "_case_decode_shapes"]
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    return run_interpreted(__name__, CASES)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_topk_filter_interpreted(interpreted, case):
+    check_interpreted(interpreted, case)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------------------------
+def _gpu_compare(b, length, heads, dim, topk, plateau=False, q_positions=None):
+    import kernels.indexer_topk as kt
+    import kernels.topk_filter as tf
+    from tests.kernels.test_indexer_kernels import make_indexer_inputs
+
+    inp = make_indexer_inputs(b, length, heads, dim)
+    k_index = inp.k_index
+    if plateau:  # ReLU plateau: 15 of 16 keys are e4m3 zeros (score exactly 0), so the k-th value is 0 in long rows
+        k8 = k_index.view(torch.uint8).clone()
+        k8[:, torch.arange(length, device="cuda") % 16 != 0] = 0
+        k_index = k8.view(k_index.dtype)
+    outs = {}
+    for impl in ("workspace", "filter"):
+        kt.SELECT_IMPL = impl
+        poison_cuda_cache(b * length * topk * 8 + 2**28)
+        try:
+            outs[impl] = kt.lightning_indexer_topk(inp.q_index, k_index, inp.weights, topk, inp.k_scale,
+                                                   q_positions=q_positions)
+        finally:
+            kt.SELECT_IMPL = "workspace"
+        torch.cuda.synchronize()
+    (s1, i1), (s2, i2) = outs["filter"], outs["workspace"]
+    print(f"L={length} H={heads} k={topk} plateau={plateau}: fallback rows {tf.LAST_FALLBACK_ROWS} of {length}")
+    assert int(i1.min()) >= -1 and int(i1.max()) < length
+    assert torch.equal(i1, i2), (i1 != i2).any(-1).nonzero()[:4].tolist()
+    assert torch.equal(s1.view(torch.int32), s2.view(torch.int32))
+    return tf.LAST_FALLBACK_ROWS
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,dim,topk", [(64, 128, 2048), (8, 64, 512)])
+def test_filtered_topk_gpu_equals_workspace(heads, dim, topk, gpu_seed):
+    fallback = _gpu_compare(1, 8192, heads, dim, topk)
+    assert fallback < 8192 // 10, fallback  # the filter settles most rows (else it cannot pay off)
+
+
+@pytest.mark.gpu
+def test_filtered_topk_gpu_plateau_batched_shard(gpu_seed):
+    _gpu_compare(2, 4096, 8, 64, 512, plateau=True)
+    _gpu_compare(2, 3000, 64, 128, 2048, q_positions=torch.arange(3000, device="cuda"))
