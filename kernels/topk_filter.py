@@ -60,6 +60,83 @@ def sample_stride(topk: int) -> int:
     return s if s % 2 else s - 1
 
 
+class FilterPlan:
+    """The buffers and steps of the filtered path for one call's prepared inputs (module docstring, steps 1–3).
+
+    :func:`filtered_topk` runs ``thresholds``, ``scores``, ``sort`` and ``check`` per chunk; the benchmark times
+    them one by one. Arguments as :func:`kernels.indexer_topk.workspace_topk`; ``chunk_size`` None sizes chunks
+    to :data:`FILTER_BUDGET_BYTES`.
+    """
+
+    def __init__(self, q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, topk: int,
+                 chunk_size: int | None, out_s: torch.Tensor, out_i: torch.Tensor) -> None:
+        self.inputs = (q_index, k_index, weights, k_scale, q_pos, k_pos, row_len)
+        self.topk, self.out_s, self.out_i = topk, out_s, out_i
+        b, lq = q_index.shape[:2]
+        lk = k_index.shape[1]
+        dev = q_index.device
+        self.cap = cap = 2 * triton.next_power_of_2(topk)
+        self.stride = stride = sample_stride(topk)
+        self.target = TARGET_SCALE * math.sqrt(topk * cap)
+        self.sampled = lk > cap  # else every row takes all its keys: no threshold to estimate
+        m_w = triton.cdiv(lk, stride) if self.sampled else 0
+        # r ≤ target · m / n with m ≤ n / stride + 1 and n > CAP for the rows that use it
+        self.rank_max = max(1, min(m_w, math.ceil(self.target * (1 / stride + 1 / cap)) + 1))
+        per_row = 8 * cap + 4 * m_w + 16 * self.rank_max
+        self.chunk = chunk = min(lq, chunk_size or max(1, FILTER_BUDGET_BYTES // (b * per_row)))
+        self.cand = torch.empty(b, chunk, cap, dtype=torch.int64, device=dev)
+        self.thr = torch.empty(b, chunk, dtype=torch.float32, device=dev)
+        self.hits = torch.empty(b, chunk, dtype=torch.int32, device=dev)
+        self.lens = _as_rows(row_len)[0]  # [1 or B, Lq]
+        if self.sampled:
+            self.k_smp = _bytes_safe(k_index, lambda x: x[:, ::stride].contiguous())
+            self.ks_smp = k_scale[:, ::stride].contiguous() if k_scale is not None else None
+            self.kpos_smp = k_pos[::stride].contiguous()
+            self.smp_lens = _as_rows(ik._row_lengths(q_pos, self.kpos_smp))[0]
+            self.smp_ws = torch.empty(b, chunk, m_w, dtype=torch.float32, device=dev)
+            self.smp_s = torch.empty(b, chunk, self.rank_max, dtype=torch.float32, device=dev)
+            self.smp_i = torch.empty(b, chunk, self.rank_max, dtype=torch.int32, device=dev)
+            self.smp_cand = torch.empty(b, chunk, 2 * triton.next_power_of_2(self.rank_max), dtype=torch.int64,
+                                        device=dev)
+            self.smp_cnt = torch.empty(2, b, chunk, dtype=torch.int32, device=dev)
+
+    def thresholds(self, start: int, n_q: int) -> None:
+        """Step 1: ``thr[:, :n_q]`` = each row's r-th largest sampled score (−inf for rows of ≤ CAP keys)."""
+        if not self.sampled:
+            self.thr.fill_(float("-inf"))
+            return
+        q_index, _, weights, _, q_pos, _, _ = self.inputs
+        b = self.thr.shape[0]
+        n = self.lens[:, start:start + n_q]
+        m = self.smp_lens[:, start:start + n_q].contiguous()
+        ik.score_chunk(q_index, self.k_smp, weights, self.ks_smp, q_pos, self.kpos_smp, self.smp_lens, start, n_q,
+                       self.smp_ws)
+        self.smp_cnt.zero_()
+        select_chunk(self.smp_ws, m, self.smp_cnt, self.smp_cand, self.smp_s, self.smp_i, 0, n_q, self.rank_max,
+                     ik.FAST_SELECT)
+        r = torch.round(self.target * m / n.clamp_min(1)).long().clamp(1, self.rank_max)
+        t = self.smp_s[:, :n_q].gather(-1, (r - 1).expand(b, n_q)[..., None])[..., 0]
+        self.thr[:, :n_q] = torch.where(n <= self.cap, float("-inf"), t)
+
+    def scores(self, start: int, n_q: int) -> None:
+        """Step 2: the scores ≥ each row's threshold as candidate words, ``hits`` = how many."""
+        q_index, k_index, weights, k_scale, q_pos, k_pos, row_len = self.inputs
+        self.hits.zero_()
+        ik.score_chunk(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, start, n_q, self.cand,
+                       filter_rows=(self.thr, self.hits))
+
+    def sort(self, start: int, n_q: int) -> None:
+        """Step 3a: order each row's candidates and write its first k (rows failing the check are redone)."""
+        sort_chunk(self.cand, self.hits, self.out_s, self.out_i, start, n_q, self.topk)
+
+    def check(self, n_q: int) -> torch.Tensor:
+        """Step 3b: [n_q] bool, True where some sequence's row failed: hits outside [k, CAP] (or > CAP when every
+        key was taken)."""
+        h, t = self.hits[:, :n_q], self.thr[:, :n_q]
+        exact = (h <= self.cap) & ((h >= self.topk) | (t == float("-inf")))
+        return ~exact.all(0)
+
+
 def filtered_topk(
     q_index: torch.Tensor,
     k_index: torch.Tensor,
@@ -76,69 +153,35 @@ def filtered_topk(
     """Exact top-k of every query into ``out_s``/``out_i`` [B, Lq, k], by the filtered scoring (module docstring).
 
     Arguments as :func:`kernels.indexer_topk.workspace_topk` (prepared inputs, ``q_pos``/``row_len`` [Lq] or
-    [B, Lq]); ``chunk_size`` None sizes chunks to :data:`FILTER_BUDGET_BYTES`. Sets :data:`LAST_FALLBACK_ROWS`.
+    [B, Lq]). One host synchronisation (the number of rows to redo). Sets :data:`LAST_FALLBACK_ROWS`.
     """
     global LAST_FALLBACK_ROWS
-    b, lq = q_index.shape[:2]
-    lk = k_index.shape[1]
-    dev = q_index.device
-    cap = 2 * triton.next_power_of_2(topk)
-    stride = sample_stride(topk)
-    target = TARGET_SCALE * math.sqrt(topk * cap)
-    sampled = lk > cap  # else every row takes all its keys: no threshold to estimate
-    m_w = triton.cdiv(lk, stride) if sampled else 0
-    # r ≤ target · m / n with m ≤ n / stride + 1 and n > CAP for the rows that use it
-    rank_max = max(1, min(m_w, math.ceil(target * (1 / stride + 1 / cap)) + 1))
-    per_row = 8 * cap + 4 * m_w + 16 * rank_max
-    chunk = min(lq, chunk_size or max(1, FILTER_BUDGET_BYTES // (b * per_row)))
-    cand = torch.empty(b, chunk, cap, dtype=torch.int64, device=dev)
-    thr = torch.empty(b, chunk, dtype=torch.float32, device=dev)
-    hits = torch.empty(b, chunk, dtype=torch.int32, device=dev)
-    failed = torch.zeros(lq, dtype=torch.bool, device=dev)
-    lens = _as_rows(row_len)[0]  # [1 or B, Lq]
-    if sampled:
-        k_smp = k_index[:, ::stride].contiguous()
-        ks_smp = k_scale[:, ::stride].contiguous() if k_scale is not None else None
-        kpos_smp = k_pos[::stride].contiguous()
-        smp_lens = _as_rows(ik._row_lengths(q_pos, kpos_smp))[0]
-        smp_ws = torch.empty(b, chunk, m_w, dtype=torch.float32, device=dev)
-        smp_s = torch.empty(b, chunk, rank_max, dtype=torch.float32, device=dev)
-        smp_i = torch.empty(b, chunk, rank_max, dtype=torch.int32, device=dev)
-        smp_cand = torch.empty(b, chunk, 2 * triton.next_power_of_2(rank_max), dtype=torch.int64, device=dev)
-        smp_cnt = torch.empty(2, b, chunk, dtype=torch.int32, device=dev)
-    for start in range(0, lq, chunk):
-        n_q = min(chunk, lq - start)
-        n = lens[:, start:start + n_q]
-        if sampled:
-            # 1. the r-th largest sampled score of each row
-            score_smp = smp_lens[:, start:start + n_q].contiguous()
-            ik.score_chunk(q_index, k_smp, weights, ks_smp, q_pos, kpos_smp, smp_lens, start, n_q, smp_ws)
-            smp_cnt.zero_()
-            select_chunk(smp_ws, score_smp, smp_cnt, smp_cand, smp_s, smp_i, 0, n_q, rank_max, ik.FAST_SELECT)
-            r = torch.round(target * score_smp / n.clamp_min(1)).long().clamp(1, rank_max)
-            t = smp_s[:, :n_q].gather(-1, (r - 1).expand(b, n_q)[..., None])[..., 0]
-            thr[:, :n_q] = torch.where(n <= cap, float("-inf"), t)
-        else:
-            thr.fill_(float("-inf"))
-        # 2. only the scores ≥ the threshold, as candidate words; 3. sort, and note the rows the check fails
-        hits.zero_()
-        ik.score_chunk(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, start, n_q, cand,
-                       filter_rows=(thr, hits))
-        sort_chunk(cand, hits, out_s, out_i, start, n_q, topk)
-        h, tr = hits[:, :n_q], thr[:, :n_q]
-        exact = (h <= cap) & ((h >= topk) | (tr == float("-inf")))
-        failed[start:start + n_q] = ~exact.all(0)
+    plan = FilterPlan(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, topk, chunk_size, out_s, out_i)
+    lq = q_index.shape[1]
+    failed = torch.empty(lq, dtype=torch.bool, device=q_index.device)
+    for start in range(0, lq, plan.chunk):
+        n_q = min(plan.chunk, lq - start)
+        plan.thresholds(start, n_q)
+        plan.scores(start, n_q)
+        plan.sort(start, n_q)
+        failed[start:start + n_q] = plan.check(n_q)
     rows = failed.nonzero()[:, 0]  # the one host synchronisation of the call
     LAST_FALLBACK_ROWS = rows.numel()
     if LAST_FALLBACK_ROWS:
         _dense_rows(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, topk, chunk_size, rows, out_s, out_i)
 
 
+def _bytes_safe(x: torch.Tensor, take) -> torch.Tensor:
+    """``take(x)`` for a copy/gather; 1-byte (FP8) tensors go through a uint8 view, which every torch build indexes
+    and copies (FP8 index kernels are newer than the dtype)."""
+    return take(x.view(torch.uint8)).view(x.dtype) if x.element_size() == 1 else take(x)
+
+
 def _dense_rows(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, topk, chunk_size, rows, out_s,
                 out_i) -> None:
     """Re-run query ``rows`` (all sequences) through the dense-workspace path on gathered queries and overwrite
     their outputs. Same scores (same kernel and tiles, the key tiles start at the same columns), same select."""
-    qg = q_index.view(torch.uint8)[:, rows].view(q_index.dtype) if q_index.element_size() == 1 else q_index[:, rows]
+    qg = _bytes_safe(q_index, lambda x: x[:, rows])
     wg = weights[:, rows]
     pos_g = q_pos[..., rows].contiguous()
     len_g = row_len[..., rows].contiguous()
