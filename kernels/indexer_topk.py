@@ -42,6 +42,13 @@ unchanged.
 Measured on the H100 (benchmarks/NOTES_indexer.md): scores 803–874 TFLOPS FP8-effective; at 128K the exact
 select + sort costs about as much again.
 
+Two selection paths, chosen by :data:`SELECT_IMPL` (both exact and bit-identical; the benchmark times both):
+``"workspace"`` (default) is steps 1–3 above; ``"filter"`` (:mod:`kernels.topk_filter`) never writes the dense
+score rows: a per-row threshold estimated from every S-th key, ``_score_kernel`` with ``FILTER`` storing only the
+scores at or above it as candidate words, the same sort, and the rows whose hit count falls outside [k, CAP] re-run
+through the workspace path (one host synchronisation per call). Launches with fewer rows than
+:func:`target_programs` (decode) always take the workspace path, which needs no host synchronisation.
+
 There is no backward: indices are not differentiable (the KL kernels in ``kernels/indexer_kl.py`` recompute the
 selected scores with gradients).
 """
@@ -376,7 +383,8 @@ def lightning_indexer_topk(
         ``(topk_scores [B, Lq, k] float32, topk_indices [B, Lq, k] int32)`` ordered (score desc, index asc),
         ties to the lowest index, (−inf, −1) in slots with no valid key; a key whose score is NaN is no valid
         key (never selected), so every index is −1 or in [0, Lk) for any input. Peak extra memory:
-        ``4·B·chunk·Lk + 8·B·chunk·next_pow2(k)`` bytes.
+        ``4·B·chunk·Lk + 8·B·chunk·next_pow2(k)`` bytes (``SELECT_IMPL = "filter"``: ≤ 1 GiB of candidates and
+        sampled scores per chunk, plus the workspace of the rows it re-runs densely, if any).
 
     Decode (Lq = 1, B ≤ 64, Lk up to 128K): the score grid splits the key range over programs
     (:func:`score_chunk`) and the selection splits each row into key segments merged exactly

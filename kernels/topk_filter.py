@@ -11,9 +11,9 @@ same sort, ties → lowest index, (−inf, −1) padding. Per chunk of queries:
    existing exact select takes each row's top ``rank_max`` sample scores. Row t, with n causal keys of which m
    are sampled, gets the threshold ``t_row`` = its r-th largest sample score with r = round(target · m / n), so
    that count(score ≥ t_row) over all n keys is about ``target = sqrt(k · CAP)`` (≈ 1.41·k, the middle of
-   [k, CAP] on a log scale; CAP = 2·next_pow2(k)). With r ≈ 48 sampled scores above it the count's relative spread
-   is ≈ 1/sqrt(48) = 14%, against a window of ±35%: a few % of the rows miss (cheap, see 3). Rows with at most
-   CAP causal keys take all of them (t_row = −inf).
+   [k, CAP] on a log scale; CAP = 2·next_pow2(k)). With r ≈ 64 sampled scores above it the count's relative spread
+   is ≈ 1/sqrt(64) = 12.5%, against a window of ±35% (ln √2): ≈ 0.5% of the rows miss if the scores were
+   Gaussian (cheap, see 3). Rows with at most CAP causal keys take all of them (t_row = −inf).
 2. **Filtered scores.** ``_score_kernel`` with ``FILTER``: per key tile, compare with t_row; each hit reserves a
    slot with an atomic on its row's counter and stores its packed word (score key high, ``2^31−1−index`` low), as
    the select kernel's compaction does. No state crosses key tiles (earlier epilogues that carried accumulators
@@ -43,7 +43,7 @@ import triton
 import kernels.indexer_topk as ik
 from kernels.topk_select import _as_rows, select_chunk, sort_chunk
 
-SAMPLE_RANK = 48  # sample scores above each row's threshold the stride is chosen for (spread ≈ 1/sqrt of it)
+SAMPLE_RANK = 64  # sample scores above each row's threshold the stride is chosen for (spread ≈ 1/sqrt of it)
 SAMPLE_STRIDE: int | None = None  # key sampling stride (None: from SAMPLE_RANK); tests force other values
 TARGET_SCALE = 1.0  # expected hits = TARGET_SCALE · sqrt(k · CAP); tests force thresholds too high / too low
 FILTER_BUDGET_BYTES = 1 << 30  # candidates + sample scores per chunk when chunk_size is None
@@ -52,7 +52,7 @@ LAST_FALLBACK_ROWS = 0  # diagnostics: query rows the last filtered call re-ran 
 
 def sample_stride(topk: int) -> int:
     """Odd key stride leaving about :data:`SAMPLE_RANK` sampled scores above a threshold of ≈ sqrt(k · CAP)
-    hits (k = 2048: 59; k = 512: 15); :data:`SAMPLE_STRIDE` overrides."""
+    hits (k = 2048: 45; k = 512: 11); :data:`SAMPLE_STRIDE` overrides."""
     if SAMPLE_STRIDE is not None:
         return SAMPLE_STRIDE
     cap = 2 * triton.next_power_of_2(topk)
