@@ -210,6 +210,17 @@ def _case_decode_shapes():
     want, got, fallback = _both(q, k, w, 8, ks, q_positions=pos)
     _assert_same(got, want)
     assert fallback == -1  # the filtered driver did not run
+    # small batch of queries, one long row: the filtered path runs (B·Lq = 8 ≥ 6 programs), the one failing row
+    # is re-run densely with its selection split into key segments (2 rows < 6 programs), as on a GPU
+    kt.TARGET_PROGRAMS = 6
+    assert kt.select_segments(2, 300, 4, q.device) > 1
+    q, k, w, ks = integer_indexer_inputs(2, 4, 300, 4, 32, seed=22)
+    pos = torch.tensor([[299, 3, 4, 5], [150, 6, 1, 0]])
+    tf.TARGET_SCALE = 0.25
+    want, got, fallback = _both(q, k, w, 4, ks, q_positions=pos)
+    _assert_same(got, want)
+    _assert_same(got, ref(q, k, w, 4, ks, q_positions=pos), bits=False)
+    assert fallback == 1
 
 
 CASES = ["_case_random_rows_strided_sample", "_case_forced_thresholds_too_high_and_too_low",
@@ -229,29 +240,38 @@ def test_topk_filter_interpreted(interpreted, case):
 # ---------------------------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------------------------
-def _gpu_compare(b, length, heads, dim, topk, plateau=False, q_positions=None):
+def _gpu_compare(b, length, heads, dim, topk, plateau=False, shard=False):
+    """Workspace and filtered paths on the same fresh FP8 inputs, outputs poisoned: equal bit for bit, indices in
+    range. ``plateau``: 15 of 16 keys are e4m3 zeros (score exactly 0), so every row with more than CAP keys
+    (and fewer than 16·k) has its k-th value on the zero plateau. ``shard``: the last half of the queries
+    (explicit positions, as a CP rank holds them) against all keys."""
     import kernels.indexer_topk as kt
     import kernels.topk_filter as tf
     from tests.kernels.test_indexer_kernels import make_indexer_inputs
 
     inp = make_indexer_inputs(b, length, heads, dim)
-    k_index = inp.k_index
-    if plateau:  # ReLU plateau: 15 of 16 keys are e4m3 zeros (score exactly 0), so the k-th value is 0 in long rows
+    k_index, q_index, weights, q_positions = inp.k_index, inp.q_index, inp.weights, None
+    if plateau:
         k8 = k_index.view(torch.uint8).clone()
         k8[:, torch.arange(length, device="cuda") % 16 != 0] = 0
         k_index = k8.view(k_index.dtype)
+    if shard:
+        half = length // 2
+        q_index, weights = q_index[:, half:], weights[:, half:]
+        q_positions = torch.arange(half, length, device="cuda")
     outs = {}
     for impl in ("workspace", "filter"):
         kt.SELECT_IMPL = impl
         poison_cuda_cache(b * length * topk * 8 + 2**28)
         try:
-            outs[impl] = kt.lightning_indexer_topk(inp.q_index, k_index, inp.weights, topk, inp.k_scale,
+            outs[impl] = kt.lightning_indexer_topk(q_index, k_index, weights, topk, inp.k_scale,
                                                    q_positions=q_positions)
         finally:
             kt.SELECT_IMPL = "workspace"
         torch.cuda.synchronize()
     (s1, i1), (s2, i2) = outs["filter"], outs["workspace"]
-    print(f"L={length} H={heads} k={topk} plateau={plateau}: fallback rows {tf.LAST_FALLBACK_ROWS} of {length}")
+    print(f"B={b} L={length} H={heads} k={topk} plateau={plateau} shard={shard}: fallback rows "
+          f"{tf.LAST_FALLBACK_ROWS} of {q_index.shape[1]}")
     assert int(i1.min()) >= -1 and int(i1.max()) < length
     assert torch.equal(i1, i2), (i1 != i2).any(-1).nonzero()[:4].tolist()
     assert torch.equal(s1.view(torch.int32), s2.view(torch.int32))
@@ -267,5 +287,5 @@ def test_filtered_topk_gpu_equals_workspace(heads, dim, topk, gpu_seed):
 
 @pytest.mark.gpu
 def test_filtered_topk_gpu_plateau_batched_shard(gpu_seed):
-    _gpu_compare(2, 4096, 8, 64, 512, plateau=True)
-    _gpu_compare(2, 3000, 64, 128, 2048, q_positions=torch.arange(3000, device="cuda"))
+    assert _gpu_compare(2, 4096, 8, 64, 512, plateau=True) > 0  # the plateau rows went through the fallback
+    _gpu_compare(2, 6000, 64, 128, 2048, shard=True)
