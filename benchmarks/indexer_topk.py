@@ -109,7 +109,7 @@ def bench_end_to_end(h: int, d: int, k: int, length: int, impls: list[str], resu
             fn = functools.partial(kt.lightning_indexer_topk, inp.q_index, inp.k_index, inp.weights, k, inp.k_scale)
             peak = peak_extra_gib(fn)  # also the first (compiling) call
             ms = median_ms(fn, rep)
-            fallback = tf.LAST_FALLBACK_ROWS if impl == "filter" else None
+            fallback = int(tf.LAST_FALLBACK) if impl == "filter" else None
             phases = (_workspace_phases if impl == "workspace" else _filter_phases)(
                 qp, kp, wp, ks, pos, row_len, k, length, o_s, o_i, rep, h, results)
         finally:

@@ -46,8 +46,8 @@ Two selection paths, chosen by :data:`SELECT_IMPL` (both exact and bit-identical
 ``"workspace"`` (default) is steps 1–3 above; ``"filter"`` (:mod:`kernels.topk_filter`) never writes the dense
 score rows: a per-row threshold estimated from every S-th key, ``_score_kernel`` with ``FILTER`` storing only the
 scores at or above it as candidate words, the same sort, and the rows whose hit count falls outside [k, CAP] re-run
-through the workspace path (one host synchronisation per call). Launches with fewer rows than
-:func:`target_programs` (decode) always take the workspace path, which needs no host synchronisation.
+densely in the same chunk (no host synchronisation). Launches with fewer rows than :func:`target_programs` (decode)
+keep the workspace path and its key-split grids.
 
 There is no backward: indices are not differentiable (the KL kernels in ``kernels/indexer_kl.py`` recompute the
 selected scores with gradients).
@@ -417,6 +417,13 @@ def lightning_indexer_topk(
     return out_s, out_i
 
 
+def workspace_chunk(b: int, lq: int, lk: int, chunk_size: int | None) -> int:
+    """Queries per workspace fill: ``chunk_size``, else as many as fit :data:`WORKSPACE_ELEMS` fp32 scores."""
+    if chunk_size is None:
+        chunk_size = max(1, min(lq, WORKSPACE_ELEMS // (b * max(1, lk))))
+    return max(1, min(chunk_size, lq))
+
+
 def workspace_topk(
     q_index: torch.Tensor,
     k_index: torch.Tensor,
@@ -437,9 +444,7 @@ def workspace_topk(
     b, lq = q_index.shape[:2]
     dev = q_index.device
     width = max(1, k_index.shape[1])
-    if chunk_size is None:
-        chunk_size = max(1, min(lq, WORKSPACE_ELEMS // (b * width)))
-    chunk = min(chunk_size, lq)
+    chunk = workspace_chunk(b, lq, width, chunk_size)
     n_seg = select_segments(b * chunk, width, topk, dev)
     width = triton.cdiv(width, n_seg) * n_seg  # whole segments (columns ≥ Lk are never read)
     cap = 2 * triton.next_power_of_2(topk)  # candidate slots per row (≥ k plus the boundary bucket)

@@ -20,17 +20,18 @@ same sort, ties → lowest index, (−inf, −1) padding. Per chunk of queries:
    slowed the scoring several-fold; benchmarks/NOTES_indexer.md). Every hit is counted, also past CAP.
 3. **Exactness check and fallback.** The hits are every score ≥ t_row — a set closed upwards in the order
    (score desc, index asc), ties at any value all in or all out — so if k ≤ hits ≤ CAP (or t_row = −inf and
-   hits ≤ CAP) the top-k of the candidates is the row's exact top-k: ``_sort_kernel`` orders them as today. Other
-   rows (threshold too high: hits < k; too low, e.g. a plateau of exact zeros from the ReLU: hits > CAP) are
-   collected on the device; after the last chunk **one host synchronisation per call** (``nonzero``) learns how
-   many there are, and those rows alone are re-run through the dense-workspace path
-   (:func:`kernels.indexer_topk.workspace_topk`) on gathered queries, whose results overwrite theirs.
+   hits ≤ CAP) the top-k of the candidates is the row's exact top-k: ``_sort_kernel`` orders them as today. The
+   other rows (threshold too high: hits < k; too low, e.g. a plateau of exact zeros from the ReLU: hits > CAP)
+   are re-run in the same chunk through the workspace path's kernels with per-row lengths that are 0 except
+   for them: the score kernel skips query blocks without such a row, the select finds nothing in the others and
+   the sort (``skip_empty``) leaves them as written. All on the device — **no host synchronisation**: when no
+   row failed, these three launches find no work (a few µs).
 
 Launches with fewer rows than :func:`kernels.indexer_topk.target_programs` (decode) keep the workspace path: it
-needs no host synchronisation and has the key-split grids for that case.
+has the key-split grids for that case.
 
-Memory: per chunk 8·CAP + 4·Lk/stride bytes per row (candidates, sample scores), chunked to
-:data:`FILTER_BUDGET_BYTES`; the fallback's workspace is the workspace path's (≤ 2 GiB). Linear in L.
+Memory: the workspace path's chunking and its fp32 workspace (≤ 2 GiB, written only for failing rows' query
+blocks), plus per chunk row 8·CAP + 4·Lk/stride bytes (candidates, sampled scores). Linear in L.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ from kernels.topk_select import _as_rows, select_chunk, sort_chunk
 SAMPLE_RANK = 64  # sample scores above each row's threshold the stride is chosen for (spread ≈ 1/sqrt of it)
 SAMPLE_STRIDE: int | None = None  # key sampling stride (None: from SAMPLE_RANK); tests force other values
 TARGET_SCALE = 1.0  # expected hits = TARGET_SCALE · sqrt(k · CAP); tests force thresholds too high / too low
-FILTER_BUDGET_BYTES = 1 << 30  # candidates + sample scores per chunk when chunk_size is None
-LAST_FALLBACK_ROWS = 0  # diagnostics: query rows the last filtered call re-ran densely (benchmark, tests)
+LAST_FALLBACK: torch.Tensor | None = None  # diagnostics (benchmark, tests): device int64 count of the (sequence,
+# query) rows the last filtered call re-ran densely; reading it is a host sync, the op itself never reads it
 
 
 def sample_stride(topk: int) -> int:
@@ -63,9 +64,10 @@ def sample_stride(topk: int) -> int:
 class FilterPlan:
     """The buffers and steps of the filtered path for one call's prepared inputs (module docstring, steps 1–3).
 
-    :func:`filtered_topk` runs ``thresholds``, ``scores``, ``sort`` and ``check`` per chunk; the benchmark times
-    them one by one. Arguments as :func:`kernels.indexer_topk.workspace_topk`; ``chunk_size`` None sizes chunks
-    to :data:`FILTER_BUDGET_BYTES`.
+    :func:`filtered_topk` runs ``thresholds``, ``scores``, ``sort`` and ``fallback`` per chunk; the benchmark
+    times them one by one. Arguments as :func:`kernels.indexer_topk.workspace_topk`. Chunks are the workspace
+    path's (``chunk_size``, else as many queries as fit the 2 GiB fp32 workspace), since the fallback rows of a
+    chunk are re-scored into that workspace.
     """
 
     def __init__(self, q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, topk: int,
@@ -82,12 +84,16 @@ class FilterPlan:
         m_w = triton.cdiv(lk, stride) if self.sampled else 0
         # r ≤ target · m / n with m ≤ n / stride + 1 and n > CAP for the rows that use it
         self.rank_max = max(1, min(m_w, math.ceil(self.target * (1 / stride + 1 / cap)) + 1))
-        per_row = 8 * cap + 4 * m_w + 16 * self.rank_max
-        self.chunk = chunk = min(lq, chunk_size or max(1, FILTER_BUDGET_BYTES // (b * per_row)))
+        self.chunk = chunk = ik.workspace_chunk(b, lq, lk, chunk_size)
         self.cand = torch.empty(b, chunk, cap, dtype=torch.int64, device=dev)
         self.thr = torch.empty(b, chunk, dtype=torch.float32, device=dev)
         self.hits = torch.empty(b, chunk, dtype=torch.int32, device=dev)
         self.lens = _as_rows(row_len)[0]  # [1 or B, Lq]
+        # the fallback: per (sequence, query) the row length where the check failed, else 0 (nothing to re-run)
+        self.redo_len = torch.zeros(b, lq, dtype=torch.int32, device=dev)
+        self.ws = torch.empty(b, chunk, max(1, lk), dtype=torch.float32, device=dev)
+        self.counters = torch.empty(2, b, chunk, dtype=torch.int32, device=dev)
+        self.n_redo = torch.zeros((), dtype=torch.int64, device=dev)
         if self.sampled:
             self.k_smp = _bytes_safe(k_index, lambda x: x[:, ::stride].contiguous())
             self.ks_smp = k_scale[:, ::stride].contiguous() if k_scale is not None else None
@@ -98,7 +104,6 @@ class FilterPlan:
             self.smp_i = torch.empty(b, chunk, self.rank_max, dtype=torch.int32, device=dev)
             self.smp_cand = torch.empty(b, chunk, 2 * triton.next_power_of_2(self.rank_max), dtype=torch.int64,
                                         device=dev)
-            self.smp_cnt = torch.empty(2, b, chunk, dtype=torch.int32, device=dev)
 
     def thresholds(self, start: int, n_q: int) -> None:
         """Step 1: ``thr[:, :n_q]`` = each row's r-th largest sampled score (−inf for rows of ≤ CAP keys)."""
@@ -111,8 +116,8 @@ class FilterPlan:
         m = self.smp_lens[:, start:start + n_q].contiguous()
         ik.score_chunk(q_index, self.k_smp, weights, self.ks_smp, q_pos, self.kpos_smp, self.smp_lens, start, n_q,
                        self.smp_ws)
-        self.smp_cnt.zero_()
-        select_chunk(self.smp_ws, m, self.smp_cnt, self.smp_cand, self.smp_s, self.smp_i, 0, n_q, self.rank_max,
+        self.counters.zero_()
+        select_chunk(self.smp_ws, m, self.counters, self.smp_cand, self.smp_s, self.smp_i, 0, n_q, self.rank_max,
                      ik.FAST_SELECT)
         r = torch.round(self.target * m / n.clamp_min(1)).long().clamp(1, self.rank_max)
         t = self.smp_s[:, :n_q].gather(-1, (r - 1).expand(b, n_q)[..., None])[..., 0]
@@ -129,12 +134,21 @@ class FilterPlan:
         """Step 3a: order each row's candidates and write its first k (rows failing the check are redone)."""
         sort_chunk(self.cand, self.hits, self.out_s, self.out_i, start, n_q, self.topk)
 
-    def check(self, n_q: int) -> torch.Tensor:
-        """Step 3b: [n_q] bool, True where some sequence's row failed: hits outside [k, CAP] (or > CAP when every
-        key was taken)."""
+    def fallback(self, start: int, n_q: int) -> None:
+        """Step 3b, on the device: rows whose hits lie outside [k, CAP] (or above CAP when every key was taken)
+        are re-scored densely and selected exactly, over their own lengths; every other row gets length 0, so
+        the score kernel skips query blocks without such a row, and the select and the sort (``skip_empty``)
+        leave the rows that passed as step 3a wrote them. No host synchronisation: when no row failed these
+        launches find no work."""
+        q_index, k_index, weights, k_scale, q_pos, k_pos, _ = self.inputs
         h, t = self.hits[:, :n_q], self.thr[:, :n_q]
-        exact = (h <= self.cap) & ((h >= self.topk) | (t == float("-inf")))
-        return ~exact.all(0)
+        failed = (h > self.cap) | ((h < self.topk) & (t != float("-inf")))  # [B, n_q]
+        self.redo_len[:, start:start + n_q] = torch.where(failed, self.lens[:, start:start + n_q], 0)
+        self.n_redo += failed.sum()
+        ik.score_chunk(q_index, k_index, weights, k_scale, q_pos, k_pos, self.redo_len, start, n_q, self.ws)
+        self.counters.zero_()
+        select_chunk(self.ws, self.redo_len, self.counters, self.cand, self.out_s, self.out_i, start, n_q,
+                     self.topk, ik.FAST_SELECT, skip_empty=True)
 
 
 def filtered_topk(
@@ -153,41 +167,21 @@ def filtered_topk(
     """Exact top-k of every query into ``out_s``/``out_i`` [B, Lq, k], by the filtered scoring (module docstring).
 
     Arguments as :func:`kernels.indexer_topk.workspace_topk` (prepared inputs, ``q_pos``/``row_len`` [Lq] or
-    [B, Lq]). One host synchronisation (the number of rows to redo). Sets :data:`LAST_FALLBACK_ROWS`.
+    [B, Lq]). No host synchronisation. Sets :data:`LAST_FALLBACK`.
     """
-    global LAST_FALLBACK_ROWS
+    global LAST_FALLBACK
     plan = FilterPlan(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, topk, chunk_size, out_s, out_i)
     lq = q_index.shape[1]
-    failed = torch.empty(lq, dtype=torch.bool, device=q_index.device)
     for start in range(0, lq, plan.chunk):
         n_q = min(plan.chunk, lq - start)
         plan.thresholds(start, n_q)
         plan.scores(start, n_q)
         plan.sort(start, n_q)
-        failed[start:start + n_q] = plan.check(n_q)
-    rows = failed.nonzero()[:, 0]  # the one host synchronisation of the call
-    LAST_FALLBACK_ROWS = rows.numel()
-    if LAST_FALLBACK_ROWS:
-        _dense_rows(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, topk, chunk_size, rows, out_s, out_i)
+        plan.fallback(start, n_q)
+    LAST_FALLBACK = plan.n_redo
 
 
 def _bytes_safe(x: torch.Tensor, take) -> torch.Tensor:
     """``take(x)`` for a copy/gather; 1-byte (FP8) tensors go through a uint8 view, which every torch build indexes
     and copies (FP8 index kernels are newer than the dtype)."""
     return take(x.view(torch.uint8)).view(x.dtype) if x.element_size() == 1 else take(x)
-
-
-def _dense_rows(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, topk, chunk_size, rows, out_s,
-                out_i) -> None:
-    """Re-run query ``rows`` (all sequences) through the dense-workspace path on gathered queries and overwrite
-    their outputs. Same scores (same kernel and tiles, the key tiles start at the same columns), same select."""
-    qg = _bytes_safe(q_index, lambda x: x[:, rows])
-    wg = weights[:, rows]
-    pos_g = q_pos[..., rows].contiguous()
-    len_g = row_len[..., rows].contiguous()
-    b, n = qg.shape[:2]
-    s = torch.empty(b, n, topk, dtype=out_s.dtype, device=out_s.device)
-    i = torch.empty(b, n, topk, dtype=out_i.dtype, device=out_i.device)
-    ik.workspace_topk(qg, k_index, wg, k_scale, pos_g, k_pos, len_g, topk, chunk_size, s, i)
-    out_s[:, rows] = s
-    out_i[:, rows] = i
