@@ -225,7 +225,26 @@ def _case_decode_shapes():
     assert fallback == 2
 
 
-CASES = ["_case_random_rows_strided_sample", "_case_forced_thresholds_too_high_and_too_low",
+@_knobs
+def _case_no_host_sync():
+    """The filtered path, fallback included (thresholds forced too high), asks for no host synchronisation: the
+    failing rows are re-run on the device (docs/design.md, "No host sync per layer")."""
+    import kernels.indexer_topk as kt
+    import kernels.topk_filter as tf
+    from tests._host_sync import HostSyncRecorder
+
+    q, k, w, ks = integer_indexer_inputs(1, 48, 48, 4, 32, seed=23)
+    tf.TARGET_SCALE = 0.25
+    kt.SELECT_IMPL = "filter"
+    with HostSyncRecorder() as rec:
+        got = kt.lightning_indexer_topk(q, k, w, 4, ks)
+    assert rec.calls == [], rec.calls
+    assert int(tf.LAST_FALLBACK) > 0
+    kt.SELECT_IMPL = "workspace"
+    _assert_same(got, kt.lightning_indexer_topk(q, k, w, 4, ks))
+
+
+CASES = ["_case_no_host_sync", "_case_random_rows_strided_sample", "_case_forced_thresholds_too_high_and_too_low",
          "_case_equal_scores_and_relu_zero_plateau", "_case_positions_dtypes_nan", "_case_decode_shapes"]
 
 
