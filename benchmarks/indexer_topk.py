@@ -181,12 +181,20 @@ def _filter_phases(qp, kp, wp, ks, pos, row_len, k, length, o_s, o_i, rep, h, re
 
 
 def tables(results: list[dict]) -> str:
-    """Markdown: end-to-end rows (both impls), then the score-tile and select sweeps if they ran."""
+    """Markdown: end-to-end rows (each impl; "vs workspace" = workspace ms / this row's ms, same run), then the
+    score-tile and select sweeps if they ran. Column "select/sort ms": the workspace path's select + sort, the
+    filtered path's sort; "threshold ms": the filtered path's sampled scores + their select."""
     e2e = [r for r in results if r["what"] == "indexer_topk"]
+    base = {(r["H"], r["d"], r["k"], r["L"]): r["ms"] for r in e2e if r["impl"] == "workspace"}
+
+    def speedup(r: dict) -> str:
+        ms = base.get((r["H"], r["d"], r["k"], r["L"]))
+        return "—" if ms is None else f"{ms / r['ms']:.2f}×"
+
     out = [markdown_table(
-        ["impl", "H_I", "d_I", "k", "L", "total ms", "TFLOPS", "scores ms (TFLOPS)", "select/sort ms",
-         "threshold ms", "fallback rows", "peak extra GiB", "chunk"],
-        [[r["impl"], r["H"], r["d"], r["k"], r["L"], r["ms"], f"{r['tflops']:.0f}",
+        ["impl", "H_I", "d_I", "k", "L", "total ms", "TFLOPS", "vs workspace", "scores ms (TFLOPS)",
+         "select/sort ms", "threshold ms", "fallback rows", "peak extra GiB", "chunk"],
+        [[r["impl"], r["H"], r["d"], r["k"], r["L"], r["ms"], f"{r['tflops']:.0f}", speedup(r),
           f"{r['score_ms']:.2f} ({r['score_tflops']:.0f})", r["select_ms"],
           "—" if r["threshold_ms"] is None else r["threshold_ms"],
           "—" if r["fallback_rows"] is None else r["fallback_rows"], r["peak_gib"], r["chunk"]] for r in e2e])]
