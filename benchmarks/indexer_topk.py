@@ -3,7 +3,7 @@
 Design: docs/design.md#top-k-and-the-tie-rule.
 
     python benchmarks/indexer_topk.py [--lengths 8192 32768 ...] [--shapes V3.2 small] [--no-sweep]
-                                      [--impls workspace filter] [--out DIR]
+                                      [--impls workspace filter] [--sample-rank 64] [--out DIR]
 
 Measures, B = 1, causal, fresh random FP8 inputs made as the model makes them (``prepare_indexer_qk`` without
 rope: e4m3 q/k, q scale folded into the weights, per-key scale):
@@ -221,9 +221,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--impls", nargs="+", choices=["workspace", "filter"], default=["workspace", "filter"],
                     help="top-k selection paths to time (kernels.indexer_topk.SELECT_IMPL), each in this run")
     ap.add_argument("--sweep-length", type=int, default=16384, help="L of the score-tile sweep")
+    ap.add_argument("--sample-rank", type=int, default=tf.SAMPLE_RANK,
+                    help="filtered path: sampled scores aimed above each threshold (sets the key stride)")
     ap.add_argument("--out", type=Path, default=None, help="write indexer_topk.json / .md here")
     args = ap.parse_args(argv)
     require_cuda("benchmarks/indexer_topk.py")
+    tf.SAMPLE_RANK = args.sample_rank
     meta = {**run_meta(), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     print(meta, flush=True)
     results: list[dict] = []
