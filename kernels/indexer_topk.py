@@ -143,7 +143,8 @@ def _score_kernel(
             # Filtered epilogue (kernels/topk_filter.py): only scores ≥ the row's threshold leave the chip, as the
             # packed candidate words of the select kernel's compaction, each in a slot reserved by an atomic on
             # the row's hit counter. Every hit is counted, also past CAP (the caller then re-runs the row dense).
-            hit = ok & (s >= thr[None, :]) & q_ok[None, :]
+            # (s is −inf where not ok; a −inf score of a causal key is no key either, as in the select kernel)
+            hit = (s > float("-inf")) & (s >= thr[None, :]) & q_ok[None, :]
             slot = tl.atomic_add(tl.broadcast_to(hits_ptr + b * stride_thb + qq[None, :], (BLOCK_K, BLOCK_Q)), 1,
                                  mask=hit, sem="relaxed")
             skey = (_ordered_key(s) ^ 0x80000000).to(tl.int32, bitcast=True)  # signed order = float order

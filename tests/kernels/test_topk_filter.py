@@ -185,9 +185,11 @@ def _case_positions_dtypes_nan():
     q, k, w = torch.randn(2, 60, 4, 32, generator=g), torch.randn(2, 60, 32, generator=g), torch.rand(2, 60, 4)
     scale = torch.ones(2, 60)
     scale[:, 3] = torch.tensor(0xFFC00000, dtype=torch.int64).to(torch.int32).view(torch.float32)  # −NaN
-    want, got, _ = _both(q, k, w, 4, scale)
-    _assert_same(got, want)
-    assert not (got[1] == 3).any() and int(got[1].max()) < 60
+    scale[:, 5] = float("-inf")  # score −inf (or NaN where the head sum is 0): no key either
+    for topk in (4, 64):  # 64 > Lk: every other causal key is selected, the rest of the row is (−inf, −1)
+        want, got, _ = _both(q, k, w, topk, scale)
+        _assert_same(got, want)
+        assert not ((got[1] == 3) | (got[1] == 5)).any() and int(got[1].max()) < 60
 
 
 @_knobs
