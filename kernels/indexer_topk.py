@@ -239,7 +239,7 @@ def score_chunk(
     program writes its own disjoint columns of the workspace, so nothing needs merging. ``config["SPLITS"]``
     forces the split count.
 
-    ``filter_rows = (thresholds, hits)`` (both [B, n_q], contiguous; fp32 and int32 zeros) switches to the
+    ``filter_rows = (thresholds, hits)`` (both [B, ≥n_q], unit last stride; fp32 and int32 zeros) switches to the
     filtered epilogue: ``workspace`` is then the [B, ≥n_q, CAP] int64 candidate buffer and row r receives only
     its scores ≥ ``thresholds[:, r]`` as packed words (score key high, ``2^31−1−index`` low) in the slots an
     atomic on ``hits[:, r]`` hands out; ``hits`` ends as the number of such scores, also when above CAP (then
@@ -271,7 +271,7 @@ def score_chunk(
     else:
         thr, hits = filter_rows
         if thr.stride() != hits.stride() or thr.stride(-1) != 1 or thr.shape[0] != b:
-            raise ValueError(f"filter_rows must be two [B, n_q] contiguous tensors, got {tuple(thr.shape)} "
+            raise ValueError(f"filter_rows must be two [B, ≥n_q] tensors of equal strides, got {tuple(thr.shape)} "
                              f"{thr.stride()} and {tuple(hits.shape)} {hits.stride()}")
         cap = workspace.shape[-1]
     _score_kernel[(n_blocks, b, splits)](
@@ -384,8 +384,8 @@ def lightning_indexer_topk(
         ``(topk_scores [B, Lq, k] float32, topk_indices [B, Lq, k] int32)`` ordered (score desc, index asc),
         ties to the lowest index, (−inf, −1) in slots with no valid key; a key whose score is NaN is no valid
         key (never selected), so every index is −1 or in [0, Lk) for any input. Peak extra memory:
-        ``4·B·chunk·Lk + 8·B·chunk·next_pow2(k)`` bytes (``SELECT_IMPL = "filter"``: ≤ 1 GiB of candidates and
-        sampled scores per chunk, plus the workspace of the rows it re-runs densely, if any).
+        ``4·B·chunk·Lk + 8·B·chunk·next_pow2(k)`` bytes (``SELECT_IMPL = "filter"``: the same, plus
+        ``4·B·chunk·Lk / S`` of sampled scores; the workspace is then written only for rows it re-runs densely).
 
     Decode (Lq = 1, B ≤ 64, Lk up to 128K): the score grid splits the key range over programs
     (:func:`score_chunk`) and the selection splits each row into key segments merged exactly
@@ -440,8 +440,9 @@ def workspace_topk(
 ) -> None:
     """The dense-workspace path: every causal score of a query chunk into the fp32 workspace, then the exact
     select and sort (or the segmented select when the launch is small, e.g. decode). Inputs as prepared by
-    :func:`_prepare`; ``q_pos``/``row_len`` [Lq] or [B, Lq]; writes all Lq rows of ``out_s``/``out_i``. Also the
-    exact fallback of :func:`kernels.topk_filter.filtered_topk` for the rows its threshold missed."""
+    :func:`_prepare`; ``q_pos``/``row_len`` [Lq] or [B, Lq]; writes all Lq rows of ``out_s``/``out_i``. The
+    filtered path's fallback runs the same kernels on its failing rows
+    (:meth:`kernels.topk_filter.FilterPlan.fallback`)."""
     b, lq = q_index.shape[:2]
     dev = q_index.device
     width = max(1, k_index.shape[1])
