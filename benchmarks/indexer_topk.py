@@ -3,7 +3,7 @@
 Design: docs/design.md#top-k-and-the-tie-rule.
 
     python benchmarks/indexer_topk.py [--lengths 8192 32768 ...] [--shapes V3.2 small] [--no-sweep]
-                                      [--impls workspace filter] [--sample-rank 64] [--out DIR]
+                                      [--impls workspace filter] [--sample-rank 64 ...] [--out DIR]
 
 Measures, B = 1, causal, fresh random FP8 inputs made as the model makes them (``prepare_indexer_qk`` without
 rope: e4m3 q/k, q scale folded into the weights, per-key scale):
@@ -93,18 +93,24 @@ def sweep_scores(h: int, d: int, length: int, cfgs: list[tuple], results: list[d
     return best
 
 
-def bench_end_to_end(h: int, d: int, k: int, length: int, impls: list[str], results: list[dict]) -> None:
-    """Per selection impl (``kt.SELECT_IMPL``): the whole op (CUDA-event median), its phases, its peak memory."""
+def bench_end_to_end(h: int, d: int, k: int, length: int, impls: list[str], sample_ranks: list[int],
+                     results: list[dict]) -> None:
+    """Per selection impl (``kt.SELECT_IMPL``; the filtered one once per ``tf.SAMPLE_RANK`` in ``sample_ranks``):
+    the whole op (CUDA-event median), its phases, its peak memory."""
     inp = fp8_indexer_inputs(length, h, d, seed=1)
     rep = 1000 if length <= 32768 else 1  # beyond 32K a call takes ≥ 100 ms: one timed call (+ 5 to estimate)
     flops = indexer_flops(length, length, h, d)
     qp, kp, wp, ks = kt._prepare(inp.q_index, inp.k_index, inp.weights, inp.k_scale)
-    pos = torch.arange(length, device="cuda")
+    dev = qp.device
+    pos = torch.arange(length, device=dev)
     row_len = kt._row_lengths(pos, pos)
-    o_s = torch.empty(1, length, k, device="cuda")
-    o_i = torch.empty(1, length, k, dtype=torch.int32, device="cuda")
-    for impl in impls:
+    o_s = torch.empty(1, length, k, device=dev)
+    o_i = torch.empty(1, length, k, dtype=torch.int32, device=dev)
+    runs = [(impl, rank) for impl in impls for rank in (sample_ranks if impl == "filter" else [None])]
+    for impl, rank in runs:
         kt.SELECT_IMPL = impl
+        default_rank = tf.SAMPLE_RANK
+        tf.SAMPLE_RANK = rank or default_rank
         try:
             fn = functools.partial(kt.lightning_indexer_topk, inp.q_index, inp.k_index, inp.weights, k, inp.k_scale)
             peak = peak_extra_gib(fn)  # also the first (compiling) call
@@ -114,12 +120,23 @@ def bench_end_to_end(h: int, d: int, k: int, length: int, impls: list[str], resu
                 qp, kp, wp, ks, pos, row_len, k, length, o_s, o_i, rep, h, results)
         finally:
             kt.SELECT_IMPL = "workspace"
-        row = {"what": "indexer_topk", "impl": impl, "H": h, "d": d, "k": k, "L": length, "ms": ms,
+            tf.SAMPLE_RANK = default_rank
+        label = impl if rank is None else f"filter r={rank} S={_stride_at(rank, k)}"
+        row = {"what": "indexer_topk", "impl": label, "H": h, "d": d, "k": k, "L": length, "ms": ms,
                "tflops": flops / ms / 1e9, "score_tflops": flops / phases["score_ms"] / 1e9, "peak_gib": peak,
                "fallback_rows": fallback, **phases}
         results.append(row)
-        print(f"{impl}: indexer+topk H={h} d={d} k={k} L={length}: {ms:.2f} ms ({row['tflops']:.0f} TFLOPS), "
+        print(f"{label}: indexer+topk H={h} d={d} k={k} L={length}: {ms:.2f} ms ({row['tflops']:.0f} TFLOPS), "
               f"phases {phases}, fallback rows {fallback}, peak {peak:.2f} GiB", flush=True)
+
+
+def _stride_at(rank: int, k: int) -> int:
+    """The key sampling stride ``tf.sample_stride`` picks for SAMPLE_RANK = ``rank``."""
+    default, tf.SAMPLE_RANK = tf.SAMPLE_RANK, rank
+    try:
+        return tf.sample_stride(k)
+    finally:
+        tf.SAMPLE_RANK = default
 
 
 def _workspace_phases(qp, kp, wp, ks, pos, row_len, k, length, o_s, o_i, rep, h, results) -> dict:
@@ -221,12 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--impls", nargs="+", choices=["workspace", "filter"], default=["workspace", "filter"],
                     help="top-k selection paths to time (kernels.indexer_topk.SELECT_IMPL), each in this run")
     ap.add_argument("--sweep-length", type=int, default=16384, help="L of the score-tile sweep")
-    ap.add_argument("--sample-rank", type=int, default=tf.SAMPLE_RANK,
-                    help="filtered path: sampled scores aimed above each threshold (sets the key stride)")
+    ap.add_argument("--sample-rank", type=int, nargs="+", default=[tf.SAMPLE_RANK],
+                    help="filtered path: sampled scores aimed above each threshold (sets the key stride); several "
+                         "values time the filtered path once per value")
     ap.add_argument("--out", type=Path, default=None, help="write indexer_topk.json / .md here")
     args = ap.parse_args(argv)
     require_cuda("benchmarks/indexer_topk.py")
-    tf.SAMPLE_RANK = args.sample_rank
     meta = {**run_meta(), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     print(meta, flush=True)
     results: list[dict] = []
@@ -237,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.shapes:
         h, d, k = SHAPES[name]
         for length in args.lengths:
-            bench_end_to_end(h, d, k, length, args.impls, results)
+            bench_end_to_end(h, d, k, length, args.impls, args.sample_rank, results)
     write_results(args.out, "indexer_topk", meta, results, tables(results))
 
 

@@ -247,6 +247,55 @@ def _case_no_host_sync():
 
 
 @_knobs
+def _case_benchmark_rows():
+    """benchmarks/indexer_topk.py's end-to-end rows for both paths (two sample ranks) run with CPU inputs, timings
+    replaced by one call each; the phase replays leave the exact result in the output buffers; the table renders
+    every row with the speedup column."""
+    import benchmarks.indexer_topk as bench
+    import kernels.indexer_topk as kt
+
+    g = torch.Generator().manual_seed(24)
+    length, topk = 96, 8
+    q, k, w = torch.randn(1, length, 4, 32, generator=g), torch.randn(1, length, 32, generator=g), torch.rand(1, 96, 4)
+    inp = type("Inputs", (), {"q_index": q, "k_index": k, "weights": w, "k_scale": None})
+    bench.fp8_indexer_inputs = lambda *args, **kw: inp
+    bench.median_ms = lambda fn, rep: (fn(), 1.0)[1]
+    bench.peak_extra_gib = lambda fn: (fn(), 0.0)[1]
+    results = []
+    bench.bench_end_to_end(4, 32, topk, length, ["workspace", "filter"], [64, 16], results)
+    rows = [r for r in results if r["what"] == "indexer_topk"]
+    assert [r["impl"] for r in rows] == ["workspace", "filter r=64 S=1", "filter r=16 S=1"], rows
+    assert all(r["fallback_rows"] is None if r["impl"] == "workspace" else r["fallback_rows"] >= 0 for r in rows)
+    table = bench.tables(results)
+    assert "| filter r=16 S=1 | 4 | 32 | 8 | 96 | 1.00 | 0 | 1.00× |" in table, table
+    # the phase replays compute the real thing: the workspace path's select leaves the exact top-k
+    qp, kp, wp, _ = kt._prepare(q, k, w, None)
+    pos = torch.arange(length)
+    o_s, o_i = torch.full((1, length, topk), float("nan")), torch.full((1, length, topk), -7, dtype=torch.int32)
+    bench._workspace_phases(qp, kp, wp, None, pos, kt._row_lengths(pos, pos), topk, length, o_s, o_i, 1, 4, [])
+    _assert_same((o_s, o_i), kt.lightning_indexer_topk(q, k, w, topk))
+
+
+@_knobs
+def _case_no_host_sync():
+    """The filtered path, fallback included (thresholds forced too high), asks for no host synchronisation: the
+    failing rows are re-run on the device (docs/design.md, "No host sync per layer")."""
+    import kernels.indexer_topk as kt
+    import kernels.topk_filter as tf
+    from tests._host_sync import HostSyncRecorder
+
+    q, k, w, ks = integer_indexer_inputs(1, 48, 48, 4, 32, seed=23)
+    tf.TARGET_SCALE = 0.25
+    kt.SELECT_IMPL = "filter"
+    with HostSyncRecorder() as rec:
+        got = kt.lightning_indexer_topk(q, k, w, 4, ks)
+    assert rec.calls == [], rec.calls
+    assert int(tf.LAST_FALLBACK) > 0
+    kt.SELECT_IMPL = "workspace"
+    _assert_same(got, kt.lightning_indexer_topk(q, k, w, 4, ks))
+
+
+@_knobs
 def _case_benchmark_phases():
     """benchmarks/indexer_topk.py's phase replays of both paths run (one call each instead of a timing) and leave
     the exact result in the output buffers; its table renders both impls with the speedup column."""
@@ -274,7 +323,7 @@ def _case_benchmark_phases():
     assert "| filter | 4 | 32 | 8 | 96 | 1.00 | 1 | 2.00× |" in table, table
 
 
-CASES = ["_case_benchmark_phases", "_case_no_host_sync", "_case_random_rows_strided_sample",
+CASES = ["_case_benchmark_rows", "_case_no_host_sync", "_case_random_rows_strided_sample",
          "_case_forced_thresholds_too_high_and_too_low", "_case_equal_scores_and_relu_zero_plateau",
          "_case_positions_dtypes_nan", "_case_decode_shapes"]
 
