@@ -255,8 +255,8 @@ def _case_benchmark_rows():
     import kernels.indexer_topk as kt
 
     g = torch.Generator().manual_seed(24)
-    length, topk = 96, 8
-    q, k, w = torch.randn(1, length, 4, 32, generator=g), torch.randn(1, length, 32, generator=g), torch.rand(1, 96, 4)
+    length, topk = 64, 8
+    q, k, w = torch.randn(1, length, 4, 32, generator=g), torch.randn(1, length, 32, generator=g), torch.rand(1, 64, 4)
     inp = type("Inputs", (), {"q_index": q, "k_index": k, "weights": w, "k_scale": None})
     bench.fp8_indexer_inputs = lambda *args, **kw: inp
     bench.median_ms = lambda fn, rep: (fn(), 1.0)[1]
@@ -267,7 +267,7 @@ def _case_benchmark_rows():
     assert [r["impl"] for r in rows] == ["workspace", "filter r=64 S=1", "filter r=16 S=1"], rows
     assert all(r["fallback_rows"] is None if r["impl"] == "workspace" else r["fallback_rows"] >= 0 for r in rows)
     table = bench.tables(results)
-    assert "| filter r=16 S=1 | 4 | 32 | 8 | 96 | 1.00 | 0 | 1.00× |" in table, table
+    assert "| filter r=16 S=1 | 4 | 32 | 8 | 64 | 1.00 | 0 | 1.00× |" in table, table
     # the phase replays compute the real thing: the workspace path's select leaves the exact top-k
     qp, kp, wp, _ = kt._prepare(q, k, w, None)
     pos = torch.arange(length)
