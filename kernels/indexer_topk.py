@@ -42,6 +42,13 @@ unchanged.
 Measured on the H100 (benchmarks/NOTES_indexer.md): scores 803–874 TFLOPS FP8-effective; at 128K the exact
 select + sort costs about as much again.
 
+Two selection paths, chosen by :data:`SELECT_IMPL` (both exact and bit-identical; the benchmark times both):
+``"workspace"`` (default) is steps 1–3 above; ``"filter"`` (:mod:`kernels.topk_filter`) never writes the dense
+score rows: a per-row threshold estimated from every S-th key, ``_score_kernel`` with ``FILTER`` storing only the
+scores at or above it as candidate words, the same sort, and the rows whose hit count falls outside [k, CAP] re-run
+densely in the same chunk (no host synchronisation). Launches with fewer rows than :func:`target_programs` (decode)
+keep the workspace path and its key-split grids.
+
 There is no backward: indices are not differentiable (the KL kernels in ``kernels/indexer_kl.py`` recompute the
 selected scores with gradients).
 """
@@ -56,9 +63,10 @@ import triton
 import triton.language as tl
 
 from kernels._checks import check_indexer_inputs, check_launchable, check_positions, check_positive_int
-from kernels.topk_select import _as_rows, select_chunk  # noqa: F401 - select_chunk: part of this module's API
+from kernels.topk_select import _as_rows, _ordered_key, select_chunk  # noqa: F401 - select_chunk: module API
 
 FAST_SELECT = True  # threshold-counting fast path (False: always the radix path; for tests)
+SELECT_IMPL = "workspace"  # "filter": threshold-filtered scoring (kernels/topk_filter.py); "workspace": dense rows
 WORKSPACE_ELEMS = 1 << 29  # fp32 score workspace budget per chunk (2 GiB) when chunk_size is None
 TARGET_PROGRAMS: int | None = None  # programs a launch aims for (None: 4 per SM on CUDA, 1 on CPU); see
 # target_programs — the decode key splits of the score and select launches follow it
@@ -69,9 +77,9 @@ TARGET_PROGRAMS: int | None = None  # programs a launch aims for (None: 4 per SM
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _score_kernel(
-    q_ptr, k_ptr, w_ptr, ks_ptr, qpos_ptr, kpos_ptr, kend_ptr, ws_ptr,
+    q_ptr, k_ptr, w_ptr, ks_ptr, qpos_ptr, kpos_ptr, kend_ptr, ws_ptr, thr_ptr, hits_ptr,
     q_start, n_q, n_k, n_blocks, span,
-    stride_qpb, stride_keb,
+    stride_qpb, stride_keb, stride_thb,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt,
     stride_wb, stride_wt,
@@ -80,6 +88,7 @@ def _score_kernel(
     H: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_KSCALE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    FILTER: tl.constexpr, CAP: tl.constexpr,
 ):
     # Longest blocks (latest queries) first: better tail balance for the causal triangle.
     blk = n_blocks - 1 - tl.program_id(0)
@@ -104,6 +113,8 @@ def _score_kernel(
     qpos = tl.load(qpos_ptr + b * stride_qpb + q_start + qq, mask=q_ok, other=-1)  # [BLOCK_Q]
     kend = tl.minimum(tl.load(kend_ptr + b * stride_keb + blk), k_lo + span)
     qT = tl.trans(q)
+    if FILTER:  # per-query threshold, loop-invariant like qpos (the loop below carries no state)
+        thr = tl.load(thr_ptr + b * stride_thb + qq, mask=q_ok, other=float("inf"))
     for k0 in range(k_lo, kend, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < n_k
@@ -128,10 +139,23 @@ def _score_kernel(
         # row makes the sort read unwritten candidate slots and return indices past Lk.
         ok = (kpos[:, None] <= qpos[None, :]) & k_ok[:, None] & (s == s)
         s = tl.where(ok, s, float("-inf"))
-        tl.store(
-            ws_ptr + b * stride_wsb + qq[None, :].to(tl.int64) * stride_wst + kk[:, None],
-            s, mask=q_ok[None, :] & k_ok[:, None],
-        )
+        if FILTER:
+            # Filtered epilogue (kernels/topk_filter.py): only scores ≥ the row's threshold leave the chip, as the
+            # packed candidate words of the select kernel's compaction, each in a slot reserved by an atomic on
+            # the row's hit counter. Every hit is counted, also past CAP (the caller then re-runs the row dense).
+            # (s is −inf where not ok; a −inf score of a causal key is no key either, as in the select kernel)
+            hit = (s > float("-inf")) & (s >= thr[None, :]) & q_ok[None, :]
+            slot = tl.atomic_add(tl.broadcast_to(hits_ptr + b * stride_thb + qq[None, :], (BLOCK_K, BLOCK_Q)), 1,
+                                 mask=hit, sem="relaxed")
+            skey = (_ordered_key(s) ^ 0x80000000).to(tl.int32, bitcast=True)  # signed order = float order
+            packed = (skey.to(tl.int64) << 32) | (2147483647 - kk[:, None]).to(tl.int64)
+            tl.store(ws_ptr + b * stride_wsb + qq[None, :].to(tl.int64) * stride_wst + slot, packed,
+                     mask=hit & (slot < CAP))
+        else:
+            tl.store(
+                ws_ptr + b * stride_wsb + qq[None, :].to(tl.int64) * stride_wst + kk[:, None],
+                s, mask=q_ok[None, :] & k_ok[:, None],
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,6 +225,7 @@ def score_chunk(
     n_q: int,
     workspace: torch.Tensor,
     config: dict | None = None,
+    filter_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Write the scores of queries [q_start, q_start+n_q) into ``workspace`` [B, ≥n_q, ≥max row_len] (fp32).
 
@@ -213,6 +238,12 @@ def score_chunk(
     split over ``splits`` programs (enough for :func:`target_programs`, whole ``BLOCK_K`` tiles each). Every
     program writes its own disjoint columns of the workspace, so nothing needs merging. ``config["SPLITS"]``
     forces the split count.
+
+    ``filter_rows = (thresholds, hits)`` (both [B, ≥n_q], unit last stride; fp32 and int32 zeros) switches to the
+    filtered epilogue: ``workspace`` is then the [B, ≥n_q, CAP] int64 candidate buffer and row r receives only
+    its scores ≥ ``thresholds[:, r]`` as packed words (score key high, ``2^31−1−index`` low) in the slots an
+    atomic on ``hits[:, r]`` hands out; ``hits`` ends as the number of such scores, also when above CAP (then
+    only CAP of them are stored). The scores are those of the dense epilogue: same kernel, same tiles.
     """
     b, _, h, d = q_index.shape
     n_k = k_index.shape[1]
@@ -235,10 +266,18 @@ def score_chunk(
     splits = triton.cdiv(tiles * bk, span)
     ks = k_scale if k_scale is not None else weights  # dummy pointer when absent
     upcast = (not q_index.is_cuda) and q_index.dtype == torch.bfloat16  # interpreter: bf16 dot is wrong
+    if filter_rows is None:
+        thr, hits, cap = weights, weights, 1  # dummy pointers; the dense epilogue does not read them
+    else:
+        thr, hits = filter_rows
+        if thr.stride() != hits.stride() or thr.stride(-1) != 1 or thr.shape[0] != b:
+            raise ValueError(f"filter_rows must be two [B, ≥n_q] tensors of equal strides, got {tuple(thr.shape)} "
+                             f"{thr.stride()} and {tuple(hits.shape)} {hits.stride()}")
+        cap = workspace.shape[-1]
     _score_kernel[(n_blocks, b, splits)](
-        q_index, k_index, weights, ks, q_rows, k_pos, kend, workspace,
+        q_index, k_index, weights, ks, q_rows, k_pos, kend, workspace, thr, hits,
         q_start, n_q, n_k, n_blocks, span,
-        stride_qpb, stride_keb,
+        stride_qpb, stride_keb, thr.stride(0),
         q_index.stride(0), q_index.stride(1), q_index.stride(2),
         k_index.stride(0), k_index.stride(1),
         weights.stride(0), weights.stride(1),
@@ -246,6 +285,7 @@ def score_chunk(
         workspace.stride(0), workspace.stride(1),
         H=h, D=d, HP=hp, DP=dp, BLOCK_Q=bq, BLOCK_K=bk,
         HAS_KSCALE=k_scale is not None, UPCAST=upcast, IEEE=q_index.dtype == torch.float32 or upcast,
+        FILTER=filter_rows is not None, CAP=cap,
         **cfg,
     )
 
@@ -344,7 +384,8 @@ def lightning_indexer_topk(
         ``(topk_scores [B, Lq, k] float32, topk_indices [B, Lq, k] int32)`` ordered (score desc, index asc),
         ties to the lowest index, (−inf, −1) in slots with no valid key; a key whose score is NaN is no valid
         key (never selected), so every index is −1 or in [0, Lk) for any input. Peak extra memory:
-        ``4·B·chunk·Lk + 8·B·chunk·next_pow2(k)`` bytes.
+        ``4·B·chunk·Lk + 8·B·chunk·next_pow2(k)`` bytes (``SELECT_IMPL = "filter"``: the same, plus
+        ``4·B·chunk·Lk / S`` of sampled scores; the workspace is then written only for rows it re-runs densely).
 
     Decode (Lq = 1, B ≤ 64, Lk up to 128K): the score grid splits the key range over programs
     (:func:`score_chunk`) and the selection splits each row into key segments merged exactly
@@ -366,10 +407,46 @@ def lightning_indexer_topk(
     if lq == 0:
         return out_s, out_i
     row_len = _row_lengths(q_pos, k_pos)  # [Lq] or [B, Lq]
-    width = max(1, lk)
+    if SELECT_IMPL == "filter" and b * lq >= target_programs(dev):
+        from kernels.topk_filter import filtered_topk  # imports this module: resolved at call time
+
+        filtered_topk(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, topk, chunk_size, out_s, out_i)
+    elif SELECT_IMPL in ("filter", "workspace"):
+        workspace_topk(q_index, k_index, weights, k_scale, q_pos, k_pos, row_len, topk, chunk_size, out_s, out_i)
+    else:
+        raise ValueError(f"kernels.indexer_topk.SELECT_IMPL must be 'filter' or 'workspace', got {SELECT_IMPL!r}")
+    return out_s, out_i
+
+
+def workspace_chunk(b: int, lq: int, lk: int, chunk_size: int | None) -> int:
+    """Queries per workspace fill: ``chunk_size``, else as many as fit :data:`WORKSPACE_ELEMS` fp32 scores."""
     if chunk_size is None:
-        chunk_size = max(1, min(lq, WORKSPACE_ELEMS // (b * width)))
-    chunk = min(chunk_size, lq)
+        chunk_size = max(1, min(lq, WORKSPACE_ELEMS // (b * max(1, lk))))
+    return max(1, min(chunk_size, lq))
+
+
+def workspace_topk(
+    q_index: torch.Tensor,
+    k_index: torch.Tensor,
+    weights: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    row_len: torch.Tensor,
+    topk: int,
+    chunk_size: int | None,
+    out_s: torch.Tensor,
+    out_i: torch.Tensor,
+) -> None:
+    """The dense-workspace path: every causal score of a query chunk into the fp32 workspace, then the exact
+    select and sort (or the segmented select when the launch is small, e.g. decode). Inputs as prepared by
+    :func:`_prepare`; ``q_pos``/``row_len`` [Lq] or [B, Lq]; writes all Lq rows of ``out_s``/``out_i``. The
+    filtered path's fallback runs the same kernels on its failing rows
+    (:meth:`kernels.topk_filter.FilterPlan.fallback`)."""
+    b, lq = q_index.shape[:2]
+    dev = q_index.device
+    width = max(1, k_index.shape[1])
+    chunk = workspace_chunk(b, lq, width, chunk_size)
     n_seg = select_segments(b * chunk, width, topk, dev)
     width = triton.cdiv(width, n_seg) * n_seg  # whole segments (columns ≥ Lk are never read)
     cap = 2 * triton.next_power_of_2(topk)  # candidate slots per row (≥ k plus the boundary bucket)
@@ -385,4 +462,3 @@ def lightning_indexer_topk(
             continue
         counters.zero_()
         select_chunk(workspace, row_len, counters, cand, out_s, out_i, start, n_q, topk, FAST_SELECT)
-    return out_s, out_i

@@ -244,12 +244,26 @@ def _sort_kernel(
     cand_ptr, cnt_ptr, s_ptr, i_ptr,
     q_start, n_q, stride_cnt,
     stride_cb, stride_ct, stride_ob, stride_ot,
-    K: tl.constexpr, CAP: tl.constexpr, ROWS: tl.constexpr, RANK_SORT: tl.constexpr,
+    K: tl.constexpr, CAP: tl.constexpr, ROWS: tl.constexpr, RANK_SORT: tl.constexpr, SKIP_EMPTY: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_q
     b = tl.program_id(1).to(tl.int64)
     taken = tl.load(cnt_ptr + b * stride_cnt + rows, mask=row_ok, other=0)
+    if SKIP_EMPTY:
+        # Rows without candidates keep what an earlier pass wrote (the filtered path's dense re-run of a few rows).
+        row_ok = row_ok & (taken > 0)
+        if tl.max(row_ok.to(tl.int32), axis=0) > 0:
+            _sort_rows(cand_ptr, s_ptr, i_ptr, b, rows, row_ok, taken, q_start, stride_cb, stride_ct, stride_ob,
+                       stride_ot, K, CAP, ROWS, RANK_SORT)
+    else:
+        _sort_rows(cand_ptr, s_ptr, i_ptr, b, rows, row_ok, taken, q_start, stride_cb, stride_ct, stride_ob,
+                   stride_ot, K, CAP, ROWS, RANK_SORT)
+
+
+@triton.jit
+def _sort_rows(cand_ptr, s_ptr, i_ptr, b, rows, row_ok, taken, q_start, stride_cb, stride_ct, stride_ob, stride_ot,
+               K: tl.constexpr, CAP: tl.constexpr, ROWS: tl.constexpr, RANK_SORT: tl.constexpr):
     slots = tl.arange(0, CAP)
     cand_row = cand_ptr + b * stride_cb + rows.to(tl.int64) * stride_ct
     p = tl.load(cand_row[:, None] + slots[None, :], mask=slots[None, :] < taken[:, None], other=INT64_MIN_C)
@@ -294,12 +308,14 @@ def select_chunk(
     topk: int,
     fast: bool = True,
     config: dict | None = None,
+    skip_empty: bool = False,
 ) -> None:
     """Exact top-k of workspace rows [0, n_q) into ``out_s/out_i[:, q_start:q_start+n_q]``.
 
     ``row_len`` [Lq] (shared) or [B, Lq] (per sequence): valid entries of each row; ``counters`` [2, B, ≥n_q]
     int32 zeros ([0]: atomic slot counters of the compaction, [1]: candidate counts); ``cand`` [B, ≥n_q, CAP]
-    int64 scratch with CAP = 2·next_pow2(topk); ``fast``: threshold-counting path first (else radix only).
+    int64 scratch with CAP = 2·next_pow2(topk); ``fast``: threshold-counting path first (else radix only);
+    ``skip_empty``: rows with no valid entry are left unwritten (see :func:`sort_chunk`).
     """
     b = workspace.shape[0]
     on_gpu = workspace.is_cuda
@@ -316,8 +332,20 @@ def select_chunk(
         workspace.stride(0), workspace.stride(1), cand.stride(0), cand.stride(1),
         K=topk, CAP=cand.shape[-1], ROWS=rows, BLOCK=block, FAST=fast, num_warps=warps,
     )
-    _sort_kernel[grid](
-        cand, counters[1], out_s, out_i, q_start, n_q, counters.stride(1),
+    sort_chunk(cand, counters[1], out_s, out_i, q_start, n_q, topk, skip_empty)
+
+
+def sort_chunk(cand: torch.Tensor, counts: torch.Tensor, out_s: torch.Tensor, out_i: torch.Tensor, q_start: int,
+               n_q: int, topk: int, skip_empty: bool = False) -> None:
+    """Order the candidates of rows [0, n_q) — ``cand`` [B, ≥n_q, CAP] int64 words, the first ``counts`` [B, ≥n_q]
+    (int32, unit last stride; values past CAP read as CAP) of each row — by (score desc, index asc) and write the
+    first k into ``out_s/out_i[:, q_start:q_start+n_q]``, (−inf, −1) past the row's candidates. ``skip_empty``:
+    rows with no candidate are not written at all (and, one row per program on the GPU, not sorted)."""
+    on_gpu = cand.is_cuda
+    rows = 1 if on_gpu else 16
+    _sort_kernel[(triton.cdiv(n_q, rows), cand.shape[0])](
+        cand, counts, out_s, out_i, q_start, n_q, counts.stride(0),
         cand.stride(0), cand.stride(1), out_s.stride(0), out_s.stride(1),
-        K=topk, CAP=cand.shape[-1], ROWS=rows, RANK_SORT=not on_gpu, num_warps=8 if on_gpu else 1,
+        K=topk, CAP=cand.shape[-1], ROWS=rows, RANK_SORT=not on_gpu, SKIP_EMPTY=skip_empty,
+        num_warps=8 if on_gpu else 1,
     )
