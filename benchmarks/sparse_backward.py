@@ -41,6 +41,7 @@ def measure(shape: dict, length: int, rep_ms: float) -> list[dict]:
     flops = 2.5 * ks.sparse_attention_flops(length, h, topk, d_qk, d_v)
     p_attn = torch.empty(idx.shape, device="cuda", dtype=torch.float32)
     rows, ref = [], {}
+    default = ks.MIXED_BACKWARD
     for with_p in (False, True):
         for mixed in (False, True):
             ks.MIXED_BACKWARD = mixed
@@ -59,7 +60,7 @@ def measure(shape: dict, length: int, rep_ms: float) -> list[dict]:
                 rows.append({"shape": shape["name"], "L": length, "p_attn": with_p, "mixed": mixed, "error": "OOM"})
                 continue
             finally:
-                ks.MIXED_BACKWARD = False
+                ks.MIXED_BACKWARD = default
             # the two schedules compute the same thing: dq bit for bit, dk up to atomic order
             if not mixed:
                 ref[with_p] = sample

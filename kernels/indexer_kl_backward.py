@@ -209,7 +209,10 @@ def indexer_grads(launch, p_buf: torch.Tensor, lse_i: torch.Tensor, p_tot: torch
     grad = grad_dtype(args[3].dtype)  # args[3]: q_index as the kernels read it
     upcast = grad == "bf16" and not on_gpu  # the interpreter's bf16 dot is wrong: bf16 values held in fp32
     fp32_ops = grad == "fp32" or upcast
-    prec = ("tf32x3" if on_gpu else "ieee") if fp32_ops else "tf32"  # "tf32" is ignored by 16-bit dots
+    # fp32 operands: exact fp32 dots ("ieee"), as the forward computes the logits (IEEE_IDX) — recomputing them
+    # in 3xTF32 moved the softmax against the forward's log-sum-exp: gradients 6× plain fp32 torch's error (H100).
+    # "tf32" is ignored by 16-bit dots.
+    prec = "ieee" if fp32_ops else "tf32"
     # The dense path keeps the forward's tiles: its cost is the target recompute (H·d per pair), whose unrolled
     # head-group dots cannot take pipeline stages (shared memory; see kernels.indexer_kl._launch).
     tiles = KL_BWD_V2_TILES if on_gpu and meta["SPARSE"] else {"block_n": meta["BLOCK_N"], "num_warps": warps,

@@ -53,8 +53,9 @@ from kernels.sparse_attention_backward import (
 
 _LOG2E = 1.4426950408889634
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MIXED_BACKWARD = False  # one launch with the dq and dk/dv programs interleaved (see _sparse_attn_bwd_mixed_kernel);
-# used when both passes run and their tile configs use the same number of warps
+MIXED_BACKWARD = True  # one launch with the dq and dk/dv programs interleaved (see _sparse_attn_bwd_mixed_kernel);
+# used when both passes run and their tile configs use the same number of warps. Measured on an H100 (V3.2 shape):
+# 6-7 % faster at 128K, 3 % at 32K (benchmarks/NOTES_sparse_attention.md §8); False: two launches.
 
 
 # ----------------------------------------------------------------------------------------------- kernels

@@ -142,6 +142,7 @@ def _case_mixed_launch_matches_two_launches():
     p_attn bit for bit (same programs, no atomics, or two exact adds into zero), dk/dv up to atomic order."""
     import kernels.sparse_attention as ks
 
+    default = ks.MIXED_BACKWARD
     for hkv, mla in ((1, True), (2, False), (4, False)):
         attn, _, idx, grad_out = _problem(2, 20, 8, hkv, 48 if mla else 32, 32 if mla else 16, 2, 16, 8, mla,
                                           seed=20 + hkv)
@@ -153,7 +154,7 @@ def _case_mixed_launch_matches_two_launches():
             ks.MIXED_BACKWARD = mixed
             p_attn = torch.full(idx.shape, float("nan"))
             results.append((*ks.sparse_attention_bwd(q, k, v, idx, out, lse, grad_out, 0.2, p_attn=p_attn), p_attn))
-        ks.MIXED_BACKWARD = False
+        ks.MIXED_BACKWARD = default
         (dq0, dk0, dv0, p0), (dq1, dk1, dv1, p1) = results
         assert torch.equal(dq0, dq1) and torch.equal(p0, p1), hkv
         assert _rel(dk1, dk0) < 1e-6 and (dv0 is None) == (dv1 is None), hkv
