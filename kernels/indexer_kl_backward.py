@@ -14,8 +14,8 @@ Two kernels, chosen by :data:`KL_BWD_IMPL` (the same formulas; the tests cover b
   s = k_I·q_Iᵀ [BLOCK_N, H_I]; dk_I = c·q_I is a [BLOCK_N, d_I] tile whose contiguous d_I axis is the MMA N axis,
   added with relaxed (``red``) vector atomics; dq_Iᵀ += k_Iᵀ·c [d_I, H_I] (M = d_I ≥ 64 keeps the Hopper MMA
   shape even for 8 indexer heads). The dots take the *inputs'* precision, as PyTorch's matmul would: bf16 (and
-  fp8, upcast exactly) → bf16 operands, c rounded to bf16, fp32 accumulation; fp16 likewise; fp32 → 3xTF32 on
-  the GPU (fp32-accurate), exact fp32 in the interpreter. Sparse tiles: :data:`KL_BWD_V2_TILES`.
+  fp8, upcast exactly) → bf16 operands, c rounded to bf16, fp32 accumulation; fp16 likewise; fp32 → exact fp32
+  dots ("ieee", as the forward computes the logits). Sparse tiles: :data:`KL_BWD_V2_TILES`.
 * ``"legacy"``, :func:`_kl_bwd_kernel`: indexer heads on M, every gradient dot in fp32 (3xTF32), 32-key blocks;
   kept selectable so one benchmark run can time both (``benchmarks/indexer_kl.py --compare-legacy``).
 """
