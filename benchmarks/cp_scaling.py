@@ -240,7 +240,7 @@ def measure(make, cfg: DSAModelConfig, dims: ParallelDims, length: int, sparse: 
 
     ``overlap_steps`` > 0: the communication's overlap comes from a profiler timeline of that many steps
     (``row["overlap"]``, :func:`benchmarks.comm_overlap.profile_overlap`; bytes counted in the same steps)
-    instead of the compute-alone and replayed-collectives runs.
+    instead of the compute-alone and replayed-collectives runs; < 0: neither (timing and memory only).
     """
     row: dict = {}
     try:
@@ -265,7 +265,7 @@ def measure(make, cfg: DSAModelConfig, dims: ParallelDims, length: int, sparse: 
             if dims.cp > 1:
                 row["sent_bytes_per_layer"] = log.total / layers / overlap_steps
                 row["sent_by_kind_per_layer"] = {k: v / layers / overlap_steps for k, v in log.sent.items()}
-        elif hasattr(_comm, "count_comm_bytes") and dims.cp > 1:
+        elif overlap_steps == 0 and hasattr(_comm, "count_comm_bytes") and dims.cp > 1:
             with _comm.count_comm_bytes() as log:
                 step()
             row["sent_bytes_per_layer"] = log.total / layers
@@ -369,7 +369,7 @@ def main() -> None:
     parser.add_argument("--overlap-steps", type=int, default=1, help="profiled steps per case with --overlap")
     parser.add_argument("--overlap-max-model-len", type=int, default=512 * K,
                         help="--overlap skips model cases longer than this: parsing the profiler's events of a "
-                             "1M-token model step took minutes on the H100 host (the case is timed without it)")
+                             "1M-token model step took minutes on the H100 host (the case is only timed)")
     parser.add_argument("--overlap-trace", nargs="*", default=[], metavar="PART:L:CP",
                         help="with --overlap and --out: write every rank's chrome trace of these cases "
                              "(traces/*.json.gz), e.g. model:131072:4")
@@ -424,7 +424,8 @@ def main() -> None:
                 make = make_model_step if is_model else make_layer_step
                 profiled = args.overlap and not (is_model and length > args.overlap_max_model_len)
                 row.update(measure(make, cfg, dims, length, sparse, args.reps, case["batch"],
-                                   args.overlap_steps if profiled else 0, trace if profiled else None))
+                                   args.overlap_steps if profiled else (-1 if args.overlap else 0),
+                                   trace if profiled else None))
             seen[(key, length)] = row
         _finish_row(row, cfg, sparse, is_model)
         rows.append(row)
