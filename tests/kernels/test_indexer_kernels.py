@@ -203,9 +203,40 @@ def _case_decode_per_sequence_positions():
         kt.TARGET_PROGRAMS = None
 
 
+def _case_sampled_statistics_long_rows():
+    """Rows long enough for the select's sampled statistics pass (≥ SAMPLE_MIN_BLOCKS·SAMPLE_EVERY blocks): the
+    result is still the exact top-k — Gaussian and position-biased scores, exact ties, a row thinned by −inf
+    entries to ≤ CAP valid ones (taken whole only after the counts or the radix path find that), a short row."""
+    import kernels.topk_select as sel
+    from dsa_dist.ops.topk import topk_from_scores
+
+    g = torch.Generator().manual_seed(11)
+    k, lk = 32, 2560  # interpreter tiles: BLOCK 64, so rows ≥ 4·8·64 = 2048 entries are sampled
+    rows = [torch.randn(lk, generator=g),                                   # Gaussian
+            torch.randint(0, 4, (lk,), generator=g).float(),                 # massive exact ties
+            torch.full((lk,), float("-inf")),                                # 50 valid entries among −inf
+            torch.randn(lk, generator=g),                                    # short row (n = 40 ≤ CAP)
+            torch.arange(lk).float() / lk + 0.1 * torch.randn(lk, generator=g),  # scores rise with position
+            torch.full((lk,), float("-inf"))]                                # K ≤ 60 valid ≤ CAP, spread out
+    rows[2][torch.randperm(lk, generator=g)[:50]] = torch.randn(50, generator=g)
+    rows[5][torch.randperm(lk, generator=g)[:60]] = torch.randn(60, generator=g)
+    ws = torch.stack(rows)[None]
+    n = torch.tensor([lk, lk - 60, lk, 40, lk, lk - 7], dtype=torch.int32)
+    masked = ws.masked_fill(torch.arange(lk)[None, None, :] >= n[None, :, None], float("-inf"))
+    want = topk_from_scores(masked, k)
+    cap = 2 * k
+    for fast in (True, False):
+        out_s = torch.full((1, 6, k), float("nan"))
+        out_i = torch.full((1, 6, k), -7, dtype=torch.int32)
+        counters = torch.zeros(2, 1, 6, dtype=torch.int32)
+        cand = torch.empty(1, 6, cap, dtype=torch.int64)
+        sel.select_chunk(ws, n, counters, cand, out_s, out_i, 0, 6, k, fast)
+        _assert_topk_equal((out_s, out_i), want)
+
+
 CASES = ["_case_exact_ties_and_short_rows", "_case_positions_shapes_dtypes", "_case_random_scores",
          "_case_dispatch", "_case_nan_scores_are_no_key",
-         "_case_decode_per_sequence_positions"]
+         "_case_decode_per_sequence_positions", "_case_sampled_statistics_long_rows"]
 
 
 @pytest.fixture(scope="module")
