@@ -22,8 +22,6 @@ INT64_MIN = -(2**63)
 INT64_MIN_C: tl.constexpr = tl.constexpr(INT64_MIN)  # empty slot in the packed buffer (sorts last)
 N_THRESH: tl.constexpr = tl.constexpr(8)  # thresholds counted per pass by the select fast path
 MAX_COUNT_PASSES: tl.constexpr = tl.constexpr(3)  # counting passes before the exact radix fallback
-SAMPLE_EVERY: tl.constexpr = tl.constexpr(8)  # the statistics pass of a long row reads every 8th block
-SAMPLE_MIN_BLOCKS: tl.constexpr = tl.constexpr(4)  # ... when that still reads ≥ 4 blocks (rows ≥ 32 blocks)
 
 
 @triton.jit
@@ -109,51 +107,29 @@ def _select_kernel(
         # Fast path: guess thresholds from the row's mean / std / max / min (a Gaussian tail quantile), count
         # the entries at or above each in one pass, and keep the highest threshold whose count lies in [K, CAP].
         # A few bracketing passes refine a bad guess; rows it cannot settle (heavy ties) fall through to radix.
-        # Statistics pass: elementwise accumulators, reduced once at the end. Long rows are sampled: every
-        # SAMPLE_EVERY-th block (a stratified sample spread over the whole row). The statistics only place the
-        # first threshold guesses — the counts below read every entry and the radix path catches a bad guess, so
-        # exactness never depends on them — and reading whole rows here was a third of the select's traffic.
-        sampled = n_max >= SAMPLE_MIN_BLOCKS * SAMPLE_EVERY * BLOCK
-        stride = tl.where(sampled, BLOCK * SAMPLE_EVERY, BLOCK)
+        # Statistics pass: elementwise accumulators, reduced once at the end.
         a_n = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
-        a_m = tl.zeros([ROWS, BLOCK], dtype=tl.int32)
         a_s = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         a_q = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
         a_hi = tl.full([ROWS, BLOCK], float("-inf"), dtype=tl.float32)
         a_lo = tl.full([ROWS, BLOCK], float("inf"), dtype=tl.float32)
-        for start in range(0, n_max, stride):
+        for start in range(0, n_max, BLOCK):
             offs = start + tl.arange(0, BLOCK)
-            in_row = offs[None, :] < n[:, None]
-            x = tl.load(row_ptr[:, None] + offs[None, :], mask=in_row, other=float("-inf"))
+            x = tl.load(row_ptr[:, None] + offs[None, :], mask=offs[None, :] < n[:, None], other=float("-inf"))
             ok_x = x != float("-inf")
             xv = tl.where(ok_x, x, 0.0)
             a_n += ok_x.to(tl.int32)
-            a_m += in_row.to(tl.int32)
             a_s += xv
             a_q += xv * xv
             a_hi = tl.maximum(a_hi, x)
             a_lo = tl.minimum(a_lo, tl.where(ok_x, x, float("inf")))
-        n_seen_i = tl.sum(a_n, axis=1)  # valid entries read (all of them when not sampled)
-        n_seen = n_seen_i.to(tl.float32)
-        if sampled:
-            # "take every entry" needs the exact count of a row of ≤ CAP entries: they all lie in the first CAP
-            # columns. Longer rows count as n (> CAP) here; if −inf entries thin one to ≤ CAP valid ones, the
-            # threshold counts or the radix path find that exactly.
-            head = tl.zeros([ROWS], dtype=tl.int32)
-            for start in range(0, CAP, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                x = tl.load(row_ptr[:, None] + offs[None, :], mask=offs[None, :] < n[:, None], other=float("-inf"))
-                head += tl.sum((x != float("-inf")).to(tl.int32), axis=1)
-            n_valid_i = tl.where(n <= CAP, head, n)
-            n_valid = n_seen * n.to(tl.float32) / tl.maximum(tl.sum(a_m, axis=1).to(tl.float32), 1.0)
-        else:
-            n_valid_i = n_seen_i
-            n_valid = n_seen
-        mean = tl.sum(a_s, axis=1) / tl.maximum(n_seen, 1.0)
-        var = tl.sum(a_q, axis=1) / tl.maximum(n_seen, 1.0) - mean * mean
+        n_valid_i = tl.sum(a_n, axis=1)
+        n_valid = n_valid_i.to(tl.float32)
+        mean = tl.sum(a_s, axis=1) / tl.maximum(n_valid, 1.0)
+        var = tl.sum(a_q, axis=1) / tl.maximum(n_valid, 1.0) - mean * mean
         sd = tl.sqrt(tl.maximum(var, 0.0))
-        hi_v = tl.where(n_seen_i > 0, tl.max(a_hi, axis=1), 0.0)  # rows without valid entries: keep finite
-        lo_v = tl.where(n_seen_i > 0, tl.min(a_lo, axis=1), 0.0)
+        hi_v = tl.where(n_valid_i > 0, tl.max(a_hi, axis=1), 0.0)  # rows without valid entries: keep finite
+        lo_v = tl.where(n_valid_i > 0, tl.min(a_lo, axis=1), 0.0)
         z = _normal_upper_quantile(tl.minimum(tl.maximum(1.5 * K / tl.maximum(n_valid, 1.0), 1e-6), 0.999))
         jj = tl.arange(0, N_THRESH)
         thr = mean[:, None] + sd[:, None] * (z[:, None] + (jj[None, :].to(tl.float32) - 3.5) * 0.3)
