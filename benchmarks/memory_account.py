@@ -66,6 +66,14 @@ def _site(event) -> str:
     return event.name
 
 
+def _by_site(blocks: dict[int, tuple[int, str]]) -> dict[str, int]:
+    """Live bytes per allocation site, largest first, from ``{pointer: (bytes, site)}``."""
+    sites: dict[str, int] = defaultdict(int)
+    for size, site in blocks.values():
+        sites[site] += size
+    return dict(sorted(sites.items(), key=lambda kv: -kv[1]))
+
+
 def peak_memory(fn: Callable[[], object]) -> MemoryPeak:
     """Run ``fn`` once under torch's CPU memory profiler; return its peak live bytes and their allocation sites.
 
@@ -99,14 +107,8 @@ def peak_memory(fn: Callable[[], object]) -> MemoryPeak:
         if cur > peak:
             peak, snapshot = cur, dict(live)
 
-    def by_site(blocks: dict) -> dict[str, int]:
-        sites: dict[str, int] = defaultdict(int)
-        for size, site in blocks.values():
-            sites[site] += size
-        return dict(sorted(sites.items(), key=lambda kv: -kv[1]))
-
     at_backward = at_backward or {}
-    return MemoryPeak(peak, by_site(snapshot), sum(size for size, _ in at_backward.values()), by_site(at_backward))
+    return MemoryPeak(peak, _by_site(snapshot), sum(size for size, _ in at_backward.values()), _by_site(at_backward))
 
 
 def _frame_site(frames: list[dict]) -> str:
@@ -145,10 +147,7 @@ def cuda_peak_memory(fn: Callable[[], object]) -> MemoryPeak:
             cur -= live.pop(addr)[0]
         if cur > peak:
             peak, at_peak = cur, dict(live)
-    sites: dict[str, int] = defaultdict(int)
-    for size, site in at_peak.values():
-        sites[site] += size
-    return MemoryPeak(peak, dict(sorted(sites.items(), key=lambda kv: -kv[1])))
+    return MemoryPeak(peak, _by_site(at_peak))
 
 
 def _cuda_main(args) -> None:

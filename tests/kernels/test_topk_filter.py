@@ -276,53 +276,6 @@ def _case_benchmark_rows():
     _assert_same((o_s, o_i), kt.lightning_indexer_topk(q, k, w, topk))
 
 
-@_knobs
-def _case_no_host_sync():
-    """The filtered path, fallback included (thresholds forced too high), asks for no host synchronisation: the
-    failing rows are re-run on the device (docs/design.md, "No host sync per layer")."""
-    import kernels.indexer_topk as kt
-    import kernels.topk_filter as tf
-    from tests._host_sync import HostSyncRecorder
-
-    q, k, w, ks = integer_indexer_inputs(1, 48, 48, 4, 32, seed=23)
-    tf.TARGET_SCALE = 0.25
-    kt.SELECT_IMPL = "filter"
-    with HostSyncRecorder() as rec:
-        got = kt.lightning_indexer_topk(q, k, w, 4, ks)
-    assert rec.calls == [], rec.calls
-    assert int(tf.LAST_FALLBACK) > 0
-    kt.SELECT_IMPL = "workspace"
-    _assert_same(got, kt.lightning_indexer_topk(q, k, w, 4, ks))
-
-
-@_knobs
-def _case_benchmark_phases():
-    """benchmarks/indexer_topk.py's phase replays of both paths run (one call each instead of a timing) and leave
-    the exact result in the output buffers; its table renders both impls with the speedup column."""
-    import benchmarks.indexer_topk as bench
-    import kernels.indexer_topk as kt
-
-    bench.median_ms = lambda fn, rep: (fn(), 1.0)[1]
-    g = torch.Generator().manual_seed(24)
-    length, topk = 96, 8
-    q, k, w = torch.randn(1, length, 4, 32, generator=g), torch.randn(1, length, 32, generator=g), torch.rand(1, 96, 4)
-    qp, kp, wp, ks = kt._prepare(q, k, w, None)
-    pos = torch.arange(length)
-    want = kt.lightning_indexer_topk(q, k, w, topk)
-    rows = []
-    for impl, phases in (("workspace", bench._workspace_phases), ("filter", bench._filter_phases)):
-        o_s, o_i = torch.full((1, length, topk), float("nan")), torch.full((1, length, topk), -7, dtype=torch.int32)
-        got = phases(qp, kp, wp, ks, pos, kt._row_lengths(pos, pos), topk, length, o_s, o_i, 1, 4, [])
-        assert set(got) == {"score_ms", "select_ms", "threshold_ms", "chunk"}, got
-        if impl == "workspace":  # (the filtered replay leaves the last chunk's rows; one chunk here, no fallback)
-            _assert_same((o_s, o_i), want)
-        rows.append({"what": "indexer_topk", "impl": impl, "H": 4, "d": 32, "k": topk, "L": length,
-                     "ms": 2.0 if impl == "workspace" else 1.0, "tflops": 1.0, "score_tflops": 1.0, "peak_gib": 0.0,
-                     "fallback_rows": None if impl == "workspace" else 0, **got})
-    table = bench.tables(rows)
-    assert "| filter | 4 | 32 | 8 | 96 | 1.00 | 1 | 2.00× |" in table, table
-
-
 CASES = ["_case_benchmark_rows", "_case_no_host_sync", "_case_random_rows_strided_sample",
          "_case_forced_thresholds_too_high_and_too_low", "_case_equal_scores_and_relu_zero_plateau",
          "_case_positions_dtypes_nan", "_case_decode_shapes"]
