@@ -92,6 +92,13 @@ def is_comm_kernel(name: str) -> bool:
     return "nccl" in name.lower()
 
 
+def _is_device_work(evt) -> bool:
+    from torch.autograd import DeviceType
+
+    return not (evt.device_type == DeviceType.CPU or getattr(evt, "is_user_annotation", False)
+                or "annotation" in str(getattr(evt, "activity_type", "") or ""))
+
+
 def device_intervals(events) -> tuple[list[Interval], list[Interval], int]:
     """``(comm, compute, n_events)`` in seconds from profiler events (``prof.events()``): every event whose
     ``device_type`` is not the CPU (kernels, memcpy, memset on the GPU), split by :func:`is_comm_kernel`.
@@ -99,28 +106,53 @@ def device_intervals(events) -> tuple[list[Interval], list[Interval], int]:
     GPU user annotations are skipped: they are not work but the device-side span of a ``record_function`` range
     (``nccl:all_gather`` around its kernels, or a whole region), and one spanning a region would count as compute
     over everything in it."""
-    from torch.autograd import DeviceType
 
     comm: list[Interval] = []
     compute: list[Interval] = []
     for evt in events:
-        if evt.device_type == DeviceType.CPU or getattr(evt, "is_user_annotation", False) \
-                or "annotation" in str(getattr(evt, "activity_type", "") or ""):
+        if not _is_device_work(evt):
             continue
         interval = (evt.time_range.start / 1e6, evt.time_range.end / 1e6)  # the profiler's µs
         (comm if is_comm_kernel(evt.name) else compute).append(interval)
     return comm, compute, len(comm) + len(compute)
 
 
+COMM_KINDS = ("AllGather", "ReduceScatter", "SendRecv", "AllReduce", "AllToAll")
+
+
+def comm_kind(name: str) -> str:
+    """The collective of an NCCL kernel name (``ncclDevKernel_ReduceScatter_Sum_f32_RING_LL`` → ``ReduceScatter``;
+    all-to-all runs as ``SendRecv``), ``"other"`` when none is named."""
+    low = name.lower()
+    return next((k for k in COMM_KINDS if k.lower() in low), "other")
+
+
+def comm_by_kind(events, compute: Sequence[Interval], steps: int) -> dict:
+    """Per collective kind: ``comm_s`` / ``hidden_s`` per step and ``hidden_share`` of its kernels alone against
+    the same compute (which collective the exposed time belongs to)."""
+    kinds: dict[str, list[Interval]] = {}
+    for evt in events:
+        if _is_device_work(evt) and is_comm_kernel(evt.name):
+            kinds.setdefault(comm_kind(evt.name), []).append((evt.time_range.start / 1e6, evt.time_range.end / 1e6))
+    out = {}
+    for kind, intervals in sorted(kinds.items()):
+        s = overlap_stats(intervals, compute)
+        out[kind] = {"comm_s": s["comm"] / steps, "hidden_s": s["hidden"] / steps, "hidden_share": s["hidden_share"],
+                     "kernels": len(intervals) // steps}
+    return out
+
+
 def rank_stats(events, wall_s: float, steps: int) -> dict:
-    """One rank's numbers per step (seconds), or ``{"note": NO_DEVICE_EVENTS}``."""
+    """One rank's numbers per step (seconds), or ``{"note": NO_DEVICE_EVENTS}``; ``by_kind`` splits the
+    communication by collective (:func:`comm_by_kind`)."""
+    events = list(events)
     comm, compute, n = device_intervals(events)
     if n == 0:
         return {"note": NO_DEVICE_EVENTS, "wall_s": wall_s / steps}
     s = overlap_stats(comm, compute)
     per_step = {f"{k}_s": v / steps for k, v in s.items() if k != "hidden_share"}
     return {**per_step, "hidden_share": s["hidden_share"], "wall_s": wall_s / steps, "kernels": n // steps,
-            "comm_kernels": len(comm) // steps}
+            "comm_kernels": len(comm) // steps, "by_kind": comm_by_kind(events, union(compute), steps)}
 
 
 def summarise_ranks(per_rank: list[dict]) -> dict:

@@ -72,7 +72,7 @@ from benchmarks.cp_scaling_plan import (  # noqa: E402
     shorter,
     skip_reason,
 )
-from benchmarks.cp_scaling_report import table, write  # noqa: E402
+from benchmarks.cp_scaling_report import kind_table, table, write  # noqa: E402
 from benchmarks.hang_dump import dump_stacks_on_sigterm, hang_dump  # noqa: E402
 from dsa_dist.compat import default_device  # noqa: E402
 from dsa_dist.model.config import DSAModelConfig, RecomputeConfig, preset  # noqa: E402
@@ -434,6 +434,8 @@ def main() -> None:
             write(rows, args)  # after every case: a run cut short keeps what it measured
     if rank == 0:
         print(table(rows), flush=True)
+        if kind_table(rows):
+            print(kind_table(rows), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

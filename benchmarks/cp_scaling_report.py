@@ -54,11 +54,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def kind_table(rows: list[dict]) -> str:
+    """Markdown table of the timeline split by collective (rows measured with ``--overlap`` on a GPU): per kind,
+    the least hidden share over the ranks and the comm-kernel ms per step of the fastest / slowest rank."""
+    head = ("| part | L | CP | recompute | collective | kernels/step | hidden (min rank) "
+            "| comm ms/step (fastest / max rank) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        ranks = [p for p in (r.get("overlap") or {}).get("per_rank", []) if "by_kind" in p]
+        for kind in sorted({k for p in ranks for k in p["by_kind"]}):
+            per = [p["by_kind"].get(kind, {"comm_s": 0.0, "hidden_share": None, "kernels": 0}) for p in ranks]
+            shares = [x["hidden_share"] for x in per if x["hidden_share"] is not None]
+            comm = [x["comm_s"] * 1e3 for x in per]
+            lines.append(f"| {r['part']} | {r['L'] / K:g}K | {r['cp']} | {r.get('recompute', 'none')} | {kind} | "
+                         f"{max(x['kernels'] for x in per)} | {_fmt(min(shares) if shares else None, '.0%')} | "
+                         f"{min(comm):.1f} / {max(comm):.1f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def write(rows: list[dict], args) -> None:
     meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "gpus": int(os.environ.get("WORLD_SIZE", "1")), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d", time.gmtime()), "args": {k: str(v) for k, v in vars(args).items()}}
     md = table(rows)
+    kinds = kind_table(rows)
+    if kinds:
+        md += "\n\nTimeline by collective:\n\n" + kinds
     if args.out is None:
         return
     args.out.mkdir(parents=True, exist_ok=True)

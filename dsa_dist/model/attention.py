@@ -48,7 +48,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from dsa_dist.model.config import DSAModelConfig
-from dsa_dist.model.dsa_core import DSAInputs, dsa_attention
+from dsa_dist.model.dsa_core import DSAInputs, dsa_attention, plan_dsa_attention
 from dsa_dist.model.indexer import LightningIndexer
 from dsa_dist.model.indexer_loss import IndexerLossTracker
 from dsa_dist.model.runtime import DSARuntime
@@ -106,9 +106,12 @@ class _DSAAttentionBase(MegatronModule):
                 inference_context: Any = None, packed_seq_params: Any = None, **unused: Any):
         """Megatron's call: ``hidden_states`` [s, b, hidden] (this rank's tokens) → ``(out [s, b, hidden], bias)``."""
         x, positions = self._enter(hidden_states, attention_mask, packed_seq_params, inference_context)
+        # Planned before the projections: under CP the index keys' all-gathers start here and overlap them.
+        plan = plan_dsa_attention(x, positions, indexer=self.indexer, dsa=self.dsa, runtime=self.runtime,
+                                  dims=self.dims, tracker=self.tracker, layer=self.layer_number)
         inputs = self.project(x, positions)
         o = dsa_attention(inputs, indexer=self.indexer, dsa=self.dsa, runtime=self.runtime, dims=self.dims,
-                          tracker=self.tracker, layer=self.layer_number)  # [b, s, H/tp, d_v]
+                          tracker=self.tracker, layer=self.layer_number, plan=plan)  # [b, s, H/tp, d_v]
         out, bias = self.project_output(o)
         return out.transpose(0, 1).contiguous(), bias
 
@@ -169,20 +172,22 @@ class DSAMLASelfAttention(_DSAAttentionBase):
         """``x`` [b, s, hidden] at ``positions`` [s] → absorbed queries [b, s, H/tp, kv_lora + rope], the latent KV
         [b, s, 1, kv_lora + rope] (``v=None``: V is its first kv_lora dims) and the indexer inputs ``(x, c_q)``."""
         b, s, _ = x.shape
-        c_q = self.q_norm(self.linear_q_down(x))  # [b, s, q_lora]
-        q, _ = self.linear_q_up(c_q)
-        q = q.view(b, s, self.local_heads, self.nope + self.rope)
-        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        # The latent first: under CP its backward waits for the dKV reduce-scatter, and autograd runs the nodes
+        # made later (the query path) before it, so the transfer overlaps the query path's backward.
         c_kv, k_rope = self.linear_kv_down(x).split([self.kv_lora, self.rope], dim=-1)
         c_kv = self.kv_norm(c_kv)  # [b, s, kv_lora]
-        w_uk, _ = self._w_kv_up()
-        q_lat = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)  # absorbed: q_nope·k_nope = (q_nope W_uk)·c_kv
-        q_abs = torch.cat([q_lat, apply_rope(q_rope, positions, self.rope, self.dsa.rope_base)], -1)
         k_rope = apply_rope(k_rope[:, :, None], positions, self.rope, self.dsa.rope_base)  # [b, s, 1, rope]
         latent = torch.cat([c_kv[:, :, None], k_rope], -1)  # [b, s, 1, kv_lora + rope]
         # This rank's heads give only part of d(latent): sum it over TP in backward (identity forward), so the
         # replicated W_kva / kv_norm see the full gradient on every rank.
         latent = sum_grad_over_tp(latent, self.dims)
+        c_q = self.q_norm(self.linear_q_down(x))  # [b, s, q_lora]
+        q, _ = self.linear_q_up(c_q)
+        q = q.view(b, s, self.local_heads, self.nope + self.rope)
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        w_uk, _ = self._w_kv_up()
+        q_lat = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)  # absorbed: q_nope·k_nope = (q_nope W_uk)·c_kv
+        q_abs = torch.cat([q_lat, apply_rope(q_rope, positions, self.rope, self.dsa.rope_base)], -1)
         return DSAInputs(q=q_abs, k=latent, v=None, v_dim=self.kv_lora, indexer_h=x, indexer_cq=c_q,
                          positions=positions)
 

@@ -71,8 +71,8 @@ class IndexerRows:
     """[B, Ll/tp, H_I, d_I] raw query projections."""
     w: torch.Tensor
     """[B, Ll/tp, H_I] head weights (scaled)."""
-    k: torch.Tensor
-    """[B, Ll, d_I] raw keys (after the key LayerNorm)."""
+    keys: IndexKeys
+    """The keys of every local token, prepared for the top-k and the KL, with their CP exchanges."""
     q_positions: torch.Tensor
     """[Ll/tp] global positions of the query rows."""
     k_positions: torch.Tensor
@@ -122,8 +122,10 @@ class _PendingKV:
             return
         from dsa_dist.parallel import all_gather_sequence
 
-        self._k = all_gather_sequence(inputs.k, 1, dims.cp_group, async_op=True)
-        self._v = None if inputs.v is None else all_gather_sequence(inputs.v, 1, dims.cp_group, async_op=True)
+        # The backward reduce-scatter of dKV is waited for where the projection's backward consumes it.
+        self._k = all_gather_sequence(inputs.k, 1, dims.cp_group, async_op=True, defer_backward=True)
+        self._v = None if inputs.v is None else all_gather_sequence(inputs.v, 1, dims.cp_group, async_op=True,
+                                                                    defer_backward=True)
 
     def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k_full, v_full)`` [B, L, Hkv', d] of the whole sequence in global order."""
@@ -133,14 +135,74 @@ class _PendingKV:
         return k_full, (k_full[..., : self._v_dim] if v_full is None else v_full)
 
 
+class IndexKeys:
+    """This rank's index keys k_I [B, Ll, d_I] and, under CP, their exchanges with the other ranks.
+
+    Made from the layer input alone, so an attention can make it *before* its own projections
+    (:func:`plan_dsa_attention`): the all-gather of the FP8 keys (``"allgather"`` top-k) and of the KL's float keys
+    then run while the projections compute, instead of on the compute stream's critical path right before the
+    top-k and the KL (docs/context_parallel.md, "Overlap"). ``topk_mode`` (the CP top-k mode) / ``kl``: prepare
+    and start those exchanges now; anything not started here is prepared (and gathered, in line) on first use.
+    """
+
+    def __init__(self, indexer: LightningIndexer, h: torch.Tensor, positions: torch.Tensor, dims: ParallelDims, *,
+                 topk_mode: str | None = None, kl: bool = False) -> None:
+        self._indexer, self._positions, self._dims = indexer, positions, dims
+        self.raw = indexer.project_keys(h.detach())  # the indexer trains on detached inputs
+        self._topk: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._topk_pending = None
+        self._kl: torch.Tensor | None = None
+        self._kl_pending = None
+        if topk_mode is not None:
+            self._topk = indexer.prepare_keys_for_topk(self.raw, positions)
+            if dims.cp > 1 and topk_mode == "allgather":
+                from dsa_dist.parallel import start_index_key_gather
+
+                self._topk_pending = start_index_key_gather(*self._topk, dims.cp_group)
+        if kl:
+            self._kl = indexer.prepare_keys_for_kl(self.raw, positions)
+            if dims.cp > 1:
+                from dsa_dist.parallel import all_gather_sequence
+
+                # dk_I's reduce-scatter is waited for where the key projection's backward consumes it: that node
+                # was made first in the layer, so it runs after the rest of the layer's backward.
+                self._kl_pending = all_gather_sequence(self._kl, 1, dims.cp_group, async_op=True,
+                                                       defer_backward=True)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """[Ll] global positions of the keys."""
+        return self._positions
+
+    def for_topk(self) -> tuple[torch.Tensor, torch.Tensor | None, object | None]:
+        """``(k_index, k_scale, prefetched)``: this rank's scoring-ready keys and their all-gather in flight (or
+        None) for :func:`dsa_dist.parallel.distributed_indexer_topk`."""
+        if self._topk is None:
+            self._topk = self._indexer.prepare_keys_for_topk(self.raw, self._positions)
+        return self._topk[0], self._topk[1], self._topk_pending
+
+    def kl_full(self) -> torch.Tensor:
+        """The KL's keys [B, L, d_I] of the whole sequence in global order (autograd: the indexer's key path)."""
+        if self._kl is None:
+            self._kl = self._indexer.prepare_keys_for_kl(self.raw, self._positions)
+        if self._kl_pending is not None:
+            return self._kl_pending.wait()
+        return _gather_sequence(self._kl, self._dims)
+
+
 # ---------------------------------------------------------------------------------------------- the steps
-def project_indexer(indexer: LightningIndexer, inputs: DSAInputs, dims: ParallelDims) -> IndexerRows:
-    """Indexer queries of rows ``tp_rank::tp`` and keys of every local token, from *detached* inputs."""
+def project_indexer(indexer: LightningIndexer, inputs: DSAInputs, dims: ParallelDims,
+                    keys: IndexKeys | None = None) -> IndexerRows:
+    """Indexer queries of rows ``tp_rank::tp`` and keys of every local token, from *detached* inputs.
+
+    ``keys``: the keys made (and their exchanges started) earlier from the same layer input; None: made here.
+    """
     h, cq = inputs.indexer_h.detach(), inputs.indexer_cq.detach()
     rows = slice(dims.tp_rank, None, dims.tp)
     q, w = indexer.project_queries(cq[:, rows], h[:, rows])  # [B, Ll/tp, H_I, d_I], [B, Ll/tp, H_I]
-    return IndexerRows(q=q, w=w, k=indexer.project_keys(h), q_positions=inputs.positions[rows],
-                       k_positions=inputs.positions)
+    if keys is None:
+        keys = IndexKeys(indexer, inputs.indexer_h, inputs.positions, dims)
+    return IndexerRows(q=q, w=w, keys=keys, q_positions=inputs.positions[rows], k_positions=inputs.positions)
 
 
 def select_topk(indexer: LightningIndexer, rows: IndexerRows, topk: int, dims: ParallelDims,
@@ -150,16 +212,22 @@ def select_topk(indexer: LightningIndexer, rows: IndexerRows, topk: int, dims: P
     Scores the FP8 (when enabled) indexer inputs; under CP the keys of all ranks are reached by
     :func:`dsa_dist.parallel.distributed_indexer_topk` in ``cp_mode``. Same result on every TP and CP layout.
     """
-    p = indexer.prepare_for_topk(rows.q, rows.k, rows.w, q_positions=rows.q_positions,
-                                 k_positions=rows.k_positions)
+    q_index, weights = indexer.prepare_queries_for_topk(rows.q, rows.w, rows.q_positions)
+    k_index, k_scale, prefetched = rows.keys.for_topk()
     if dims.cp == 1:
-        return dispatch.lightning_indexer_topk(p.q_index, p.k_index, p.weights, topk, p.k_scale,
+        return dispatch.lightning_indexer_topk(q_index, k_index, weights, topk, k_scale,
                                                q_positions=rows.q_positions, k_positions=rows.k_positions)[1]
     from dsa_dist.parallel import distributed_indexer_topk
 
-    return distributed_indexer_topk(p.q_index, p.weights, p.k_index, p.k_scale, topk,
-                                    q_positions=rows.q_positions, k_positions_local=rows.k_positions,
-                                    group=dims.cp_group, mode=cp_mode)[1]
+    # The keys sit at this rank's zigzag positions (DSAInputs.positions are dims.local_positions), the
+    # distributed top-k's default: passing None spares an all-gather of positions every layer. Checked on the
+    # device (no host sync): other positions would give a silently wrong causal mask.
+    local = dims.local_positions(rows.k_positions.numel(), rows.k_positions.device)
+    assert_on_device((rows.k_positions == local).all(), lambda: "DSAInputs.positions under CP must be "
+                     "dims.local_positions(local_len): the distributed top-k assumes the zigzag layout")
+    return distributed_indexer_topk(q_index, weights, k_index, k_scale, topk, q_positions=rows.q_positions,
+                                    group=dims.cp_group, mode=cp_mode,
+                                    prefetched_keys=prefetched if cp_mode == "allgather" else None)[1]
 
 
 def attend(q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, *, softmax_scale: float,
@@ -208,11 +276,10 @@ def attend_with_sparse_kl(indexer: LightningIndexer, rows: IndexerRows, q: torch
     CP works as for :func:`attend`: ``topk`` holds global indices into the gathered ``k_full``; the index keys are
     gathered too. ``topk`` [B, Ll, k] (every local row) comes from our own top-k or a validated replay.
     """
-    kl_in = indexer.prepare_for_kl(rows.q, rows.k, rows.w, q_positions=rows.q_positions,
-                                   k_positions=rows.k_positions)
-    k_index_full = _gather_sequence(kl_in.k_index, dims)  # [B, L, d_I]
-    return dispatch.sparse_attention_with_indexer_kl(q, k_full, v_full, topk, softmax_scale, kl_in.q_index,
-                                                     k_index_full, kl_in.weights, kl_in.k_scale, indices_checked=True,
+    q_index, weights = indexer.prepare_queries_for_kl(rows.q, rows.w, rows.q_positions)
+    k_index_full = rows.keys.kl_full()  # [B, L, d_I]
+    return dispatch.sparse_attention_with_indexer_kl(q, k_full, v_full, topk, softmax_scale, q_index, k_index_full,
+                                                     weights, None, indices_checked=True,
                                                      head_group=dims.tp_group if dims.tp > 1 else None)
 
 
@@ -236,15 +303,14 @@ def indexer_kl(indexer: LightningIndexer, rows: IndexerRows, target: KLTarget, *
     (warm-up). The indexer side uses the FP8-fake-quantised scores the top-k ranked (straight-through).
     ``indices_checked``: ``topk`` is in range by construction (as in :func:`attend`).
     """
-    kl_in = indexer.prepare_for_kl(rows.q, rows.k, rows.w, q_positions=rows.q_positions,
-                                   k_positions=rows.k_positions)
-    k_index_full = _gather_sequence(kl_in.k_index, dims)  # [B, L, d_I]
+    q_index, weights = indexer.prepare_queries_for_kl(rows.q, rows.w, rows.q_positions)
+    k_index_full = rows.keys.kl_full()  # [B, L, d_I]
     if topk is not None:
-        return dispatch.indexer_kl_loss_sparse(target.q, target.k, kl_in.q_index, k_index_full, kl_in.weights,
+        return dispatch.indexer_kl_loss_sparse(target.q, target.k, q_index, k_index_full, weights,
                                                topk, attn_lse=target.lse, softmax_scale=softmax_scale,
                                                indices_checked=indices_checked)
     k_positions = torch.arange(k_index_full.shape[1], device=k_index_full.device)
-    return dispatch.indexer_kl_loss_dense(target.q, target.k, kl_in.q_index, k_index_full, kl_in.weights,
+    return dispatch.indexer_kl_loss_dense(target.q, target.k, q_index, k_index_full, weights,
                                           attn_lse=target.lse, softmax_scale=softmax_scale,
                                           q_positions=rows.q_positions, k_positions=k_positions)
 
@@ -292,20 +358,50 @@ def check_replay(indices: torch.Tensor, batch: int, positions: torch.Tensor, lay
 
 
 # ---------------------------------------------------------------------------------------------- composed
-def dsa_attention(inputs: DSAInputs, *, indexer: LightningIndexer, dsa: DSAModelConfig, runtime: DSARuntime,
-                  dims: ParallelDims, tracker: IndexerLossTracker | None, layer: int) -> torch.Tensor:
-    """One DSA attention on this rank's tokens and heads: the steps above as ``runtime`` and ``tracker`` ask.
+@dataclass(frozen=True)
+class DSAPlan:
+    """What one DSA attention forward runs, decided once per forward by :func:`plan_dsa_attention` (deciding
+    twice is not possible: taking the kept selection of a recomputed layer removes it from the tracker)."""
 
-    Sparse stage with the KL, grad enabled and tp == 1 (``runtime.fused_sparse_kl``, default on): the KL comes
-    from :func:`attend_with_sparse_kl` and is recorded as a proxy whose value the backward fills (see
-    :class:`IndexerLossTracker`); otherwise from the separate op (:func:`indexer_kl`), value known now.
+    sparse: bool
+    """Sparse attention over the top-k (else dense causal attention)."""
+    kl_on: bool
+    """The indexer KL is computed and recorded."""
+    fused_kl: bool
+    """The KL comes from the sparse attention's backward (:func:`attend_with_sparse_kl`)."""
+    want_recall: bool
+    """The recall of the selection is measured."""
+    want_record: bool
+    """The selected indices are recorded."""
+    select: bool
+    """The indexer's own top-k runs (no replayed or kept selection)."""
+    replay: torch.Tensor | None
+    """Replayed indices [B, Ll, k] (not yet validated)."""
+    kept: torch.Tensor | None
+    """This layer's first-forward selection (recompute)."""
+    index_keys: IndexKeys | None
+    """The index keys, their exchanges started (None when no indexer step runs)."""
 
-    Returns the attention output [B, Ll, H/tp, d_v]. Records this layer's KL (``runtime.indexer_kl``), recall
-    (``measure_recall``) and selected indices (``record_topk``) in ``tracker``; replays its indices when given.
+
+def plan_dsa_attention(h: torch.Tensor, positions: torch.Tensor, *, indexer: LightningIndexer, dsa: DSAModelConfig,
+                       runtime: DSARuntime, dims: ParallelDims, tracker: IndexerLossTracker | None,
+                       layer: int) -> DSAPlan:
+    """Decide this forward's steps from the layer input ``h`` [B, Ll, hidden] at ``positions`` [Ll], and make the
+    index keys — under CP their all-gathers start here, so an attention calls this *before* its projections and
+    passes the plan to :func:`dsa_attention` (the exchanges then overlap the projections).
+
+    Sparse stage with the KL, grad enabled and tp == 1 (``runtime.fused_sparse_kl``, default on): the KL is the
+    fused one. Its value is known only after the backward: in forward-only passes (no grad, and an input that needs
+    none: evaluation, rollouts) the separate op computes it in the forward. A no-grad forward whose input needs
+    grad is the first pass of a reentrant recompute that checkpoints this attention: the recomputed pass runs the
+    fused op, so this one skips the separate KL (its record is replaced by the recomputed one). (A recompute region
+    that starts before the input's projection sees an input without grad here: separate op.) Under TP the fused op
+    would sum the target over the ranks' heads in another order than one rank does; measured in the GRPO TP=2 vs
+    TP=1 test, that rounding change moved the KL (~1e-4, p ≈ softmax(I), so p·log(p/q) cancels) by 2e-4 relative
+    and the second iteration's policy loss by 1.2 %. TP runs keep the separate op, whose target is computed as at
+    tp == 1, so TP layouts reproduce tp == 1.
     """
-    q, positions, scale, ix = inputs.q, inputs.positions, dsa.softmax_scale, dsa.indexer
-    batch, local_len = q.shape[:2]
-    check_local_length(local_len, dims)
+    check_local_length(h.shape[1], dims)
     sparse = runtime.attention == "sparse"
     kl_on = runtime.indexer_kl and tracker is not None
     want_recall = tracker is not None and tracker.measure_recall
@@ -315,59 +411,78 @@ def dsa_attention(inputs: DSAInputs, *, indexer: LightningIndexer, dsa: DSAModel
     if replay is not None and not sparse:
         raise ValueError(f"replay_topk was given but layer {layer} runs dense attention; replaying indices needs "
                          "a model built with DSARuntime(attention='sparse')")
+    select = replay is None and kept is None and (sparse or want_recall or want_record)
+    training = torch.is_grad_enabled() or h.requires_grad
+    fused_kl = kl_on and sparse and runtime.fused_sparse_kl and training and dims.tp == 1
+    keys = None
+    if kl_on or want_recall or select:
+        keys = IndexKeys(indexer, h, positions, dims, topk_mode=dsa.indexer.cp_topk_mode if select else None,
+                         kl=kl_on)
+    return DSAPlan(sparse=sparse, kl_on=kl_on, fused_kl=fused_kl, want_recall=want_recall, want_record=want_record,
+                   select=select, replay=replay, kept=kept, index_keys=keys)
+
+
+def dsa_attention(inputs: DSAInputs, *, indexer: LightningIndexer, dsa: DSAModelConfig, runtime: DSARuntime,
+                  dims: ParallelDims, tracker: IndexerLossTracker | None, layer: int,
+                  plan: DSAPlan | None = None) -> torch.Tensor:
+    """One DSA attention on this rank's tokens and heads: the steps above as ``runtime`` and ``tracker`` ask.
+
+    ``plan``: from :func:`plan_dsa_attention` on ``inputs.indexer_h`` / ``inputs.positions`` (made before the
+    projections, to overlap the index keys' exchange with them); None: planned here. The fused or separate KL is
+    chosen there (see its docstring).
+
+    Returns the attention output [B, Ll, H/tp, d_v]. Records this layer's KL (``runtime.indexer_kl``), recall
+    (``measure_recall``) and selected indices (``record_topk``) in ``tracker``; replays its indices when given.
+    """
+    if plan is None:
+        plan = plan_dsa_attention(inputs.indexer_h, inputs.positions, indexer=indexer, dsa=dsa, runtime=runtime,
+                                  dims=dims, tracker=tracker, layer=layer)
+    q, positions, scale, ix = inputs.q, inputs.positions, dsa.softmax_scale, dsa.indexer
+    batch, local_len = q.shape[:2]
+    if plan.index_keys is not None and plan.index_keys.raw.shape[1] != local_len:
+        raise ValueError(f"plan was made for {plan.index_keys.raw.shape[1]} local tokens, inputs have {local_len}; "
+                         "plan with the same layer input as the projections")
 
     kv = _PendingKV(inputs, dims)  # the transfer overlaps the indexer's scoring
-    select = replay is None and kept is None and (sparse or want_recall or want_record)
-    rows = project_indexer(indexer, inputs, dims) if (kl_on or want_recall or select) else None
+    rows = project_indexer(indexer, inputs, dims, plan.index_keys) if plan.index_keys is not None else None
     topk_rows = topk_all = None  # [B, Ll/tp, k] this rank's indexer rows / [B, Ll, k] every local row
-    if kept is not None:  # selected (or validated) by this layer in its first forward: no second check
-        topk_all = kept
+    if plan.kept is not None:  # selected (or validated) by this layer in its first forward: no second check
+        topk_all = plan.kept
         topk_rows = topk_all[:, dims.tp_rank::dims.tp]
-    elif replay is not None:
-        topk_all = check_replay(replay, batch, positions, layer)
+    elif plan.replay is not None:
+        topk_all = check_replay(plan.replay, batch, positions, layer)
         topk_rows = topk_all[:, dims.tp_rank::dims.tp]
-    elif select:
+    elif plan.select:
         topk_rows = select_topk(indexer, rows, ix.topk, dims, ix.cp_topk_mode)
-        if sparse or want_record:
+        if plan.sparse or plan.want_record:
             topk_all = rows_to_all(topk_rows, dims)  # same on every TP rank
-    if want_record:
+    if plan.want_record:
         tracker.record_selected(layer, topk_all)
 
     k_full, v_full = kv.wait()
-    # The fused KL's value is known only after the backward: in forward-only passes (no grad, and an input that
-    # needs none: evaluation, rollouts) the separate op computes it in the forward. A no-grad forward whose input
-    # needs grad is the first pass of a reentrant recompute that checkpoints this attention: the recomputed pass
-    # runs the fused op, so this one skips the separate KL (its record is replaced by the recomputed one). (A
-    # recompute region that starts before the input's projection sees an input without grad here: separate op.)
-    # Under TP the fused op would sum the target over the ranks' heads in another order than one rank does;
-    # measured in the GRPO TP=2 vs TP=1 test, that rounding change moved the KL (~1e-4, p ≈ softmax(I), so
-    # p·log(p/q) cancels) by 2e-4 relative and the second iteration's policy loss by 1.2 %. TP runs keep the
-    # separate op, whose target is computed as at tp == 1, so TP layouts reproduce tp == 1.
-    training = torch.is_grad_enabled() or inputs.indexer_h.requires_grad
-    fused_kl = kl_on and sparse and runtime.fused_sparse_kl and training and dims.tp == 1
     kl_value = None
     # topk_all comes from our own top-k or a validated replay: in range by construction, no second check.
     # DSAInputs.positions are this rank's dims.local_positions (as every producer builds them): their runs are
     # known on the host, so the dense path needs no host read of positions.
-    if fused_kl:
+    if plan.fused_kl:
         out, lse, kl, kl_value = attend_with_sparse_kl(indexer, rows, q, k_full, v_full, topk_all,
                                                        softmax_scale=scale, dims=dims)
     else:
         out, lse = attend(q, k_full, v_full, softmax_scale=scale, positions=positions,
-                          topk=topk_all if sparse else None, indices_checked=True,
-                          position_blocks=None if sparse else dims.local_blocks(local_len))
-    if not (kl_on or want_recall):
+                          topk=topk_all if plan.sparse else None, indices_checked=True,
+                          position_blocks=None if plan.sparse else dims.local_blocks(local_len))
+    if not (plan.kl_on or plan.want_recall):
         return out
     target = kl_target(q, k_full, lse, kv_heads_split=inputs.v is not None, dims=dims) if (
-        want_recall or not fused_kl) else None
-    if want_recall:
+        plan.want_recall or not plan.fused_kl) else None
+    if plan.want_recall:
         tracker.record_recall(layer, indexer_recall(target, topk_rows, rows.q_positions, softmax_scale=scale,
                                                     n_rows=ix.recall_rows))
-    if not kl_on:
+    if not plan.kl_on:
         return out
-    if not fused_kl:
-        kl = indexer_kl(indexer, rows, target, softmax_scale=scale, dims=dims, topk=topk_rows if sparse else None,
-                        indices_checked=True)
+    if not plan.fused_kl:
+        kl = indexer_kl(indexer, rows, target, softmax_scale=scale, dims=dims,
+                        topk=topk_rows if plan.sparse else None, indices_checked=True)
     tracker.record(layer, kl, value=kl_value)
     if tracker.attach_coeff is not None:
         out = attach_loss(out, kl, tracker.attach_weight)

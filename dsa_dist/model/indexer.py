@@ -38,11 +38,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from dsa_dist.model.config import DSAModelConfig
 from dsa_dist.ops import (
     IndexerInputs,
-    apply_rope,
-    fp8_block_quant,
     fp8_fake_quant,
-    hadamard_transform,
-    prepare_indexer_qk,
+    prepare_indexer_k,
+    prepare_indexer_q,
 )
 
 # Attribute read by Megatron's finalize_model_grads (_allreduce_non_tensor_model_parallel_grads): AVG over TP.
@@ -101,15 +99,7 @@ class LightningIndexer(MegatronModule):
         Returns ``(k_index [B, L, d_I], k_scale [B, L] fp32)``: e4m3 keys with one scale per key when FP8 is on,
         else the float keys and ``None``. Bit-identical to the keys :meth:`prepare_for_topk` scores.
         """
-        k = self.project_keys(h)
-        if self.rope_dim:
-            k = apply_rope(k, positions, self.rope_dim, self.rope_base)
-        if self.hadamard:
-            k = hadamard_transform(k)
-        if not self.fp8:
-            return k, None
-        k_fp8, k_scale = fp8_block_quant(k, self.head_dim, ue8m0=self.ue8m0)  # k_scale [B, L, 1]
-        return k_fp8, k_scale.squeeze(-1)
+        return self.prepare_keys_for_topk(self.project_keys(h), positions)
 
     @torch.no_grad()
     def index_queries(self, c_q: torch.Tensor, h: torch.Tensor, positions: torch.Tensor
@@ -119,42 +109,48 @@ class LightningIndexer(MegatronModule):
 
         Score them against cached :meth:`index_keys` with ``dsa_dist.ops.dispatch.lightning_indexer_topk``.
         """
-        q, w = self.project_queries(c_q, h)
-        if self.rope_dim:
-            q = apply_rope(q, positions, self.rope_dim, self.rope_base)
-        if self.hadamard:
-            q = hadamard_transform(q)
-        w = w.float()
-        if not self.fp8:
-            return q, w
-        q_fp8, q_scale = fp8_block_quant(q, self.head_dim, ue8m0=self.ue8m0)  # q_scale [B, Lq, H_I, 1]
-        return q_fp8, w * q_scale.squeeze(-1)
+        return self.prepare_queries_for_topk(*self.project_queries(c_q, h), positions)
+
+    def _prep(self, fp8: bool) -> dict:
+        return dict(rope_dim=self.rope_dim, rope_base=self.rope_base, hadamard=self.hadamard, fp8=fp8,
+                    ue8m0=self.ue8m0)
 
     def prepare_for_topk(self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, q_positions: torch.Tensor,
                          k_positions: torch.Tensor) -> IndexerInputs:
         """Rope + Hadamard + FP8 (when enabled) for scoring; no gradient (top-k is not differentiable)."""
-        with torch.no_grad():
-            return prepare_indexer_qk(
-                q, k, w, q_positions=q_positions, k_positions=k_positions, rope_dim=self.rope_dim,
-                rope_base=self.rope_base, hadamard=self.hadamard, fp8=self.fp8, ue8m0=self.ue8m0,
-            )
+        q_index, weights = self.prepare_queries_for_topk(q, w, q_positions)
+        k_index, k_scale = self.prepare_keys_for_topk(k, k_positions)
+        return IndexerInputs(q_index, k_index, weights, k_scale)
+
+    @torch.no_grad()
+    def prepare_queries_for_topk(self, q: torch.Tensor, w: torch.Tensor, positions: torch.Tensor
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query side of :meth:`prepare_for_topk`: ``(q_index, weights fp32)``."""
+        return prepare_indexer_q(q, w, positions=positions, **self._prep(self.fp8))
+
+    @torch.no_grad()
+    def prepare_keys_for_topk(self, k: torch.Tensor, positions: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The key side of :meth:`prepare_for_topk`: ``(k_index, k_scale or None)``."""
+        return prepare_indexer_k(k, positions=positions, **self._prep(self.fp8))
 
     def prepare_for_kl(self, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, *, q_positions: torch.Tensor,
                        k_positions: torch.Tensor) -> IndexerInputs:
         """Differentiable counterpart of :meth:`prepare_for_topk`: with FP8, q/k are fake-quantised with the
         same per-vector scales (straight-through gradient), so the KL sees the scores the top-k ranked."""
-        inp = prepare_indexer_qk(
-            q, k, w, q_positions=q_positions, k_positions=k_positions, rope_dim=self.rope_dim,
-            rope_base=self.rope_base, hadamard=self.hadamard, fp8=False,
-        )
-        if not self.fp8:
-            return inp
-        return IndexerInputs(
-            fp8_fake_quant(inp.q_index, self.head_dim, ue8m0=self.ue8m0),
-            fp8_fake_quant(inp.k_index, self.head_dim, ue8m0=self.ue8m0),
-            inp.weights,
-            None,
-        )
+        q_index, weights = self.prepare_queries_for_kl(q, w, q_positions)
+        return IndexerInputs(q_index, self.prepare_keys_for_kl(k, k_positions), weights, None)
+
+    def prepare_queries_for_kl(self, q: torch.Tensor, w: torch.Tensor, positions: torch.Tensor
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query side of :meth:`prepare_for_kl`: ``(q_index, weights fp32)``, differentiable."""
+        q_index, weights = prepare_indexer_q(q, w, positions=positions, **self._prep(False))
+        return (fp8_fake_quant(q_index, self.head_dim, ue8m0=self.ue8m0) if self.fp8 else q_index), weights
+
+    def prepare_keys_for_kl(self, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The key side of :meth:`prepare_for_kl`: ``k_index`` [B, L, d_I] float, differentiable."""
+        k_index, _ = prepare_indexer_k(k, positions=positions, **self._prep(False))
+        return fp8_fake_quant(k_index, self.head_dim, ue8m0=self.ue8m0) if self.fp8 else k_index
 
 
 def sync_indexer_grads(model: torch.nn.Module, group=None) -> None:

@@ -11,6 +11,8 @@ from dsa_dist.ops.indexer import (
     IndexerInputs,
     indexer_flops,
     lightning_indexer_scores,
+    prepare_indexer_k,
+    prepare_indexer_q,
     prepare_indexer_qk,
 )
 from dsa_dist.ops.kl import indexer_kl_loss_dense, indexer_kl_loss_sparse
@@ -34,6 +36,8 @@ __all__ = [
     "indexer_kl_loss_sparse",
     "lightning_indexer_scores",
     "lightning_indexer_topk",
+    "prepare_indexer_k",
+    "prepare_indexer_q",
     "prepare_indexer_qk",
     "set_debug_checks",
     "sparse_attention",

@@ -56,26 +56,68 @@ def prepare_indexer_qk(
 
     ``q_index`` [B, Lq, H_I, d_I] and ``k_index`` [B, Lk, d_I] are the raw projections (k after its LayerNorm);
     ``weights`` [B, Lq, H_I] already carries ``H_I^-1/2 · d_I^-1/2``. The FP8 quantisation goes through
-    :mod:`dsa_dist.ops.dispatch`: the Triton kernel on CUDA (bit-identical to the reference op).
+    :mod:`dsa_dist.ops.dispatch`: the Triton kernel on CUDA (bit-identical to the reference op). The same as
+    :func:`prepare_indexer_q` and :func:`prepare_indexer_k` (every step is per vector, so the two sides can be
+    prepared apart: context parallelism prepares the keys first, to start their exchange early).
     """
     check_tensor("q_index", q_index, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("k_index", k_index, ndim=3, dtypes=FLOAT_DTYPES)
+    check_dim("k_index", k_index, 2, q_index.shape[-1], "d_I, as in q_index")
+    opts = dict(rope_dim=rope_dim, rope_base=rope_base, hadamard=hadamard, fp8=fp8, ue8m0=ue8m0)
+    q, w = prepare_indexer_q(q_index, weights, positions=q_positions, **opts)
+    k, k_scale = prepare_indexer_k(k_index, positions=k_positions, **opts)
+    return IndexerInputs(q, k, w, k_scale)
+
+
+def prepare_indexer_q(
+    q_index: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    positions: torch.Tensor | None = None,
+    rope_dim: int = 64,
+    rope_base: float = 10000.0,
+    hadamard: bool = False,
+    fp8: bool = True,
+    ue8m0: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query side of :func:`prepare_indexer_qk`: ``(q [B, Lq, H_I, d_I], weights [B, Lq, H_I] fp32)``; with
+    FP8, q is e4m3 and its per-head scale is folded into the weights."""
+    check_tensor("q_index", q_index, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("weights", weights, ndim=3, dtypes=FLOAT_DTYPES)
-    d = q_index.shape[-1]
-    check_dim("k_index", k_index, 2, d, "d_I, as in q_index")
-    q_pos = check_positions("q_positions", q_positions, q_index.shape[1], q_index.device)
-    k_pos = check_positions("k_positions", k_positions, k_index.shape[1], k_index.device)
+    pos = check_positions("q_positions", positions, q_index.shape[1], q_index.device)
     if rope_dim:
-        q_index = apply_rope(q_index, q_pos, rope_dim, rope_base)
-        k_index = apply_rope(k_index, k_pos, rope_dim, rope_base)
+        q_index = apply_rope(q_index, pos, rope_dim, rope_base)
     if hadamard:
-        q_index, k_index = hadamard_transform(q_index), hadamard_transform(k_index)
+        q_index = hadamard_transform(q_index)
     weights = weights.float()
     if not fp8:
-        return IndexerInputs(q_index, k_index, weights, None)
-    q_fp8, q_scale = dispatch.fp8_block_quant(q_index, d, ue8m0=ue8m0)  # q_scale [B, Lq, H_I, 1]
-    k_fp8, k_scale = dispatch.fp8_block_quant(k_index, d, ue8m0=ue8m0)  # k_scale [B, Lk, 1]
-    return IndexerInputs(q_fp8, k_fp8, weights * q_scale.squeeze(-1), k_scale.squeeze(-1))
+        return q_index, weights
+    q_fp8, q_scale = dispatch.fp8_block_quant(q_index, q_index.shape[-1], ue8m0=ue8m0)  # q_scale [B, Lq, H_I, 1]
+    return q_fp8, weights * q_scale.squeeze(-1)
+
+
+def prepare_indexer_k(
+    k_index: torch.Tensor,
+    *,
+    positions: torch.Tensor | None = None,
+    rope_dim: int = 64,
+    rope_base: float = 10000.0,
+    hadamard: bool = False,
+    fp8: bool = True,
+    ue8m0: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The key side of :func:`prepare_indexer_qk`: ``(k [B, Lk, d_I], k_scale [B, Lk] fp32 or None)``; with FP8,
+    k is e4m3 with one scale per key, else the float keys and None."""
+    check_tensor("k_index", k_index, ndim=3, dtypes=FLOAT_DTYPES)
+    pos = check_positions("k_positions", positions, k_index.shape[1], k_index.device)
+    if rope_dim:
+        k_index = apply_rope(k_index, pos, rope_dim, rope_base)
+    if hadamard:
+        k_index = hadamard_transform(k_index)
+    if not fp8:
+        return k_index, None
+    k_fp8, k_scale = dispatch.fp8_block_quant(k_index, k_index.shape[-1], ue8m0=ue8m0)  # k_scale [B, Lk, 1]
+    return k_fp8, k_scale.squeeze(-1)
 
 
 def _check_score_inputs(q_index, k_index, weights, k_scale):

@@ -152,23 +152,49 @@ def _reduce_scatter_supported(backend: str) -> bool:
     return _REDUCE_SCATTER_OK.get(backend, True)
 
 
+class PendingReduceScatter:
+    """A :func:`reduce_scatter_stacked` in flight (``async_op=True``): :meth:`wait` gives this rank's slice.
+
+    On NCCL the wait is a stream wait (the host goes on); the output may be read only on the waiting stream after
+    it, or anywhere after a host-side synchronisation.
+    """
+
+    def __init__(self, result: torch.Tensor, work: dist.Work | None, source: torch.Tensor) -> None:
+        # ``source`` stays referenced until the wait: its memory must not be reused while the collective reads it.
+        self._result, self._work, self._source = result, work, source
+
+    def wait(self) -> torch.Tensor:
+        """This rank's summed slice [*S]."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = self._source = None
+        return self._result
+
+
 def reduce_scatter_stacked(
-    x: torch.Tensor, group: dist.ProcessGroup | None, *, method: ReduceScatterMethod = "auto"
-) -> torch.Tensor:
+    x: torch.Tensor, group: dist.ProcessGroup | None, *, method: ReduceScatterMethod = "auto",
+    async_op: bool = False,
+) -> torch.Tensor | PendingReduceScatter:
     """Sum ``x`` [size, *S] over the ranks of ``group`` and return this rank's slice [*S].
 
     ``method="auto"`` uses the backend's reduce-scatter when it has one (NCCL; gloo in recent torch) and
     falls back to ``all_reduce`` + slice otherwise; both give the same sum. Call it with fp32 (the CP backward
-    accumulates gradients in fp32 and casts back afterwards).
+    accumulates gradients in fp32 and casts back afterwards). ``async_op``: return a
+    :class:`PendingReduceScatter` instead (the collective runs while the caller goes on).
     """
     size, rank = group_size_rank(group)
     if x.shape[0] != size:
         raise ValueError(f"reduce_scatter_stacked expects dim 0 == group size {size}, got shape {tuple(x.shape)}")
+    result, work = _start_reduce_scatter(x, group, method, size, rank, async_op)
+    return PendingReduceScatter(result, work, x) if async_op else result
+
+
+def _start_reduce_scatter(x, group, method, size, rank, async_op):
     if size == 1:
-        return x[0].clone()
+        return x[0].clone(), None
     x = x.contiguous()
     if _LOCAL_ONLY:
-        return x[rank].clone()
+        return x[rank].clone(), None
     backend = str(dist.get_backend(group))
     if method == "auto":
         method = "reduce_scatter" if _reduce_scatter_supported(backend) else "all_reduce"
@@ -178,9 +204,9 @@ def reduce_scatter_stacked(
         flat_in = rows.reshape(size * rows.shape[1], *rows.shape[2:])
         out = torch.empty(rows.shape[1:], dtype=x.dtype, device=x.device)
         try:
-            _reduce_scatter_into(out, flat_in, group=group)
+            work = _reduce_scatter_into(out, flat_in, group=group, async_op=async_op)
             _count("reduce_scatter", group, _nbytes(flat_in))
-            return out.view(x.shape[1:])
+            return out.view(x.shape[1:]), work
         except RuntimeError as err:
             # A backend without reduce-scatter refuses locally, before any byte moves, on every rank alike,
             # so falling back here cannot desynchronise the group.
@@ -191,8 +217,8 @@ def reduce_scatter_stacked(
         raise ValueError(f"method must be 'auto', 'reduce_scatter' or 'all_reduce', got {method!r}")
     total = x.clone()
     _count("all_reduce", group, _nbytes(total))
-    dist.all_reduce(total, group=group)
-    return total[rank]
+    work = dist.all_reduce(total, group=group, async_op=async_op)
+    return total[rank], work
 
 
 def all_to_all_stacked(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:

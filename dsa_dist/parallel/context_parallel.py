@@ -23,7 +23,14 @@ from dsa_dist.parallel.comm_volume import (
     kv_bytes_per_token,
     query_bytes_per_token,
 )
-from dsa_dist.parallel.distributed_topk import TOPK_MODES, TopkMode, candidate_topk, distributed_indexer_topk
+from dsa_dist.parallel.distributed_topk import (
+    TOPK_MODES,
+    PendingIndexKeys,
+    TopkMode,
+    candidate_topk,
+    distributed_indexer_topk,
+    start_index_key_gather,
+)
 from dsa_dist.parallel.sharding import (
     PendingSequenceGather,
     all_gather_sequence,
@@ -37,6 +44,7 @@ from dsa_dist.parallel.sharding import (
 __all__ = [
     "TOPK_MODES",
     "LayerCommVolume",
+    "PendingIndexKeys",
     "PendingSequenceGather",
     "TopkMode",
     "all_gather_sequence",
@@ -50,6 +58,7 @@ __all__ = [
     "kv_bytes_per_token",
     "query_bytes_per_token",
     "rank_major_to_global",
+    "start_index_key_gather",
     "zigzag_positions",
     "zigzag_split",
 ]

@@ -26,7 +26,14 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from dsa_dist.ops._checks import assert_on_device, check_positive_int, check_query_positions, check_tensor
+from dsa_dist.ops._checks import (
+    FLOAT_DTYPES,
+    FP8_DTYPES,
+    assert_on_device,
+    check_positive_int,
+    check_query_positions,
+    check_tensor,
+)
 from dsa_dist.ops.indexer import _check_score_inputs
 from dsa_dist.ops.topk import INVALID_INDEX, topk_from_scores
 from dsa_dist.parallel._comm import (
@@ -119,6 +126,36 @@ def _unpack_keys(buf: torch.Tensor, dtype: torch.dtype, d: int, has_scale: bool
     return k, scale
 
 
+class PendingIndexKeys:
+    """The index keys (+ scales) of every CP rank in flight: start the exchange as soon as this rank's keys exist
+    (:func:`start_index_key_gather`), do other work, then pass it to :func:`distributed_indexer_topk`
+    (``prefetched_keys``, ``"allgather"`` mode), which waits for it right before scoring."""
+
+    def __init__(self, k_index_local: torch.Tensor, k_scale_local: torch.Tensor | None,
+                 group: dist.ProcessGroup | None) -> None:
+        self.k_index_local, self.k_scale_local, self.group = k_index_local, k_scale_local, group
+        self._stacked, self._work = all_gather_stacked(_pack_keys(k_index_local, k_scale_local), group,
+                                                       async_op=True)
+
+    def wait(self) -> torch.Tensor:
+        """Every rank's packed keys [CP, B, Lk, bytes] (rank-major)."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self._stacked
+
+
+def start_index_key_gather(k_index_local: torch.Tensor, k_scale_local: torch.Tensor | None,
+                           group: dist.ProcessGroup | None = None) -> PendingIndexKeys:
+    """Start all-gathering this rank's index keys [B, Lk, d_I] (FP8 travels as bytes) and scales [B, Lk] over
+    ``group``; hand the result to ``distributed_indexer_topk(..., prefetched_keys=...)`` with the same tensors."""
+    check_tensor("k_index_local", k_index_local, ndim=3, dtypes=FLOAT_DTYPES + FP8_DTYPES)
+    if k_scale_local is not None and k_scale_local.shape != k_index_local.shape[:2]:
+        raise ValueError(f"k_scale_local must have shape {tuple(k_index_local.shape[:2])}, got "
+                         f"{tuple(k_scale_local.shape)}")
+    return PendingIndexKeys(k_index_local, k_scale_local, group)
+
+
 def _check_monotone(name: str, rows: torch.Tensor) -> None:
     # The shard's local tie-break (lowest row) must agree with the global one (lowest global index). Checked on
     # the device: CUDA queues an assertion (no host sync), CPU raises ValueError now.
@@ -150,6 +187,7 @@ def distributed_indexer_topk(
     group: dist.ProcessGroup | None = None,
     mode: TopkMode = "ring",
     chunk_size: int | None = None,
+    prefetched_keys: PendingIndexKeys | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact causal top-k of this rank's queries over the keys of all CP ranks (zigzag-sharded sequence).
 
@@ -165,6 +203,9 @@ def distributed_indexer_topk(
         group: the CP group (Megatron: ``parallel_state.get_context_parallel_group()``); None = world.
         mode: "allgather", "ring" (default) or "candidates" — see the module docstring; all return the same.
         chunk_size: query chunk of the local scoring, passed to the dispatched top-k (None: the op's default).
+        prefetched_keys: ``"allgather"`` mode: the key exchange already started by
+            :func:`start_index_key_gather` on ``k_index_local`` / ``k_scale_local`` (it overlapped whatever ran
+            since); None: the keys are gathered here.
 
     Returns:
         ``(topk_scores [B, Lq, k] float32, topk_indices [B, Lq, k] int32)``; indices are **global** rows, i.e.
@@ -174,6 +215,15 @@ def distributed_indexer_topk(
     check_positive_int("topk", topk)
     if mode not in TOPK_MODES:
         raise ValueError(f"mode must be one of {TOPK_MODES}, got {mode!r}")
+    if prefetched_keys is not None:
+        if mode != "allgather":
+            raise ValueError(f"prefetched_keys is for mode='allgather' (the keys are all-gathered); mode={mode!r} "
+                             "exchanges them itself: pass prefetched_keys=None")
+        if prefetched_keys.k_index_local is not k_index_local or prefetched_keys.k_scale_local is not k_scale_local:
+            raise ValueError("prefetched_keys was started on other tensors than k_index_local / k_scale_local: "
+                             "start it with start_index_key_gather(k_index_local, k_scale_local, group)")
+        if prefetched_keys.group is not group:
+            raise ValueError("prefetched_keys was started on another process group than group")
     size, rank = group_size_rank(group)
     lq, lk = q_index.shape[1], k_index_local.shape[1]
     if q_positions is None and lq != lk:
@@ -189,12 +239,12 @@ def distributed_indexer_topk(
                            k_positions=k_pos_local, chunk_size=chunk_size)
     if k_positions_local is None:
         k_pos = rows
-    else:
+    else:  # (a caller whose keys sit at the default positions passes None and spares this collective)
         stacked, _ = all_gather_stacked(k_pos_local, group)
         k_pos = list(stacked.unbind(0))
     if mode == "allgather":
         return _allgather_topk(q_index, weights, k_index_local, k_scale_local, topk, q_pos, k_pos, group,
-                               size, chunk_size)
+                               size, chunk_size, prefetched_keys)
     if mode == "ring":
         return _ring_topk(q_index, weights, k_index_local, k_scale_local, topk, q_pos, k_pos, rows, group,
                           size, rank, chunk_size)
@@ -202,9 +252,11 @@ def distributed_indexer_topk(
                             rows[rank], group, size, chunk_size)
 
 
-def _allgather_topk(q, w, k_local, s_local, topk, q_pos, k_pos, group, size, chunk_size):
+def _allgather_topk(q, w, k_local, s_local, topk, q_pos, k_pos, group, size, chunk_size, prefetched):
     d = k_local.shape[-1]
-    stacked, _ = all_gather_stacked(_pack_keys(k_local, s_local), group)  # [CP, B, Lk, bytes]
+    if prefetched is None:
+        prefetched = PendingIndexKeys(k_local, s_local, group)
+    stacked = prefetched.wait()  # [CP, B, Lk, bytes]
     full = rank_major_to_global(stacked.movedim(0, 1).flatten(1, 2), 1, size)  # [B, L, bytes], global order
     k_full, s_full = _unpack_keys(full, k_local.dtype, d, s_local is not None)
     pos_full = rank_major_to_global(torch.cat(k_pos), 0, size)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from dsa_dist.parallel._comm import (
+    PendingReduceScatter,
     ReduceScatterMethod,
     all_gather_stacked,
     group_size_rank,
@@ -149,13 +150,52 @@ def _stacked_to_global(stacked: torch.Tensor, seq_dim: int, cp_size: int) -> tor
     return rank_major_to_global(rank_major, seq_dim, cp_size).contiguous()
 
 
+class _DeferredReduceScatter:
+    """The backward reduce-scatter of a gathered shard ``x``, waited for only where ``x``'s gradient is consumed.
+
+    The gather's backward starts the reduce-scatter and gives autograd a zero gradient for ``x``; a pre-hook on
+    ``x.grad_fn`` (the node that consumes that gradient) waits for the collective and adds its result to whatever
+    reached that node (the zeros, plus the gradient of any other use of ``x``). Autograd runs the ready nodes
+    created latest first, so every backward node of work created after ``x`` in the forward (in a DSA layer: the
+    other projections, the indexer's queries) is launched before the wait, and the transfer overlaps it instead of
+    stalling the compute stream right after the attention backward. Only for shards produced by an autograd op: a
+    leaf has no node to hook, and a caller asking autograd for ``x``'s own gradient
+    (``torch.autograd.grad(..., inputs=x)``) would read it before the hook runs — so this is opt-in
+    (``defer_backward``) and the model uses it for its internal tensors only.
+    """
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self._slot = x.output_nr
+        self._pending: tuple[PendingReduceScatter, torch.dtype] | None = None
+        x.grad_fn.register_prehook(self._add_when_consumed)
+
+    @staticmethod
+    def applies_to(x: torch.Tensor) -> bool:
+        """Whether ``x``'s gradient goes to a node that can be hooked (grad recorded, ``x`` not a leaf)."""
+        return torch.is_grad_enabled() and x.requires_grad and x.grad_fn is not None
+
+    def start(self, pending: PendingReduceScatter, dtype: torch.dtype) -> None:
+        self._pending = (pending, dtype)
+
+    def _add_when_consumed(self, grad_outputs: tuple) -> tuple | None:
+        if self._pending is None:  # this backward did not reach the gather (its output took no gradient)
+            return None
+        pending, dtype = self._pending
+        self._pending = None
+        local = pending.wait().to(dtype)
+        grads = list(grad_outputs)
+        grads[self._slot] = grads[self._slot] + local
+        return tuple(grads)
+
+
 class _AllGatherSequence(torch.autograd.Function):
     """Forward: zigzag shards -> full sequence in global order. Backward: fp32 reduce-scatter to the owners."""
 
     @staticmethod
-    def forward(ctx, x, seq_dim, group, stacked, rs_method):  # noqa: D102 - see class docstring
+    def forward(ctx, x, seq_dim, group, stacked, rs_method, deferred):  # noqa: D102 - see class docstring
         size, _ = group_size_rank(group)
         ctx.seq_dim, ctx.group, ctx.size, ctx.dtype, ctx.rs_method = seq_dim, group, size, x.dtype, rs_method
+        ctx.deferred = deferred
         if stacked is None:
             stacked, _ = all_gather_stacked(x, group)
         return _stacked_to_global(stacked, seq_dim, size)
@@ -168,8 +208,13 @@ class _AllGatherSequence(torch.autograd.Function):
         acc = torch.promote_types(grad.dtype, torch.float32)
         rank_major = _global_to_rank_major_as(grad, seq_dim, size, acc)
         stacked = rank_major.unflatten(seq_dim, (size, rank_major.shape[seq_dim] // size)).movedim(seq_dim, 0)
+        if ctx.deferred is not None:
+            pending = reduce_scatter_stacked(stacked, ctx.group, method=ctx.rs_method, async_op=True)
+            ctx.deferred.start(pending, ctx.dtype)
+            # Autograd lets a pre-hook change a gradient but not create a missing one: hand it zeros to add to.
+            return torch.zeros(stacked.shape[1:], dtype=ctx.dtype, device=grad.device), None, None, None, None, None
         local = reduce_scatter_stacked(stacked, ctx.group, method=ctx.rs_method)
-        return local.to(ctx.dtype), None, None, None, None
+        return local.to(ctx.dtype), None, None, None, None, None
 
 
 class PendingSequenceGather:
@@ -180,8 +225,10 @@ class PendingSequenceGather:
     """
 
     def __init__(self, x: torch.Tensor, seq_dim: int, group: dist.ProcessGroup | None,
-                 rs_method: ReduceScatterMethod):
+                 rs_method: ReduceScatterMethod, defer_backward: bool = False):
         self._x, self._seq_dim, self._group, self._rs_method = x, seq_dim, group, rs_method
+        self._deferred = _DeferredReduceScatter(x) if defer_backward and _DeferredReduceScatter.applies_to(x) \
+            else None
         self._stacked, self._work = all_gather_stacked(x.detach(), group, async_op=True)
         self._result: torch.Tensor | None = None
 
@@ -191,7 +238,7 @@ class PendingSequenceGather:
             if self._work is not None:
                 self._work.wait()
             self._result = _AllGatherSequence.apply(self._x, self._seq_dim, self._group, self._stacked,
-                                                    self._rs_method)
+                                                    self._rs_method, self._deferred)
             self._stacked = None
         return self._result
 
@@ -203,6 +250,7 @@ def all_gather_sequence(
     *,
     async_op: bool = False,
     reduce_scatter_method: ReduceScatterMethod = "auto",
+    defer_backward: bool = False,
 ) -> torch.Tensor | PendingSequenceGather:
     """All-gather the zigzag shards of ``x`` along ``seq_dim`` into the full sequence in global order.
 
@@ -214,6 +262,9 @@ def all_gather_sequence(
             overlaps whatever runs in between.
         reduce_scatter_method: backward collective ("auto": reduce-scatter where the backend has it,
             else all-reduce + slice; the two are interchangeable).
+        defer_backward: (with ``async_op``) the backward reduce-scatter is waited for only where ``x``'s
+            gradient is consumed, so it overlaps the backward of everything computed after ``x`` (see
+            :class:`_DeferredReduceScatter` for when that is safe); ignored for a leaf ``x``.
 
     Returns:
         ``[..., L, ...]`` in global order. Backward: the gradient of every row is summed over the ranks in
@@ -224,8 +275,10 @@ def all_gather_sequence(
     seq_dim = seq_dim % x.dim()
     size, _ = group_size_rank(group)
     check_cp_config(x.shape[seq_dim] * size, size)
+    if defer_backward and not async_op:
+        raise ValueError("defer_backward=True needs async_op=True (the gather is started, then waited for)")
     if async_op:
-        return PendingSequenceGather(x, seq_dim, group, reduce_scatter_method)
+        return PendingSequenceGather(x, seq_dim, group, reduce_scatter_method, defer_backward)
     if size == 1:
         return x
-    return _AllGatherSequence.apply(x, seq_dim, group, None, reduce_scatter_method)
+    return _AllGatherSequence.apply(x, seq_dim, group, None, reduce_scatter_method, None)

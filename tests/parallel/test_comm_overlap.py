@@ -123,6 +123,12 @@ def test_events_are_split_into_nccl_and_compute_and_cpu_events_and_annotations_i
     s = rank_stats(events, wall_s=2e-3, steps=2)
     assert s["comm_s"] == pytest.approx(250e-6) and s["hidden_s"] == pytest.approx(105e-6)
     assert s["hidden_share"] == pytest.approx(210 / 500) and s["wall_s"] == pytest.approx(1e-3)
+    # Split by collective: the all-gather is half under the score kernel, the send/recv a tenth under the memcpy.
+    assert set(s["by_kind"]) == {"AllGather", "SendRecv"}
+    assert s["by_kind"]["AllGather"]["comm_s"] == pytest.approx(200e-6)
+    assert s["by_kind"]["AllGather"]["hidden_share"] == pytest.approx(0.5)
+    assert s["by_kind"]["SendRecv"]["hidden_s"] == pytest.approx(5e-6)
+    assert s["by_kind"]["SendRecv"]["hidden_share"] == pytest.approx(0.1)
 
 
 def test_no_device_events_is_reported_not_raised():
