@@ -1,24 +1,28 @@
 """The DSA steps shared by the MLA and GQA attentions (docs/design.md §1–§2): select, attend, indexer KL, recall.
 
-A DSA layer, after its projections (:meth:`DSAMLASelfAttention.project` / :meth:`DSAGQASelfAttention.project`
-give a :class:`DSAInputs`), runs these steps, each a function of its own:
+A DSA layer first plans its forward (:func:`plan_dsa_attention`: which steps run; the index keys
+:class:`IndexKeys` are made from the layer input, and under CP their all-gathers start here, before the
+attention's projections), then, after its projections (:meth:`DSAMLASelfAttention.project` /
+:meth:`DSAGQASelfAttention.project` give a :class:`DSAInputs`), runs these steps, each a function of its own:
 
-1. :func:`project_indexer` — the indexer's queries for this rank's TP share of rows and keys for its tokens;
+1. :func:`project_indexer` — the indexer's queries for this rank's TP share of rows (keys: the plan's);
 2. :func:`select_topk` — top-k key indices of those rows (local, or the CP-distributed top-k);
 3. :func:`attend` — sparse attention over the selected keys, or dense causal attention: ``(out, lse)``;
 4. :func:`kl_target` + :func:`indexer_kl` — the indexer KL (dense over all keys, or sparse over the top-k set);
    in the sparse stage (training, tp == 1) steps 3 and 4 are one op instead, :func:`attend_with_sparse_kl`;
 5. :func:`indexer_recall` — the recall metric on a few rows.
 
-:func:`dsa_attention` composes them as the runtime (:class:`~dsa_dist.model.runtime.DSARuntime`) and this
-forward's options (:class:`~dsa_dist.model.indexer_loss.IndexerLossTracker`) ask. All tensors are batch-first and
+:func:`dsa_attention` composes them as the plan, the runtime (:class:`~dsa_dist.model.runtime.DSARuntime`) and
+this forward's options (:class:`~dsa_dist.model.indexer_loss.IndexerLossTracker`) ask. All tensors are batch-first and
 local to this rank. The parallel layout is applied around the single-device math:
 
 - **CP** (sequence split zigzag over ``cp`` ranks): the compact KV is all-gathered with autograd (backward
   reduce-scatters dKV to its owners), the top-k of the local queries comes from
   :func:`dsa_dist.parallel.distributed_indexer_topk` (FP8 index keys exchanged, global indices returned) and
   attention runs on local queries against the gathered KV; the KL uses float index keys gathered with autograd.
-  Losses are means over local rows: their average over CP ranks is the CP=1 value.
+  Every exchange is started before the work that needs it and the backward reduce-scatters are waited for where
+  their gradients are consumed (docs/context_parallel.md, "Overlap"). Losses are means over local rows: their
+  average over CP ranks is the CP=1 value.
 - **TP** (heads split over ``tp`` ranks): the indexer scores only the strided rows ``tp_rank::tp`` and the indices
   are all-gathered (:mod:`dsa_dist.model.indexer` says why); the KL of those rows needs all heads' queries and
   log-sum-exps, brought over by one all-to-all (:mod:`dsa_dist.parallel.tp`; detached: the target has no grad).
@@ -34,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from dsa_dist.model.config import DSAModelConfig
+from dsa_dist.model.cp_exchanges import IndexKeys, PendingKV
 from dsa_dist.model.indexer import LightningIndexer
 from dsa_dist.model.indexer_loss import IndexerLossTracker, attach_loss
 from dsa_dist.model.runtime import DSARuntime
@@ -98,96 +103,6 @@ def check_local_length(local_len: int, dims: ParallelDims) -> None:
             f"this rank's sequence length {local_len} (= seq_len / cp) is not divisible by tp={dims.tp}: the "
             "indexer splits query rows across TP ranks; pad the sequence to a multiple of 2*cp*tp or change tp"
         )
-
-
-# ---------------------------------------------------------------------------------------------- CP moves
-def _gather_sequence(x: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
-    """This rank's tokens [B, Ll, ...] → the whole sequence [B, L, ...] (autograd: dx reduce-scattered back)."""
-    if dims.cp == 1:
-        return x
-    from dsa_dist.parallel import all_gather_sequence
-
-    return all_gather_sequence(x, 1, dims.cp_group)
-
-
-class _PendingKV:
-    """The KV all-gather in flight (CP): started before the indexer's top-k, awaited after it (overlap)."""
-
-    def __init__(self, inputs: DSAInputs, dims: ParallelDims) -> None:
-        self._v_dim = inputs.v_dim
-        self._k = self._v = None
-        self._ready: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        if dims.cp == 1:
-            self._ready = (inputs.k, inputs.v)
-            return
-        from dsa_dist.parallel import all_gather_sequence
-
-        # The backward reduce-scatter of dKV is waited for where the projection's backward consumes it.
-        self._k = all_gather_sequence(inputs.k, 1, dims.cp_group, async_op=True, defer_backward=True)
-        self._v = None if inputs.v is None else all_gather_sequence(inputs.v, 1, dims.cp_group, async_op=True,
-                                                                    defer_backward=True)
-
-    def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(k_full, v_full)`` [B, L, Hkv', d] of the whole sequence in global order."""
-        if self._ready is None:
-            self._ready = (self._k.wait(), None if self._v is None else self._v.wait())
-        k_full, v_full = self._ready
-        return k_full, (k_full[..., : self._v_dim] if v_full is None else v_full)
-
-
-class IndexKeys:
-    """This rank's index keys k_I [B, Ll, d_I] and, under CP, their exchanges with the other ranks.
-
-    Made from the layer input alone, so an attention can make it *before* its own projections
-    (:func:`plan_dsa_attention`): the all-gather of the FP8 keys (``"allgather"`` top-k) and of the KL's float keys
-    then run while the projections compute, instead of on the compute stream's critical path right before the
-    top-k and the KL (docs/context_parallel.md, "Overlap"). ``topk_mode`` (the CP top-k mode) / ``kl``: prepare
-    and start those exchanges now; anything not started here is prepared (and gathered, in line) on first use.
-    """
-
-    def __init__(self, indexer: LightningIndexer, h: torch.Tensor, positions: torch.Tensor, dims: ParallelDims, *,
-                 topk_mode: str | None = None, kl: bool = False) -> None:
-        self._indexer, self._positions, self._dims = indexer, positions, dims
-        self.raw = indexer.project_keys(h.detach())  # the indexer trains on detached inputs
-        self._topk: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self._topk_pending = None
-        self._kl: torch.Tensor | None = None
-        self._kl_pending = None
-        if topk_mode is not None:
-            self._topk = indexer.prepare_keys_for_topk(self.raw, positions)
-            if dims.cp > 1 and topk_mode == "allgather":
-                from dsa_dist.parallel import start_index_key_gather
-
-                self._topk_pending = start_index_key_gather(*self._topk, dims.cp_group)
-        if kl:
-            self._kl = indexer.prepare_keys_for_kl(self.raw, positions)
-            if dims.cp > 1:
-                from dsa_dist.parallel import all_gather_sequence
-
-                # dk_I's reduce-scatter is waited for where the key projection's backward consumes it: that node
-                # was made first in the layer, so it runs after the rest of the layer's backward.
-                self._kl_pending = all_gather_sequence(self._kl, 1, dims.cp_group, async_op=True,
-                                                       defer_backward=True)
-
-    @property
-    def positions(self) -> torch.Tensor:
-        """[Ll] global positions of the keys."""
-        return self._positions
-
-    def for_topk(self) -> tuple[torch.Tensor, torch.Tensor | None, object | None]:
-        """``(k_index, k_scale, prefetched)``: this rank's scoring-ready keys and their all-gather in flight (or
-        None) for :func:`dsa_dist.parallel.distributed_indexer_topk`."""
-        if self._topk is None:
-            self._topk = self._indexer.prepare_keys_for_topk(self.raw, self._positions)
-        return self._topk[0], self._topk[1], self._topk_pending
-
-    def kl_full(self) -> torch.Tensor:
-        """The KL's keys [B, L, d_I] of the whole sequence in global order (autograd: the indexer's key path)."""
-        if self._kl is None:
-            self._kl = self._indexer.prepare_keys_for_kl(self.raw, self._positions)
-        if self._kl_pending is not None:
-            return self._kl_pending.wait()
-        return _gather_sequence(self._kl, self._dims)
 
 
 # ---------------------------------------------------------------------------------------------- the steps
@@ -443,7 +358,7 @@ def dsa_attention(inputs: DSAInputs, *, indexer: LightningIndexer, dsa: DSAModel
         raise ValueError(f"plan was made for {plan.index_keys.raw.shape[1]} local tokens, inputs have {local_len}; "
                          "plan with the same layer input as the projections")
 
-    kv = _PendingKV(inputs, dims)  # the transfer overlaps the indexer's scoring
+    kv = PendingKV(inputs, dims)  # the transfer overlaps the indexer's scoring
     rows = project_indexer(indexer, inputs, dims, plan.index_keys) if plan.index_keys is not None else None
     topk_rows = topk_all = None  # [B, Ll/tp, k] this rank's indexer rows / [B, Ll, k] every local row
     if plan.kept is not None:  # selected (or validated) by this layer in its first forward: no second check

@@ -6,11 +6,13 @@ rank r (details and byte counts: docs/context_parallel.md):
 
 1. the batch is zigzag-sharded (:func:`zigzag_split`, :func:`zigzag_positions`; :func:`check_cp_config`);
 2. the rank quantises its index keys to FP8 and :func:`distributed_indexer_topk` returns the exact global top-k
-   of its own queries (keys by all-gather or ring, or candidates by all-to-all);
+   of its own queries (keys by all-gather or ring, or candidates by all-to-all); the all-gather can be started
+   early (:func:`start_index_key_gather`) and handed over as ``prefetched_keys``;
 3. the compact KV is gathered with :func:`all_gather_sequence` (``async_op=True`` overlaps it with step 2);
    sparse attention runs on local queries against the gathered KV with the global indices;
 4. the KL loss uses float index keys gathered with :func:`all_gather_sequence`; in backward, dKV and
-   d(index keys) are reduce-scattered (fp32) to the ranks that own them.
+   d(index keys) are reduce-scattered (fp32) to the ranks that own them (``defer_backward=True``: waited for
+   where the gradient is consumed, so the transfer overlaps the rest of the backward).
 
 :func:`candidate_topk` is the decode-time form over a sequence-sharded KV cache.
 """
