@@ -143,3 +143,35 @@ def _positions_worker(rank: int, world: int) -> str:
 def test_cp_layer_rejects_non_zigzag_positions():
     for msg in run_distributed(_positions_worker, 2, timeout=100):
         assert "dims.local_positions" in msg, msg
+
+
+def _bytes_worker(rank: int, world: int, mode: str) -> dict:
+    from benchmarks.cp_scaling import _layer_cfg, make_layer_step, set_layout
+    from dsa_dist.parallel import _comm
+
+    torch.manual_seed(SEED)
+    dims = set_layout(world)
+    cfg = _layer_cfg(True, 256, mode)
+    step, _ = make_layer_step(cfg, dims, 256, True)
+    with _comm.count_comm_bytes() as log:
+        step()
+    return {"sent": log.total, "kinds": sorted({kind for kind, _, _ in log.calls}), "cfg": cfg}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["allgather", "ring"])
+def test_layer_sends_exactly_the_arithmetic_bytes(mode):
+    """KV + FP8 keys + float KL keys forward, fp32 dKV + d keys backward — and nothing else (the key positions are
+    no longer all-gathered: they are the zigzag default)."""
+    from dsa_dist.parallel import cp_layer_comm_volume
+
+    res = run_distributed(_bytes_worker, 2, mode, timeout=160)
+    cfg = res[0]["cfg"]
+    vol = cp_layer_comm_volume(256, 2, d_index=cfg.indexer.head_dim, index_heads=cfg.indexer.heads,
+                               kv_dim=cfg.core_qk_dim, kv_dtype=torch.float32, topk=cfg.indexer.topk,
+                               kl_key_dtype=torch.float32)
+    expected = vol.kv_fwd + vol.dkv_bwd + vol.index_keys_fwd + vol.kl_keys_fwd + vol.dindex_keys_bwd
+    for r in res:
+        assert r["sent"] == expected, (r["sent"], expected, vol)
+        assert r["kinds"] == (["all_gather", "reduce_scatter"] if mode == "allgather"
+                              else ["all_gather", "p2p", "reduce_scatter"])
