@@ -8,6 +8,7 @@
 #      tree's benchmarks/), tag "overlap_before" — the baseline measured in the same session on the same GPUs.
 # Results: $OUT/cp_scaling_overlap_{after,before}.{json,md} and logs.tar.gz.
 # Usage: OUT=/some/dir bash benchmarks/gpu_checks_overlap.sh      CPU dry run (2 gloo ranks, tiny): SMOKE=1 ...
+# Other cases: CASES=model:32768:2,model:32768:1 REPS=5 TAG=small NCCL_TESTS=0 (tags overlap_small_{after,before}).
 # Make the baseline: mkdir -p .dbg/base && git archive COMMIT dsa_dist kernels | tar -x -C .dbg/base &&
 #                    cp -r benchmarks .dbg/base/          (and carry .dbg/base to the device)
 set -uo pipefail
@@ -36,8 +37,10 @@ else
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$WORK/device.txt"
   GPUS=$(nvidia-smi -L | wc -l)
   EXTRA=()
-  CASES=model:131072:$GPUS:none,layer:131072:$GPUS,model:262144:$GPUS:full,layer:262144:$GPUS
+  CASES=${CASES:-model:131072:$GPUS:none,layer:131072:$GPUS,model:262144:$GPUS:full,layer:262144:$GPUS}
 fi
+REPS=${REPS:-2}
+TAG=${TAG:+_$TAG}
 
 pack() {
   cp "$WORK"/cp_scaling_*.json "$WORK"/cp_scaling_*.md "$OUT"/ 2>/dev/null
@@ -58,16 +61,16 @@ left() {  # seconds of TOTAL_S left after reserving $1 (at least 60)
   echo $(( s < 60 ? 60 : s ))
 }
 
-[ "$SMOKE" = 1 ] || step nccl_tests 150 "$ROOT" "$PY" -m pytest -q -p no:cacheprovider tests/multigpu
+[ "$SMOKE" = 1 ] || [ "${NCCL_TESTS:-1}" = 0 ] || step nccl_tests 150 "$ROOT" "$PY" -m pytest -q -p no:cacheprovider tests/multigpu
 
 bench() {  # bench TAG DIR PORT LIMIT
   step "cp_$1" "$4" "$2" "$PY" -m torch.distributed.run --nproc-per-node "$GPUS" --master-addr 127.0.0.1 \
     --master-port "$3" benchmarks/cp_scaling.py --out "$WORK" "${EXTRA[@]}" --tag "$1" --mode allgather \
-    --overlap --reps 2 --cases "$CASES" --budget-s $(( $4 - 40 )) --hang-dump-s 150 --pg-timeout-s 120
+    --overlap --reps "$REPS" --cases "$CASES" --budget-s $(( $4 - 40 )) --hang-dump-s 150 --pg-timeout-s 120
 }
-bench overlap_after "$ROOT" 29621 "$(left 200)"
+bench "overlap${TAG}_after" "$ROOT" 29621 "$(left 200)"
 if [ -d "$BASE/dsa_dist" ]; then
-  bench overlap_before "$BASE" 29622 "$(left 0)"
+  bench "overlap${TAG}_before" "$BASE" 29622 "$(left 0)"
 else
   echo "no baseline tree at $BASE: skipped"
 fi

@@ -135,11 +135,13 @@ def select_topk(indexer: LightningIndexer, rows: IndexerRows, topk: int, dims: P
     from dsa_dist.parallel import distributed_indexer_topk
 
     # The keys sit at this rank's zigzag positions (DSAInputs.positions are dims.local_positions), the
-    # distributed top-k's default: passing None spares an all-gather of positions every layer. Checked on the
-    # device (no host sync): other positions would give a silently wrong causal mask.
+    # distributed top-k's default: passing None spares an all-gather of positions every layer. The shared tensor
+    # proves it by identity; other tensors are compared on the device (no host sync): other positions would give
+    # a silently wrong causal mask.
     local = dims.local_positions(rows.k_positions.numel(), rows.k_positions.device)
-    assert_on_device((rows.k_positions == local).all(), lambda: "DSAInputs.positions under CP must be "
-                     "dims.local_positions(local_len): the distributed top-k assumes the zigzag layout")
+    if rows.k_positions is not local:
+        assert_on_device((rows.k_positions == local).all(), lambda: "DSAInputs.positions under CP must be "
+                         "dims.local_positions(local_len): the distributed top-k assumes the zigzag layout")
     return distributed_indexer_topk(q_index, weights, k_index, k_scale, topk, q_positions=rows.q_positions,
                                     group=dims.cp_group, mode=cp_mode,
                                     prefetched_keys=prefetched if cp_mode == "allgather" else None)[1]

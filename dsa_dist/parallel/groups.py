@@ -15,6 +15,7 @@ Megatron-Core's ``parallel_state`` owns the groups; this module sets it up and r
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -48,8 +49,13 @@ class ParallelDims:
     """Context-parallel group (the sequence is split zigzag over it)."""
 
     def local_positions(self, local_len: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """Global positions [local_len] of this rank's tokens: the zigzag chunks under CP, ``arange`` otherwise."""
-        return torch.cat([torch.arange(start, start + n, device=device) for start, n in self.local_blocks(local_len)])
+        """Global positions [local_len] of this rank's tokens: the zigzag chunks under CP, ``arange`` otherwise.
+
+        Built once per (layout, length, device) and shared — read only: every DSA layer asks for them, and at small
+        shards a CP step is bound by host-side launches (docs/context_parallel.md). Being the same tensor also lets
+        the distributed top-k see by identity, without a device check, that keys sit at these positions.
+        """
+        return _local_positions(self.local_blocks(local_len), None if device is None else str(device))
 
     def local_blocks(self, local_len: int) -> tuple[tuple[int, int], ...]:
         """:meth:`local_positions` as runs ``((start, length), ...)`` of Python ints (the fused dense attention's
@@ -59,6 +65,12 @@ class ParallelDims:
         from dsa_dist.parallel.sharding import zigzag_blocks
 
         return zigzag_blocks(local_len * self.cp, self.cp, self.cp_rank)
+
+
+@functools.lru_cache(maxsize=256)
+def _local_positions(blocks: tuple[tuple[int, int], ...], device: str | None) -> torch.Tensor:
+    with torch.inference_mode(False):  # a normal tensor even when first built in inference mode (rollouts)
+        return torch.cat([torch.arange(start, start + n, device=device) for start, n in blocks])
 
 
 def _check_size(name: str, value: object) -> int:
