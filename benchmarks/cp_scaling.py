@@ -16,6 +16,9 @@ Cases (``--parts``):
   H=128, absorbed d_qk/d_v = 576/512, indexer H_I=64 × d_I=128, k=2048, FP8 indexer, KL of the indexer) —
   forward + backward from the absorbed queries, the KV latent and the indexer inputs (the q/kv/o projections are
   not included);
+- ``attn_layer``: the whole V3.2 attention layer — the model's Megatron module with its q/kv projections, the
+  same DSA steps and the output projection (hidden 7168), forward + backward from the layer input: what the CP
+  exchanges can overlap inside a model layer (the projections' forward and backward);
 - ``model``: the ``small`` preset (12 layers, MLA, vocab 512 as configs/single_gpu.yaml), sparse stage, one
   micro-batch of one sequence (``--batch B`` adds rows with B at the compare length): forward + backward (no
   optimizer step, no DP gradient reduction — the same for every layout);
@@ -143,6 +146,39 @@ def make_layer_step(cfg: DSAModelConfig, dims: ParallelDims, length: int, sparse
             grads.append(None)
         torch.autograd.backward(roots, grads)
 
+    return step, 1
+
+
+def make_attn_step(cfg: DSAModelConfig, dims: ParallelDims, length: int, sparse: bool, batch: int = 1):
+    """A closure running one whole DSA attention layer — the Megatron module of the model
+    (:class:`dsa_dist.model.attention.DSAMLASelfAttention`: q/kv projections, the DSA steps, the output
+    projection) — forward + backward from a layer input [L/CP, B, hidden] on this rank's shard."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from dsa_dist.model.specs import dsa_attention_spec
+
+    device = default_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tracker = IndexerLossTracker()
+    torch.manual_seed(0)
+    attn = build_module(dsa_attention_spec(cfg, _runtime(sparse), tracker), config=cfg.to_transformer_config(None),
+                        layer_number=1).to(device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(dims.cp_rank)
+    x = torch.randn(length // dims.cp, batch, cfg.hidden_size, device=device, dtype=dtype, generator=gen)
+    x.requires_grad_(True)
+
+    def step() -> None:
+        tracker.begin_forward()
+        x.grad = None
+        attn.zero_grad(set_to_none=True)
+        out, _ = attn(x, None)
+        roots, grads = [out], [out.detach()]  # the output is its own gradient, as in make_layer_step
+        if sparse:
+            roots.append(tracker.total())
+            grads.append(None)
+        torch.autograd.backward(roots, grads)
+
+    step.n_linear = sum(p.numel() for p in attn.parameters())  # type: ignore[attr-defined]
     return step, 1
 
 
@@ -314,7 +350,9 @@ def _finish_row(row: dict, cfg, sparse: bool, is_model: bool) -> None:
     n_linear = row.pop("n_linear", None)
     if "step_s" not in row:
         return
-    flops = batch * (model_flops(cfg, length, n_linear, sparse) if is_model else layer_flops(cfg, length, sparse))
+    # attn_layer: the projections' GEMMs (6 · parameters · L) on top of the DSA core's FLOPs.
+    flops = batch * (model_flops(cfg, length, n_linear, sparse) if is_model else layer_flops(cfg, length, sparse)
+                     + 6.0 * (n_linear or 0) * length)
     row["flops"] = flops
     row["tokens_per_s_per_gpu"] = batch * length / cp / row["step_s"]
     row["tflops_per_gpu"] = flops / cp / row["step_s"] / 1e12
@@ -421,7 +459,7 @@ def main() -> None:
                      if traced else None)
             with hang_dump(args.hang_dump_s, f"rank {rank} case {label}"):
                 dims = set_layout(cp)
-                make = make_model_step if is_model else make_layer_step
+                make = make_model_step if is_model else make_attn_step if part == "attn_layer" else make_layer_step
                 profiled = args.overlap and not (is_model and length > args.overlap_max_model_len)
                 row.update(measure(make, cfg, dims, length, sparse, args.reps, case["batch"],
                                    args.overlap_steps if profiled else (-1 if args.overlap else 0),

@@ -84,7 +84,7 @@ def select_cases(args, world: int) -> list[dict]:
     return unique
 
 
-PARTS = ("model", "layer", "dense_model", "dense_layer")
+PARTS = ("model", "layer", "attn_layer", "dense_model", "dense_layer")
 
 
 TOPK_MODES = ("ring", "allgather", "candidates")

@@ -84,14 +84,17 @@ def test_smoke_runs_the_given_cases_with_recompute(tmp_path):
     repo = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "benchmarks/cp_scaling.py", "--smoke", "--recompute", "full", "--out", str(tmp_path), "--tag", "t",
-           "--cases", "model:256:2,layer:256:2,model:128:1:none"]
+           "--cases", "model:256:2,layer:256:2,model:128:1:none,attn_layer:256:2"]
     env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=280)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "cp_scaling_t.json").read_text())["results"]
     assert [(r["part"], r["L"], r["cp"], r["recompute"]) for r in rows] == [
-        ("model", 256, 2, "full"), ("layer", 256, 2, "none"), ("model", 128, 1, "none")]
+        ("model", 256, 2, "full"), ("layer", 256, 2, "none"), ("model", 128, 1, "none"), ("attn_layer", 256, 2, "none")]
     assert all("error" not in r and r["step_s"] > 0 for r in rows)
+    # The whole attention layer moves what its DSA core moves (the projections are local), and counts their FLOPs.
+    assert rows[3]["sent_bytes_per_layer"] == rows[3]["arith_bytes_per_layer"] == rows[1]["arith_bytes_per_layer"]
+    assert rows[3]["flops"] > rows[1]["flops"]
     assert rows[0]["compute_alone_s"] > 0 and rows[0]["sent_bytes_per_layer"] > 0
 
 
