@@ -185,16 +185,17 @@ def reduce_scatter_stacked(
     size, rank = group_size_rank(group)
     if x.shape[0] != size:
         raise ValueError(f"reduce_scatter_stacked expects dim 0 == group size {size}, got shape {tuple(x.shape)}")
-    result, work = _start_reduce_scatter(x, group, method, size, rank, async_op)
-    return PendingReduceScatter(result, work, x) if async_op else result
+    result, work, source = _start_reduce_scatter(x, group, method, size, rank, async_op)
+    return PendingReduceScatter(result, work, source) if async_op else result
 
 
 def _start_reduce_scatter(x, group, method, size, rank, async_op):
+    """``(result, work or None, the tensor the collective reads)``."""
     if size == 1:
-        return x[0].clone(), None
+        return x[0].clone(), None, x
     x = x.contiguous()
     if _LOCAL_ONLY:
-        return x[rank].clone(), None
+        return x[rank].clone(), None, x
     backend = str(dist.get_backend(group))
     if method == "auto":
         method = "reduce_scatter" if _reduce_scatter_supported(backend) else "all_reduce"
@@ -206,7 +207,7 @@ def _start_reduce_scatter(x, group, method, size, rank, async_op):
         try:
             work = _reduce_scatter_into(out, flat_in, group=group, async_op=async_op)
             _count("reduce_scatter", group, _nbytes(flat_in))
-            return out.view(x.shape[1:]), work
+            return out.view(x.shape[1:]), work, flat_in
         except RuntimeError as err:
             # A backend without reduce-scatter refuses locally, before any byte moves, on every rank alike,
             # so falling back here cannot desynchronise the group.
@@ -218,7 +219,7 @@ def _start_reduce_scatter(x, group, method, size, rank, async_op):
     total = x.clone()
     _count("all_reduce", group, _nbytes(total))
     work = dist.all_reduce(total, group=group, async_op=async_op)
-    return total[rank], work
+    return total[rank], work, total
 
 
 def all_to_all_stacked(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
