@@ -472,8 +472,9 @@ def main() -> None:
             write(rows, args)  # after every case: a run cut short keeps what it measured
     if rank == 0:
         print(table(rows), flush=True)
-        if kind_table(rows):
-            print(kind_table(rows), flush=True)
+        kinds = kind_table(rows)
+        if kinds:
+            print(kinds, flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -143,8 +143,7 @@ def select_topk(indexer: LightningIndexer, rows: IndexerRows, topk: int, dims: P
         assert_on_device((rows.k_positions == local).all(), lambda: "DSAInputs.positions under CP must be "
                          "dims.local_positions(local_len): the distributed top-k assumes the zigzag layout")
     return distributed_indexer_topk(q_index, weights, k_index, k_scale, topk, q_positions=rows.q_positions,
-                                    group=dims.cp_group, mode=cp_mode,
-                                    prefetched_keys=prefetched if cp_mode == "allgather" else None)[1]
+                                    group=dims.cp_group, mode=cp_mode, prefetched_keys=prefetched)[1]
 
 
 def attend(q: torch.Tensor, k_full: torch.Tensor, v_full: torch.Tensor, *, softmax_scale: float,

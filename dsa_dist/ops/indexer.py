@@ -84,16 +84,9 @@ def prepare_indexer_q(
     FP8, q is e4m3 and its per-head scale is folded into the weights."""
     check_tensor("q_index", q_index, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("weights", weights, ndim=3, dtypes=FLOAT_DTYPES)
-    pos = check_positions("q_positions", positions, q_index.shape[1], q_index.device)
-    if rope_dim:
-        q_index = apply_rope(q_index, pos, rope_dim, rope_base)
-    if hadamard:
-        q_index = hadamard_transform(q_index)
+    q, q_scale = _prepare_vectors("q_positions", q_index, positions, rope_dim, rope_base, hadamard, fp8, ue8m0)
     weights = weights.float()
-    if not fp8:
-        return q_index, weights
-    q_fp8, q_scale = dispatch.fp8_block_quant(q_index, q_index.shape[-1], ue8m0=ue8m0)  # q_scale [B, Lq, H_I, 1]
-    return q_fp8, weights * q_scale.squeeze(-1)
+    return (q, weights) if q_scale is None else (q, weights * q_scale.squeeze(-1))  # q_scale [B, Lq, H_I, 1]
 
 
 def prepare_indexer_k(
@@ -109,15 +102,21 @@ def prepare_indexer_k(
     """The key side of :func:`prepare_indexer_qk`: ``(k [B, Lk, d_I], k_scale [B, Lk] fp32 or None)``; with FP8,
     k is e4m3 with one scale per key, else the float keys and None."""
     check_tensor("k_index", k_index, ndim=3, dtypes=FLOAT_DTYPES)
-    pos = check_positions("k_positions", positions, k_index.shape[1], k_index.device)
+    k, k_scale = _prepare_vectors("k_positions", k_index, positions, rope_dim, rope_base, hadamard, fp8, ue8m0)
+    return k, None if k_scale is None else k_scale.squeeze(-1)  # k_scale [B, Lk, 1]
+
+
+def _prepare_vectors(pos_name, x, positions, rope_dim, rope_base, hadamard, fp8, ue8m0):
+    """The per-vector chain shared by both sides: rope → Hadamard → FP8. ``x`` [B, L, ..., d]; returns
+    ``(x, scale [B, L, ..., 1])`` with FP8, else ``(x, None)``."""
+    pos = check_positions(pos_name, positions, x.shape[1], x.device)
     if rope_dim:
-        k_index = apply_rope(k_index, pos, rope_dim, rope_base)
+        x = apply_rope(x, pos, rope_dim, rope_base)
     if hadamard:
-        k_index = hadamard_transform(k_index)
+        x = hadamard_transform(x)
     if not fp8:
-        return k_index, None
-    k_fp8, k_scale = dispatch.fp8_block_quant(k_index, k_index.shape[-1], ue8m0=ue8m0)  # k_scale [B, Lk, 1]
-    return k_fp8, k_scale.squeeze(-1)
+        return x, None
+    return dispatch.fp8_block_quant(x, x.shape[-1], ue8m0=ue8m0)
 
 
 def _check_score_inputs(q_index, k_index, weights, k_scale):
